@@ -1,0 +1,211 @@
+"""Spatial-decay attention: RMT's MaSA and SDT's Context-Aware Gating in one module.
+
+``SpatialDecayAttention`` maps a (B, H, W, C) feature map to (B, H, W, C). It owns the
+projections, RMT's rotary embedding and LCE, and a ``DecayGate`` that turns the input into
+decay rates; the attention itself is one call to ``sdt.backends.spatial_decay_attention``.
+
+Decay variants (``decay=``), all ``bias = -|(s_i + s_j) / 2 * dist(i, j)|`` (see ``sdt.decay``):
+
+| decay     | rate s (per head h)                          | dist        | parameters         |
+|-----------|----------------------------------------------|-------------|--------------------|
+| "none"    | no bias at all (rotary + LCE only)           | -           | none               |
+| "fixed"   | lambda_h (RMT), the same for every token     | Manhattan   | none (a buffer)    |
+| "learned" | alpha_h * logsigmoid(b_h), same every token  | Manhattan   | b, alpha           |
+| "cag"     | alpha_h * logsigmoid(x_i W_g + b)_h  (SDT)   | Manhattan   | W_g, b, alpha      |
+| "content" | alpha_h * logsigmoid(x_i W_g + b)_h          | [i != j]    | W_g, b, alpha      |
+
+Initialisation (our choice; the paper is silent): W_g = 0, b_h = logit(gamma_h) so that
+logsigmoid(b_h) = lambda_h, and alpha = 1. Every variant with a distance term therefore starts
+exactly at RMT's decay and learns away from it. alpha is learned per head by default
+(``alpha="learned"``): it lets a head rescale its whole decay without driving the gate into
+logsigmoid's flat tail; ``alpha="fixed"`` keeps it at 1.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .backends import LAYOUTS, check_backend, spatial_decay_attention
+from .decay import decay_rates, rate_logits
+
+DECAYS = ("none", "fixed", "learned", "cag", "content")
+ALPHAS = ("learned", "fixed")
+# Rates are clamped so that any finite input gives a finite bias (|bias| <= 1e6 * max distance).
+MAX_RATE = 1e6
+
+
+def rotary_tables(grid: Tuple[int, int], head_dim: int, device: Optional[torch.device] = None) -> Tuple[Tensor, Tensor]:
+    """RMT's rotary tables for an H x W grid: position = raster index r * W + c.
+
+    theta_k = 1 / 10000^(k / (d/2 - 1)) for k < d/2, each used for one interleaved pair of channels.
+
+    Returns:
+        sin, cos: (L, d) float32.
+    """
+    height, width = grid
+    angle = 1.0 / (10000 ** torch.linspace(0, 1, head_dim // 2, device=device))
+    angle = angle.unsqueeze(-1).repeat(1, 2).flatten()  # (d,) pairs share one frequency
+    index = torch.arange(height * width, device=device, dtype=torch.float32)
+    phase = index[:, None] * angle[None, :]
+    return torch.sin(phase), torch.cos(phase)
+
+
+def apply_rotary(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
+    """Rotate interleaved channel pairs (GPT-J style): (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin).
+
+    x: (..., L, d); sin, cos: (L, d). Returns x's shape and dtype.
+    """
+    x_even = x[..., ::2]
+    x_odd = x[..., 1::2]
+    rotated = torch.stack([-x_odd, x_even], dim=-1).flatten(-2)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+@torch.jit.unused
+def _gate_logits_eager(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return F.linear(x.float(), weight.float(), bias.float())
+
+
+class DecayGate(nn.Module):
+    """Turns a (B, H, W, C) input into the decay rates the attention backends consume.
+
+    Output: (B, n, L) float32 for token-dependent variants ("cag", "content"), (1, n, 1) for
+    per-head variants ("fixed", "learned"), None for "none". Always computed in float32, also
+    under autocast.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            decay: str = "cag",
+            init_value: float = 2.0,
+            heads_range: float = 4.0,
+            alpha: str = "learned",
+    ):
+        super().__init__()
+        if decay not in DECAYS:
+            raise ValueError(f"unknown decay {decay!r}; choose one of {DECAYS}")
+        if alpha not in ALPHAS:
+            raise ValueError(f"unknown alpha {alpha!r}; choose one of {ALPHAS}")
+        self.decay = decay
+        self.num_heads = num_heads
+        self.init_value = init_value
+        self.heads_range = heads_range
+        self.token_dependent = decay in ("cag", "content")
+        learnable = decay in ("learned", "cag", "content")
+        self.register_buffer("fixed_rates", decay_rates(num_heads, init_value, heads_range), persistent=False)
+        self.weight = nn.Parameter(torch.zeros(num_heads, dim)) if self.token_dependent else None
+        self.bias = nn.Parameter(torch.zeros(num_heads)) if learnable else None
+        if learnable and alpha == "learned":
+            self.alpha = nn.Parameter(torch.ones(num_heads))
+        else:
+            self.register_buffer("alpha", torch.ones(num_heads), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """W_g = 0, b = logit(gamma), alpha = 1: the gate starts exactly at RMT's decay."""
+        if self.weight is not None:
+            self.weight.zero_()
+        if self.bias is not None:
+            self.bias.copy_(rate_logits(decay_rates(self.num_heads, self.init_value, self.heads_range)))
+        self.alpha.fill_(1.0)
+
+    def gate_map(self, x: Tensor) -> Tensor:
+        """G = logsigmoid(x W_g + b): (B, H, W, C) -> (B, n, L) float32 (the paper's decay intensity)."""
+        weight = self.weight
+        bias = self.bias
+        assert weight is not None and bias is not None, "gate_map needs a token-dependent decay"
+        if torch.jit.is_scripting():
+            logits = F.linear(x.float(), weight.float(), bias.float())
+        else:
+            logits = _gate_logits_eager(x, weight, bias)
+        return F.logsigmoid(logits).flatten(1, 2).transpose(1, 2)
+
+    def forward(self, x: Tensor) -> Optional[Tensor]:
+        if self.decay == "none":
+            return None
+        if self.decay == "fixed":
+            return self.fixed_rates.view(1, -1, 1)
+        alpha = self.alpha.float().view(1, -1, 1)
+        if self.token_dependent:
+            rates = self.gate_map(x) * alpha
+        else:
+            bias = self.bias
+            assert bias is not None
+            rates = F.logsigmoid(bias.float()).view(1, -1, 1) * alpha
+        return rates.clamp(-MAX_RATE, MAX_RATE)
+
+    def extra_repr(self) -> str:
+        return f"decay={self.decay!r}, num_heads={self.num_heads}"
+
+
+class SpatialDecayAttention(nn.Module):
+    """Multi-head attention over a (B, H, W, C) grid with RMT/SDT spatial decay.
+
+    q, k, v and output projections with bias, rotary embedding on q and k (raster positions),
+    LCE (a depthwise 5x5 conv on v added to the attention output), and the decay bias.
+
+    Args:
+        dim: channels C (divisible by ``num_heads``, with an even head size).
+        num_heads: heads n.
+        decay: one of ``DECAYS`` (see the module docstring).
+        layout: "full" (2D decay over all L tokens) or "decomposed" (rows, then columns).
+        init_value, heads_range: RMT's per-head decay rates (also the gate's starting point).
+        alpha: "learned" (per head, starts at 1) or "fixed" (1).
+        backend: attention backend (see ``sdt.backends``), "auto" picks per call.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            decay: str = "cag",
+            layout: str = "full",
+            init_value: float = 2.0,
+            heads_range: float = 4.0,
+            alpha: str = "learned",
+            backend: str = "auto",
+            lce_kernel_size: int = 5,
+    ):
+        super().__init__()
+        if dim % num_heads != 0 or (dim // num_heads) % 2 != 0:
+            raise ValueError(
+                f"dim={dim} must split into num_heads={num_heads} heads of an even size (rotary pairs channels); "
+                f"pick num_heads so that dim / num_heads is even")
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.layout = layout
+        self.distance = "indicator" if decay == "content" else "manhattan"
+        self.backend = check_backend(backend)
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.lce = nn.Conv2d(dim, dim, lce_kernel_size, padding=lce_kernel_size // 2, groups=dim)
+        self.gate = DecayGate(dim, num_heads, decay, init_value, heads_range, alpha)
+        self.proj = nn.Linear(dim, dim)
+
+    def _heads(self, t: Tensor) -> Tensor:
+        """(B, H, W, C) -> (B, n, L, d)"""
+        return t.flatten(1, 2).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def forward(self, x: Tensor, rotary: Optional[List[Tensor]] = None) -> Tensor:
+        """x: (B, H, W, C); rotary: [sin, cos] from ``rotary_tables`` (built here if None). -> (B, H, W, C)"""
+        batch, height, width, channels = x.shape
+        if rotary is None:
+            rotary = list(rotary_tables((height, width), self.head_dim, x.device))
+        sin, cos = rotary[0], rotary[1]
+        v = self.v(x)
+        lce = self.lce(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        q = apply_rotary(self._heads(self.q(x)), sin, cos)
+        k = apply_rotary(self._heads(self.k(x)), sin, cos)
+        rates = self.gate(x)
+        out = spatial_decay_attention(q, k, self._heads(v), rates, (height, width), self.layout, self.distance, self.backend)
+        out = out.transpose(1, 2).reshape(batch, height, width, channels) + lce
+        return self.proj(out)

@@ -1,0 +1,2 @@
+"""Model families. Importing this package registers every model with timm."""
+from .sdt_h import SpatialDecayTransformer, checkpoint_filter_fn
