@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Set up everything sdt needs on a fresh machine: Fashion-MNIST (Debian), PyTorch, sdt itself.
+# Safe to rerun: each step is skipped or a no-op when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; }
+    else
+        echo "note: Fashion-MNIST is missing; install it with 'sudo apt-get install dataset-fashion-mnist'" >&2
+    fi
+fi
+# torch/torchvision are pinned to the builds this machine serves from disk (see README).
+"$PYTHON" -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+"$PYTHON" -m pip install -q --disable-pip-version-check -e '.[test]'

@@ -1,0 +1,63 @@
+"""Parameter and FLOP counts, and the model table printed by ``sdt models``.
+
+FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` and reported as
+multiply-adds (one multiply-add = one FLOP), the convention of the RMT and SDT papers and of
+fvcore. FlopCounterMode counts matmuls, convolutions and attention; element-wise work
+(softmax, norms, activations, the decay bias itself) is not counted, as in fvcore.
+"""
+from typing import Dict, List, Optional, Tuple
+
+import timm
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+# Numbers the papers report: (params in millions, GFLOPs at 224, ImageNet-1K top-1).
+PAPER_NUMBERS: Dict[str, Tuple[Optional[float], Optional[float], Optional[float]]] = {
+    "rmt_tiny": (14.0, 2.5, 82.4),
+    "rmt_small": (27.0, 4.5, 84.1),
+    "rmt_base": (54.0, 9.7, 85.0),
+    "rmt_large": (95.0, 18.2, 85.5),
+    "sdt_h_tiny": (14.0, 2.7, 82.7),
+    "sdt_h_small": (27.0, 4.8, 84.2),
+    "sdt_h_base": (54.0, 10.8, 85.1),
+}
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (buffers excluded)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, input_size: Tuple[int, int, int] = (3, 224, 224)) -> int:
+    """Multiply-adds of one forward pass on a single (C, H, W) image, in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.zeros(1, *input_size, device=device))
+    model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def list_sdt_models() -> List[str]:
+    """Every model this package registers with timm, in registration order."""
+    return [n for n in timm.list_models() if timm.models.get_pretrained_cfg(n) is not None
+            and timm.models.model_entrypoint(n).__module__.startswith("sdt.")]
+
+
+def model_table(names: Optional[List[str]] = None, input_size: Tuple[int, int, int] = (3, 224, 224)) -> str:
+    """A markdown table: parameters and GFLOPs (multiply-adds) of each model beside the papers' numbers."""
+    names = names or list_sdt_models()
+    lines = [
+        f"| model | params | GMACs @{input_size[1]}x{input_size[2]} | paper params | paper GFLOPs | paper top-1 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in names:
+        model = timm.create_model(name, num_classes=1000, in_chans=input_size[0])
+        paper = PAPER_NUMBERS.get(name, (None, None, None))
+        cells = [f"{v:g}" + suffix if v is not None else "-" for v, suffix in zip(paper, ("M", "G", ""))]
+        lines.append(f"| `{name}` | {count_params(model):,} | {count_flops(model, input_size) / 1e9:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
