@@ -27,15 +27,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from timm.layers import register_notrace_function, register_notrace_module
+
 from .backends import LAYOUTS, check_backend, spatial_decay_attention
 from .decay import decay_rates, rate_logits
 
 DECAYS = ("none", "fixed", "learned", "cag", "content")
 ALPHAS = ("learned", "fixed")
-# Rates are clamped so that any finite input gives a finite bias (|bias| <= 1e6 * max distance).
-MAX_RATE = 1e6
 
 
+@register_notrace_function  # builds tensors from the grid size: a leaf for torch.fx
 def rotary_tables(grid: Tuple[int, int], head_dim: int, device: Optional[torch.device] = None) -> Tuple[Tensor, Tensor]:
     """RMT's rotary tables for an H x W grid: position = raster index r * W + c.
 
@@ -138,12 +139,14 @@ class DecayGate(nn.Module):
             bias = self.bias
             assert bias is not None
             rates = F.logsigmoid(bias.float()).view(1, -1, 1) * alpha
-        return rates.clamp(-MAX_RATE, MAX_RATE)
+        # Clamped so that any finite input gives a finite bias (|bias| <= 1e6 * max distance).
+        return rates.clamp(-1e6, 1e6)
 
     def extra_repr(self) -> str:
         return f"decay={self.decay!r}, num_heads={self.num_heads}"
 
 
+@register_notrace_module  # shape-dependent dispatch: a leaf for torch.fx, as timm does for its attentions
 class SpatialDecayAttention(nn.Module):
     """Multi-head attention over a (B, H, W, C) grid with RMT/SDT spatial decay.
 
@@ -195,11 +198,11 @@ class SpatialDecayAttention(nn.Module):
         """(B, H, W, C) -> (B, n, L, d)"""
         return t.flatten(1, 2).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
-    def forward(self, x: Tensor, rotary: Optional[List[Tensor]] = None) -> Tensor:
-        """x: (B, H, W, C); rotary: [sin, cos] from ``rotary_tables`` (built here if None). -> (B, H, W, C)"""
+    def forward(self, x: Tensor, rotary: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+        """x: (B, H, W, C); rotary: (sin, cos) from ``rotary_tables`` (built here if None). -> (B, H, W, C)"""
         batch, height, width, channels = x.shape
         if rotary is None:
-            rotary = list(rotary_tables((height, width), self.head_dim, x.device))
+            rotary = rotary_tables((height, width), self.head_dim, x.device)
         sin, cos = rotary[0], rotary[1]
         v = self.v(x)
         lce = self.lce(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)

@@ -23,7 +23,7 @@ The decomposed form (RMT's "chunkwise" layout) attends along each row with the 1
 All results are float32, whatever the input dtype or autocast state, so that long distances
 keep their precision under bf16/fp16 training.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -58,10 +58,10 @@ def _distance(delta: Tensor, kind: str) -> Tensor:
         return delta
     if kind == "indicator":
         return (delta > 0).to(delta.dtype)
-    raise ValueError(f"unknown distance {kind!r}; expected one of {DISTANCES}")
+    raise ValueError("unknown distance '" + kind + "'; expected 'manhattan' or 'indicator'")
 
 
-def grid_distance(height: int, width: int, kind: str = "manhattan", device: torch.device = None) -> Tensor:
+def grid_distance(height: int, width: int, kind: str = "manhattan", device: Optional[torch.device] = None) -> Tensor:
     """Pairwise distance between the tokens of an H x W grid in raster order.
 
     ``kind="manhattan"``: |r_i - r_j| + |c_i - c_j|; ``kind="indicator"``: 1 where i != j, else 0.
@@ -76,7 +76,7 @@ def grid_distance(height: int, width: int, kind: str = "manhattan", device: torc
     return _distance(delta, kind)
 
 
-def line_distance(length: int, kind: str = "manhattan", device: torch.device = None) -> Tensor:
+def line_distance(length: int, kind: str = "manhattan", device: Optional[torch.device] = None) -> Tensor:
     """Pairwise distance |i - j| (or the indicator i != j) between positions on a line.
 
     Returns:

@@ -128,7 +128,7 @@ class SpatialDecayBlock(nn.Module):
         self.ls2 = LayerScale(dim, ls_init_value) if ls_init_value is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    def forward(self, x: Tensor, rotary: Optional[List[Tensor]] = None) -> Tensor:
+    def forward(self, x: Tensor, rotary: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         x = x + _to_nhwc(self.cpe(_to_nchw(x)))
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), rotary)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -163,7 +163,7 @@ class SpatialDecayStage(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.downsample(x)
-        rotary = list(rotary_tables((x.shape[1], x.shape[2]), self.head_dim, x.device))
+        rotary = rotary_tables((x.shape[1], x.shape[2]), self.head_dim, x.device)
         for block in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = checkpoint(block, x, rotary)
