@@ -7,6 +7,6 @@ Importing ``sdt`` registers every model with timm.
 """
 from .attention import DecayGate, SpatialDecayAttention, apply_rotary, rotary_tables
 from .backends import spatial_decay_attention
-from .models import SpatialDecayTransformer, checkpoint_filter_fn
+from .models import SpatialDecayTransformer, checkpoint_filter_fn, rmt_config_to_kwargs
 
 __version__ = "0.1.0"

@@ -33,7 +33,7 @@ from timm.models._features import feature_take_indices
 
 from ..attention import DecayGate, SpatialDecayAttention, rotary_tables
 
-__all__ = ["SpatialDecayTransformer", "checkpoint_filter_fn"]
+__all__ = ["SpatialDecayTransformer", "checkpoint_filter_fn", "rmt_config_to_kwargs"]
 
 FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
@@ -429,18 +429,19 @@ def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: SpatialDecayTrans
     Accepts the raw state dict or RMT's ``{"model": ...}`` wrapper. RMT's keys are renamed
     (see ``_rmt_key``), its (1, 1, 1, C) layerscale gammas flattened, and its ``Relpos.decay``
     buffers checked against the model's own decay rates (a mismatch means the wrong config).
-    Gate parameters absent from the checkpoint (RMT weights into an SDT model) keep the model's
+    Our own checkpoints pass through unchanged. In both cases, gate parameters absent from the
+    checkpoint (RMT weights into an SDT model) keep the model's
     initial values, which reproduce RMT's decay exactly, so SDT starts where RMT ended.
     """
     for wrapper in ("model", "state_dict"):
         if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
             state_dict = state_dict[wrapper]
-    if any(k.startswith("stem.conv.") for k in state_dict):
-        return state_dict
-
-    model_state = model.state_dict()
     out: Dict[str, Tensor] = {}
+    ours = any(k.startswith("stem.conv.") for k in state_dict)
     for key, value in state_dict.items():
+        if ours:
+            out[key] = value
+            continue
         relpos = re.match(r"layers\.(\d+)\.Relpos\.decay$", key)
         if relpos:
             gate = model.stages[int(relpos.group(1))].blocks[0].attn.gate
@@ -455,10 +456,36 @@ def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: SpatialDecayTrans
         if new_key.endswith(("ls1.gamma", "ls2.gamma")):
             value = value.reshape(-1)
         out[new_key] = value
-    for key, value in model_state.items():
+    for key, value in model.state_dict().items():
         if ".attn.gate." in key and key not in out:
             out[key] = value
     return out
+
+
+def rmt_config_to_kwargs(rmt_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Translate the constructor arguments of RMT's ``VisRetNet`` into ``SpatialDecayTransformer``'s.
+
+    The result builds the RMT model (fixed decay, RMT's layouts); add ``decay="cag"`` for SDT.
+    """
+    known = {"in_chans", "num_classes", "embed_dims", "depths", "num_heads", "init_values", "heads_ranges",
+             "mlp_ratios", "drop_path_rate", "chunkwise_recurrents", "projection", "layerscales",
+             "layer_init_values", "use_checkpoints", "norm_layer", "patch_norm"}
+    unknown = set(rmt_kwargs) - known
+    if unknown:
+        raise ValueError(f"unknown RMT constructor arguments {sorted(unknown)}")
+    kwargs = {k: rmt_kwargs[k] for k in ("in_chans", "num_classes", "embed_dims", "depths", "num_heads",
+                                         "init_values", "heads_ranges", "mlp_ratios", "drop_path_rate")
+              if k in rmt_kwargs}
+    if "chunkwise_recurrents" in rmt_kwargs:
+        kwargs["layouts"] = tuple("decomposed" if c else "full" for c in rmt_kwargs["chunkwise_recurrents"])
+    if "projection" in rmt_kwargs:
+        kwargs["projection_dim"] = rmt_kwargs["projection"]
+    if "layerscales" in rmt_kwargs:
+        kwargs["layerscales"] = tuple(rmt_kwargs["layerscales"])
+    if "layer_init_values" in rmt_kwargs:
+        kwargs["layer_init_value"] = rmt_kwargs["layer_init_values"]
+    kwargs["decay"] = "fixed"
+    return kwargs
 
 
 def _cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:

@@ -1,0 +1,162 @@
+"""The decay math (sdt.decay) and the gate (DecayGate) against their definitions."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdt.attention import DECAYS, DecayGate
+from sdt.backends import spatial_decay_attention
+from sdt.decay import decay_rates, decomposed_biases, full_2d_bias, grid_distance, line_distance, rate_logits
+
+
+def test_decay_rates_match_rmt_formula():
+    rates = decay_rates(4, init_value=2, heads_range=4)
+    expected = [math.log(1 - 2 ** -(2 + 4 * h / 4)) for h in range(4)]
+    assert torch.allclose(rates, torch.tensor(expected), atol=0, rtol=1e-6)
+    assert (rates < 0).all() and rates[0] < rates[-1]  # head 0 decays fastest
+
+
+def test_rate_logits_inverts_logsigmoid():
+    rates = decay_rates(8, 2, 6)
+    assert torch.allclose(F.logsigmoid(rate_logits(rates)), rates, atol=1e-7, rtol=1e-6)
+
+
+def test_full_2d_bias_matches_naive_loop():
+    height, width, heads = 3, 4, 2
+    rates = -torch.rand(2, heads, height * width)
+    bias = full_2d_bias(rates, height, width)
+    for b in range(2):
+        for h in range(heads):
+            for i in range(height * width):
+                for j in range(height * width):
+                    dist = abs(i // width - j // width) + abs(i % width - j % width)
+                    expected = -abs(0.5 * (rates[b, h, i] + rates[b, h, j]).item() * dist)
+                    assert bias[b, h, i, j].item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_fixed_bias_is_bitwise_rmt_mask():
+    """RMT: mask = decay[h] * |grid_i - grid_j|_1, computed in float32."""
+    rates = decay_rates(4, 2, 4)
+    bias = full_2d_bias(rates.view(1, -1, 1), 5, 6)[0]
+    rmt_mask = grid_distance(5, 6) * rates[:, None, None]
+    assert torch.equal(bias, rmt_mask)
+    row_bias, col_bias = decomposed_biases(rates.view(1, -1, 1), 5, 6)
+    assert torch.equal(row_bias[0, 0], line_distance(6) * rates[:, None, None])
+    assert torch.equal(col_bias[0, 0], line_distance(5) * rates[:, None, None])
+
+
+@pytest.mark.parametrize("kind", ["manhattan", "indicator"])
+def test_bias_symmetric_attenuating_zero_diagonal(kind):
+    rates = torch.randn(2, 3, 20) * 3  # any sign: the abs keeps the bias attenuating
+    bias = full_2d_bias(rates, 4, 5, kind)
+    assert torch.equal(bias, bias.transpose(-1, -2))
+    assert (bias <= 0).all()
+    assert (torch.diagonal(bias, dim1=-2, dim2=-1) == 0).all()
+    row_bias, col_bias = decomposed_biases(rates, 4, 5, kind)
+    for b in (row_bias, col_bias):
+        assert torch.equal(b, b.transpose(-1, -2)) and (b <= 0).all()
+        assert (torch.diagonal(b, dim1=-2, dim2=-1) == 0).all()
+
+
+def test_indicator_distance_has_no_spatial_prior():
+    dist = grid_distance(3, 3, "indicator")
+    assert torch.equal(dist, 1 - torch.eye(9))
+
+
+def test_decomposed_attention_matches_definition():
+    """Rows then columns, each with its own 1D decay, written out with explicit loops."""
+    torch.manual_seed(0)
+    batch, heads, height, width, dim = 2, 2, 3, 4, 8
+    q, k, v = (torch.randn(batch, heads, height * width, dim) for _ in range(3))
+    rates = -torch.rand(batch, heads, height * width)
+    out = spatial_decay_attention(q, k, v, rates, (height, width), "decomposed", "manhattan", "reference")
+
+    def attend(qs, ks, vs, s):
+        m = len(s)
+        logits = qs @ ks.T / math.sqrt(dim)
+        bias = torch.tensor([[-abs(0.5 * (s[i] + s[j]) * abs(i - j)) for j in range(m)] for i in range(m)])
+        return torch.softmax(logits + bias, -1) @ vs
+
+    grid = lambda t: t.reshape(batch, heads, height, width, -1)  # noqa: E731
+    q5, k5, v5, s4 = grid(q), grid(k), grid(v), rates.reshape(batch, heads, height, width).tolist()
+    expected = torch.empty_like(v5)
+    for b in range(batch):
+        for h in range(heads):
+            after_rows = torch.stack([attend(q5[b, h, r], k5[b, h, r], v5[b, h, r], s4[b][h][r]) for r in range(height)])
+            for c in range(width):
+                column_rates = [s4[b][h][r][c] for r in range(height)]
+                expected[b, h, :, c] = attend(q5[b, h, :, c], k5[b, h, :, c], after_rows[:, c], column_rates)
+    assert torch.allclose(out, expected.reshape(batch, heads, height * width, dim), atol=1e-5)
+
+
+def test_full_attention_matches_naive_softmax():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 4) for _ in range(3))
+    rates = -torch.rand(1, 2, 6)
+    out = spatial_decay_attention(q, k, v, rates, (2, 3), "full", "manhattan", "reference")
+    logits = q @ k.transpose(-1, -2) / 2.0 + full_2d_bias(rates, 2, 3)
+    assert torch.allclose(out, torch.softmax(logits, -1) @ v, atol=1e-6)
+
+
+@pytest.mark.parametrize("decay", [d for d in DECAYS if d != "none"])
+def test_gate_starts_at_rmt_decay(decay):
+    gate = DecayGate(16, 4, decay, init_value=2, heads_range=4)
+    rates = gate(torch.randn(2, 3, 5, 16))
+    expected = decay_rates(4, 2, 4).view(1, 4, 1).expand_as(rates)
+    assert rates.dtype == torch.float32
+    assert torch.allclose(rates, expected, atol=1e-6)
+
+
+def test_gate_output_shapes():
+    x = torch.randn(2, 3, 5, 16)
+    assert DecayGate(16, 4, "none")(x) is None
+    assert DecayGate(16, 4, "fixed")(x).shape == (1, 4, 1)
+    assert DecayGate(16, 4, "learned")(x).shape == (1, 4, 1)
+    assert DecayGate(16, 4, "cag")(x).shape == (2, 4, 15)
+    assert DecayGate(16, 4, "content")(x).shape == (2, 4, 15)
+
+
+def test_gate_parameters_per_variant():
+    def names(decay, alpha="learned"):
+        return sorted(n for n, _ in DecayGate(16, 4, decay, alpha=alpha).named_parameters())
+    assert names("none") == [] and names("fixed") == []
+    assert names("learned") == ["alpha", "bias"]
+    assert names("cag") == ["alpha", "bias", "weight"]
+    assert names("cag", alpha="fixed") == ["bias", "weight"]
+
+
+def test_huge_gate_logits_stay_finite():
+    gate = DecayGate(8, 2, "cag")
+    with torch.no_grad():
+        gate.weight.fill_(1e30)
+    x = torch.randn(1, 4, 4, 8) * 1e8
+    rates = gate(x)
+    assert torch.isfinite(rates).all()
+    bias = full_2d_bias(rates, 4, 4)
+    assert torch.isfinite(bias).all()
+    q = k = v = torch.randn(1, 2, 16, 4)
+    out = spatial_decay_attention(q, k, v, rates, (4, 4), "full", "manhattan", "reference")
+    assert torch.isfinite(out).all()
+
+
+def test_gate_is_float32_under_bf16_autocast():
+    gate = DecayGate(16, 4, "cag")
+    with torch.no_grad():
+        gate.weight.normal_()
+    x = torch.randn(2, 4, 4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rates = gate(x)
+    assert rates.dtype == torch.float32
+    assert torch.allclose(rates, gate(x), atol=1e-6)  # not rounded to bf16
+    assert full_2d_bias(rates, 4, 4).dtype == torch.float32
+
+
+def test_gradients_reach_gate_weight_and_alpha():
+    gate = DecayGate(16, 4, "cag")
+    x = torch.randn(2, 3, 3, 16)
+    q, k, v = (torch.randn(2, 4, 9, 4) for _ in range(3))
+    out = spatial_decay_attention(q, k, v, gate(x), (3, 3), "full", "manhattan", "reference")
+    out.square().sum().backward()
+    for name, p in gate.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
