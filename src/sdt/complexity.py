@@ -2,7 +2,8 @@
 
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` and reported as
 multiply-adds (one multiply-add = one FLOP), the convention of the RMT and SDT papers and of
-fvcore. FlopCounterMode counts matmuls, convolutions and attention; element-wise work
+fvcore. FlopCounterMode counts matmuls, convolutions and attention (we add the CPU flash-attention kernel
+it does not know); element-wise work
 (softmax, norms, activations, the decay bias itself) is not counted, as in fvcore.
 """
 from typing import Dict, List, Optional, Tuple
@@ -10,7 +11,18 @@ from typing import Dict, List, Optional, Tuple
 import timm
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+# FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel that SDPA uses
+# here, so attention would count as zero on a CPU.
+_cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def _cpu_flash_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_CPU_ATTENTION_FLOPS = {_cpu_flash: _cpu_flash_flops}
 
 # Numbers the papers report: (params in millions, GFLOPs at 224, ImageNet-1K top-1).
 PAPER_NUMBERS: Dict[str, Tuple[Optional[float], Optional[float], Optional[float]]] = {
@@ -35,7 +47,7 @@ def count_flops(model: nn.Module, input_size: Tuple[int, int, int] = (3, 224, 22
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS)
     with counter:
         model(torch.zeros(1, *input_size, device=device))
     model.train(was_training)
