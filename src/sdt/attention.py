@@ -200,7 +200,7 @@ class SpatialDecayAttention(nn.Module):
 
     def forward(self, x: Tensor, rotary: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         """x: (B, H, W, C); rotary: (sin, cos) from ``rotary_tables`` (built here if None). -> (B, H, W, C)"""
-        batch, height, width, channels = x.shape
+        height, width = x.shape[1], x.shape[2]
         if rotary is None:
             rotary = rotary_tables((height, width), self.head_dim, x.device)
         sin, cos = rotary[0], rotary[1]
@@ -210,5 +210,5 @@ class SpatialDecayAttention(nn.Module):
         k = apply_rotary(self._heads(self.k(x)), sin, cos)
         rates = self.gate(x)
         out = spatial_decay_attention(q, k, self._heads(v), rates, (height, width), self.layout, self.distance, self.backend)
-        out = out.transpose(1, 2).reshape(batch, height, width, channels) + lce
+        out = out.transpose(1, 2).flatten(2).unflatten(1, (height, width)) + lce
         return self.proj(out)

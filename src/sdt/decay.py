@@ -124,12 +124,11 @@ def decomposed_biases(rates: Tensor, height: int, width: int, kind: str = "manha
         col_bias: (B', W', n, H, H) for attention within each column (|r_i - r_j|),
         with H' = H, W' = W for per-token rates and H' = W' = 1 for per-head rates.
     """
-    batch, heads, tokens = rates.shape
-    if tokens == 1:
-        row_rates = rates.reshape(batch, 1, heads, 1)
+    if rates.shape[-1] == 1:
+        row_rates = rates.unsqueeze(1)  # (B', 1, n, 1)
         col_rates = row_rates
     else:
-        grid_rates = rates.reshape(batch, heads, height, width)
+        grid_rates = rates.unflatten(-1, (height, width))
         row_rates = grid_rates.transpose(1, 2)  # (B, H, n, W)
         col_rates = grid_rates.permute(0, 3, 1, 2)  # (B, W, n, H)
     row_bias = pairwise_decay_bias(row_rates, line_distance(width, kind, rates.device))

@@ -26,16 +26,12 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor]) -> Tensor:
 
 def to_rows(t: Tensor, grid: Tuple[int, int]) -> Tensor:
     """(B, n, H*W, d) -> (B*H, n, W, d): one sequence per grid row."""
-    batch, heads, _, dim = t.shape
-    height, width = grid
-    return t.reshape(batch, heads, height, width, dim).transpose(1, 2).reshape(batch * height, heads, width, dim)
+    return t.unflatten(2, grid).transpose(1, 2).flatten(0, 1)
 
 
 def to_cols(t: Tensor, grid: Tuple[int, int]) -> Tensor:
     """(B, n, H*W, d) -> (B*W, n, H, d): one sequence per grid column."""
-    batch, heads, _, dim = t.shape
-    height, width = grid
-    return t.reshape(batch, heads, height, width, dim).permute(0, 3, 1, 2, 4).reshape(batch * width, heads, height, dim)
+    return t.unflatten(2, grid).permute(0, 3, 1, 2, 4).flatten(0, 1)
 
 
 def reference_attention(
@@ -64,7 +60,6 @@ def reference_attention(
         bias = None if rates is None else full_2d_bias(rates, height, width, distance)
         return _sdpa(q, k, v, bias)
 
-    batch, heads, tokens, dim = q.shape
     row_bias: Optional[Tensor] = None
     col_bias: Optional[Tensor] = None
     if rates is not None:
@@ -73,6 +68,6 @@ def reference_attention(
         col_bias = col_bias.flatten(0, 1)  # (B'*W', n, H, H)
 
     v_rows = _sdpa(to_rows(q, grid), to_rows(k, grid), to_rows(v, grid), row_bias)  # (B*H, n, W, d)
-    v_rows = v_rows.reshape(batch, height, heads, width, dim).transpose(1, 2).reshape(batch, heads, tokens, dim)
+    v_rows = v_rows.unflatten(0, (-1, height)).transpose(1, 2).flatten(2, 3)  # (B, n, L, d)
     out = _sdpa(to_cols(q, grid), to_cols(k, grid), to_cols(v_rows, grid), col_bias)  # (B*W, n, H, d)
-    return out.reshape(batch, width, heads, height, dim).permute(0, 2, 3, 1, 4).reshape(batch, heads, tokens, dim)
+    return out.unflatten(0, (-1, width)).permute(0, 2, 3, 1, 4).flatten(2, 3)

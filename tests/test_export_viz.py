@@ -1,0 +1,139 @@
+"""Export (ONNX, TorchScript), RMT conversion and the attention-map visualisation."""
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import sdt
+from sdt.backends import spatial_decay_attention
+from sdt.export import check_onnx, convert_rmt_checkpoint, export_onnx, load_checkpoint_file
+from sdt.models.sdt_h import SpatialDecayTransformer, rmt_config_to_kwargs
+from sdt.viz import attention_maps, plot_attention_maps
+
+FIXTURES = Path(__file__).parent / "fixtures" / "rmt"
+
+
+@pytest.mark.parametrize("name", ["sdt_h_nano", "rmt_nano"])
+def test_onnx_export_matches_pytorch_at_two_sizes(name, tmp_path):
+    model = timm.create_model(name, num_classes=10, in_chans=1).eval()
+    path = export_onnx(model, tmp_path / "m.onnx", (1, 28, 28))
+    results = check_onnx(model, path, [(2, 1, 28, 28), (1, 1, 45, 33)])
+    for r in results:
+        assert r["max_abs_diff"] < 1e-4, r
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sdt_h_tiny", "rmt_tiny", "sdt_h_small", "rmt_small"])
+def test_onnx_export_larger_models(name, tmp_path):
+    model = timm.create_model(name).eval()
+    path = export_onnx(model, tmp_path / "m.onnx", (3, 224, 224))
+    for r in check_onnx(model, path, [(1, 3, 224, 224), (1, 3, 160, 192)]):
+        assert r["max_abs_diff"] < 1e-4 * max(1.0, r["max_abs_output"]), r
+
+
+def _fixture(decay="fixed", **overrides):
+    config = json.loads((FIXTURES / "rmt_small.json").read_text())["constructor_kwargs"]
+    return SpatialDecayTransformer(**{**rmt_config_to_kwargs(config), "decay": decay, **overrides}).eval()
+
+
+@pytest.mark.parametrize("decay", ["fixed", "cag"])
+def test_convert_rmt_checkpoint_reproduces_logits(decay, tmp_path):
+    io = load_file(FIXTURES / "rmt_small_io.safetensors")
+    # RMT's training script saves {"model": state_dict, ...}: write one like it.
+    torch.save({"model": load_file(FIXTURES / "rmt_small.safetensors"), "epoch": 299}, tmp_path / "rmt.pth")
+    out = tmp_path / "converted.safetensors"
+    counts = convert_rmt_checkpoint(str(tmp_path / "rmt.pth"), _fixture(decay), str(out))
+    assert counts["gate_tensors"] == (0 if decay == "fixed" else 3 * 5)
+    fresh = _fixture(decay)
+    fresh.load_state_dict(load_file(out))
+    with torch.no_grad():
+        for size in ("64x64", "96x80"):
+            assert torch.allclose(fresh(io[f"input_{size}"]), io[f"logits_{size}"], atol=1e-4)
+
+
+def test_truncated_checkpoint_gives_clear_error(tmp_path):
+    torch.save({"model": {"w": torch.zeros(1000)}}, tmp_path / "good.pth")
+    data = (tmp_path / "good.pth").read_bytes()
+    (tmp_path / "bad.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        load_checkpoint_file(str(tmp_path / "bad.pth"))
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint_file(str(tmp_path / "missing.pth"))
+
+
+def test_script_model_matches_eager():
+    model = timm.create_model("sdt_h_nano", num_classes=10).eval()
+    scripted = sdt.export.script_model(model)
+    x = torch.randn(1, 3, 30, 26)
+    with torch.no_grad():
+        assert torch.allclose(scripted(x), model(x), atol=1e-5)
+
+
+def _perturbed_sdt():
+    torch.manual_seed(0)
+    model = timm.create_model("sdt_h_nano", num_classes=10, in_chans=1).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, sdt.DecayGate):
+                m.weight.normal_(std=0.5)
+    return model
+
+
+def test_attention_maps_shapes_and_normalisation():
+    model = _perturbed_sdt()
+    image = torch.randn(1, 1, 28, 28)
+    maps = attention_maps(model, image, (10, 20))
+    grids = [(14, 14), (7, 7), (4, 4), (2, 2)]
+    for stage_maps, grid, heads in zip(maps, grids, (2, 4, 8, 16)):
+        for key in ("gate", "decay", "decay_fixed", "attn", "attn_plain"):
+            assert stage_maps[key].shape == (heads, *grid), key
+        for key in ("attn", "attn_plain"):
+            assert torch.allclose(stage_maps[key].sum((1, 2)), torch.ones(heads), atol=1e-5)
+        assert (stage_maps["decay"] <= 1).all() and (stage_maps["decay"] > 0).all()
+        assert not torch.allclose(stage_maps["decay"], stage_maps["decay_fixed"])  # the gate changed it
+    assert maps[0]["query"] == (10, 5)
+
+
+@pytest.mark.parametrize("stage_index", [0, 2])  # decomposed and full layouts
+def test_attention_maps_reproduce_the_layer_output(stage_index):
+    """The map's weights times v equal the attention output the layer itself computes for that query."""
+    model = _perturbed_sdt()
+    image = torch.randn(1, 1, 28, 28)
+    maps = attention_maps(model, image, (13, 6))[stage_index]
+    attn = model.stages[stage_index].blocks[-1].attn
+    captured = []
+    hook = attn.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    with torch.no_grad():
+        model(image)
+    hook.remove()
+    x = captured[0]
+    height, width = x.shape[1:3]
+    sin, cos = sdt.rotary_tables((height, width), attn.head_dim)
+    with torch.no_grad():
+        q = sdt.apply_rotary(attn._heads(attn.q(x)), sin, cos)
+        k = sdt.apply_rotary(attn._heads(attn.k(x)), sin, cos)
+        v = attn._heads(attn.v(x))
+        out = spatial_decay_attention(q, k, v, attn.gate(x), (height, width), attn.layout, attn.distance, "reference")
+    r, c = maps["query"]
+    expected = out[0, :, r * width + c]  # (n, d)
+    got = torch.einsum("nl,nld->nd", maps["attn"].flatten(1), v[0])
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_untrained_sdt_decay_equals_rmt_and_plots(tmp_path):
+    model = timm.create_model("sdt_h_nano", num_classes=10).eval()
+    maps = attention_maps(model, torch.randn(1, 3, 32, 32), (5, 5))
+    for stage_maps in maps:
+        assert torch.allclose(stage_maps["decay"], stage_maps["decay_fixed"], atol=1e-5)
+    paths = plot_attention_maps(maps, torch.rand(32, 32, 3), (5, 5), str(tmp_path))
+    assert len(paths) == 4 and all(p.stat().st_size > 10_000 for p in paths)
+
+
+def test_query_outside_image_is_rejected():
+    model = timm.create_model("rmt_nano").eval()
+    with pytest.raises(ValueError, match="outside"):
+        attention_maps(model, torch.randn(1, 3, 32, 32), (40, 3))
