@@ -137,3 +137,11 @@ def test_query_outside_image_is_rejected():
     model = timm.create_model("rmt_nano").eval()
     with pytest.raises(ValueError, match="outside"):
         attention_maps(model, torch.randn(1, 3, 32, 32), (40, 3))
+
+
+@pytest.mark.slow
+def test_torch_compile_same_outputs():
+    model = timm.create_model("sdt_h_nano", num_classes=10, in_chans=1).eval()
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(torch.compile(model)(x), model(x), atol=1e-4)

@@ -55,9 +55,10 @@ def count_flops(model: nn.Module, input_size: Tuple[int, int, int] = (3, 224, 22
 
 
 def list_sdt_models() -> List[str]:
-    """Every model this package registers with timm, in registration order."""
-    return [n for n in timm.list_models() if timm.models.get_pretrained_cfg(n) is not None
-            and timm.models.model_entrypoint(n).__module__.startswith("sdt.")]
+    """Every model this package registers with timm, by family and then in registration order."""
+    names = [n for n in timm.list_models() if timm.models.model_entrypoint(n).__module__.startswith("sdt.")]
+    order = {n: i for i, n in enumerate(timm.models._registry._model_entrypoints)}  # registration order
+    return sorted(names, key=lambda n: (timm.models.model_entrypoint(n).__module__, order.get(n, 0)))
 
 
 def model_table(names: Optional[List[str]] = None, input_size: Tuple[int, int, int] = (3, 224, 224)) -> str:
