@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .config import atomic_write, save_config
+from .config import ConfigError, atomic_write
 from .data import Batch, collate
 
 _logger = logging.getLogger("sdt")
@@ -362,6 +362,22 @@ def setup_logging(output_dir: Optional[Path], is_main: bool) -> None:
 # The loop
 
 
+def check_engine_config(cfg: EngineConfig, dist_info: DistInfo, num_train: int) -> None:
+    """Settings that cannot work on this machine or data: a ``ConfigError`` before anything runs."""
+    if cfg.batch_size % dist_info.world_size:
+        raise ConfigError(f"engine.batch_size={cfg.batch_size} must be divisible by the number of processes ({dist_info.world_size})")
+    if num_train < cfg.batch_size:
+        raise ConfigError(f"the training set ({num_train} images) is smaller than one batch "
+                          f"(engine.batch_size={cfg.batch_size}); lower the batch size")
+    if cfg.amp not in ("none", "bf16", "fp16"):
+        raise ConfigError(f"engine.amp must be none, bf16 or fp16, got {cfg.amp!r}")
+    if cfg.amp == "fp16" and dist_info.device.type != "cuda":
+        raise ConfigError("engine.amp=fp16 needs a GPU; on CPU use engine.amp=bf16")
+    if cfg.sync_bn and dist_info.distributed and dist_info.device.type != "cuda":
+        raise ConfigError("engine.sync_bn=true needs GPUs (torch's SyncBatchNorm is CUDA-only); on CPU each "
+                          "process normalises with its own batch statistics: set engine.sync_bn=false")
+
+
 class Trainer:
     """Trains ``model`` on ``train_set`` with ``task``'s loss; evaluates on ``val_set`` every
     ``eval_every_epochs``; checkpoints to ``output_dir``. ``resume_from``: a checkpoint folder."""
@@ -375,17 +391,9 @@ class Trainer:
 
         self.cfg, self.task, self.dist, self.output_dir = cfg, task, dist_info, Path(output_dir)
         self.train_set, self.val_set, self.workers = train_set, val_set, workers
-        if cfg.batch_size % dist_info.world_size:
-            raise ValueError(f"engine.batch_size={cfg.batch_size} must be divisible by the number of processes ({dist_info.world_size})")
-        if cfg.amp not in ("none", "bf16", "fp16"):
-            raise ValueError(f"engine.amp must be none, bf16 or fp16, got {cfg.amp!r}")
-        if cfg.amp == "fp16" and dist_info.device.type != "cuda":
-            raise ValueError("engine.amp=fp16 needs a GPU; on CPU use engine.amp=bf16")
+        check_engine_config(cfg, dist_info, len(train_set))
         self.batch_size_per_rank = cfg.batch_size // dist_info.world_size
         self.steps_per_epoch = len(train_set) // cfg.batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"the training set ({len(train_set)} images) is smaller than one batch "
-                             f"(engine.batch_size={cfg.batch_size}); lower the batch size")
 
         state = load_train_state(resume_from) if resume_from is not None else None
         if cfg.grad_checkpointing:
@@ -597,17 +605,13 @@ class Trainer:
                 "train_images_per_s": self.train_images / max(self.train_seconds, 1e-9)}
 
 
-def prepare_output_dir(output_dir: Path, resume: bool, run_config: Any, is_main: bool) -> None:
-    """A new run needs a new (or empty) folder: an earlier run's files are never overwritten."""
+def check_output_dir(output_dir: Path, resume: bool) -> None:
+    """A new run needs a new (or empty) folder, so an earlier run's files are never overwritten;
+    a resumed run needs the folder of a run."""
     output_dir = Path(output_dir)
     if resume:
         if not (output_dir / "config.yaml").is_file():
             raise CheckpointError(f"--resume: {output_dir} holds no run (config.yaml is missing)")
-        return
-    if output_dir.exists() and any(output_dir.iterdir()):
+    elif output_dir.exists() and any(output_dir.iterdir()):
         raise FileExistsError(f"{output_dir} already holds files; pass --resume to continue that run, "
                               f"or choose a new --output folder")
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(run_config, output_dir / "config.yaml")
-

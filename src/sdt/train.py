@@ -22,11 +22,11 @@ from torch.utils.data import DataLoader
 
 from . import models  # noqa: F401  (registers the models with timm)
 from .complexity import count_flops, count_params
-from .config import ConfigError, atomic_write, load_config
+from .config import ConfigError, atomic_write, load_config, save_config
 from .data import (AugConfig, Batch, DataConfig, DataError, ImageSamples, build_transform, check_images,
                    num_channels, raw_dataset)
-from .engine import (DistInfo, EngineConfig, Trainer, all_reduce_sum, eval_loader,
-                     find_last_checkpoint, load_into, load_weights, plot_curves, prepare_output_dir,
+from .engine import (DistInfo, EngineConfig, Trainer, all_reduce_sum, check_engine_config, eval_loader,
+                     check_output_dir, find_last_checkpoint, load_into, load_weights, plot_curves,
                      setup_distributed, setup_logging)
 
 _logger = logging.getLogger("sdt")
@@ -219,7 +219,13 @@ def train(cfg: TrainConfig, output_dir: Optional[str] = None, resume: Optional[s
     model = create_model(cfg.model, cfg.model.num_classes, cfg.model.in_chans)
     for ds in datasets.values():
         check_images(ds, cfg.model.in_chans, cfg.model.num_classes, model_stride(model))
-    prepare_output_dir(out, resume is not None, cfg, info.is_main)
+    check_engine_config(cfg.engine, info, len(datasets["train"]))
+    check_output_dir(out, resume is not None)
+    if info.distributed:
+        dist.barrier()  # every rank has checked the folder before rank 0 writes to it
+    if info.is_main and resume is None:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
     if info.distributed:
         dist.barrier()
     setup_logging(out, info.is_main)
