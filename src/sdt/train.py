@@ -198,18 +198,19 @@ def train(cfg: TrainConfig, output_dir: Optional[str] = None, resume: Optional[s
     ``resume``: ``"auto"`` (the newest checkpoint of ``output_dir``) or a checkpoint folder; the run
     then continues with the config saved in ``output_dir``. Returns the run summary (also in report.md).
     """
+    resume_from = None
+    if resume is not None:
+        if output_dir is None:
+            raise ConfigError("--resume needs the --output folder of the run to continue")
+        check_output_dir(Path(output_dir), resume=True)
+        resume_from = find_last_checkpoint(Path(output_dir)) if resume == "auto" else Path(resume)
+        cfg = load_config(TrainConfig, str(Path(output_dir) / "config.yaml"))
     info = setup_distributed(cfg.engine.device)
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
     if output_dir is None:
-        if resume is not None:
-            raise ConfigError("--resume needs the --output folder of the run to continue")
         output_dir = _broadcast(f"runs/{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}", info)
     out = Path(output_dir)
-    resume_from = None
-    if resume is not None:
-        resume_from = find_last_checkpoint(out) if resume == "auto" else Path(resume)
-        cfg = load_config(TrainConfig, str(out / "config.yaml"))
 
     # Everything that can be wrong with the data or model fails here, before any file is written.
     cfg.model.in_chans = resolve_in_chans(cfg)
