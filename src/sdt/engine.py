@@ -1,0 +1,617 @@
+"""The one training loop: optimizer and schedule, EMA, mixed precision, DDP, checkpoints, resume, logging.
+
+What is trained and how it is scored is a ``Task`` (two methods); everything else lives here, so
+classification (``sdt.train``) and later tasks share one loop:
+
+    trainer = Trainer(engine_cfg, model, task, train_set, val_set, output_dir, run_config=cfg)
+    summary = trainer.fit()
+
+Run layout (``output_dir``)::
+
+    config.yaml                  the fully resolved config (written by the caller)
+    metrics.jsonl                one JSON record per log step and per evaluation
+    tb/                          TensorBoard events
+    train.log                    the log
+    checkpoints/step-00001234/   model.safetensors, ema.safetensors, state.pt (written as a whole:
+                                 temp folder + rename); the newest one is ``last``
+    best.safetensors             weights with the best validation metric (model or EMA)
+
+Exact resume: the data order of an epoch is a function of (seed, epoch) (``ResumableSampler``),
+augmentation is seeded per sample (``sdt.data.ImageSamples``), and the checkpoint holds every
+RNG state of the loop; a run killed mid-epoch and resumed from its last checkpoint therefore
+reproduces the uninterrupted run bitwise on CPU with the same number of processes.
+"""
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Protocol, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .config import ConfigError, atomic_write
+from .data import Batch, collate
+
+_logger = logging.getLogger("sdt")
+STATE_FORMAT = "sdt.engine.train_state/1"
+
+
+@dataclass
+class EngineConfig:
+    """How to train, independent of the task. ``batch_size`` is global (split across processes)."""
+    epochs: int = 10
+    batch_size: int = 128
+    seed: int = 0
+    # optimizer: timm create_optimizer_v2; lr is per lr_base_size images, scaled linearly to batch_size
+    opt: str = "adamw"
+    lr: float = 5e-4
+    lr_base_size: int = 512
+    weight_decay: float = 0.05
+    opt_eps: float = 1e-8
+    clip_grad: Optional[float] = None      # max gradient norm (None = off)
+    # schedule: timm create_scheduler_v2
+    sched: str = "cosine"
+    warmup_epochs: float = 5.0
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    sched_on_updates: bool = True          # False: lr changes once per epoch (RMT/DeiT)
+    # model averaging and precision
+    ema_decay: Optional[float] = None      # e.g. 0.9998 (None = no EMA)
+    ema_warmup: bool = True
+    amp: str = "none"                      # "none", "bf16" (CPU or GPU), "fp16" (GPU, with a grad scaler)
+    compile: bool = False                  # torch.compile the model
+    grad_checkpointing: bool = False       # model.set_grad_checkpointing(): less memory, more compute
+    sync_bn: bool = False                  # SyncBatchNorm when several processes train
+    device: str = "auto"                   # "auto", "cpu", "cuda"
+    threads: Optional[int] = None          # torch.set_num_threads (None = torch's default)
+    # checkpoints and logging
+    ckpt_every_steps: int = 500            # also checkpoint every N optimizer steps (0 = epoch ends only)
+    keep_checkpoints: int = 2              # how many step checkpoints to keep
+    log_every_steps: int = 50
+    eval_every_epochs: int = 1
+
+
+class Task(Protocol):
+    """What the engine trains. ``metric`` names the key of ``evaluate``'s result that selects
+    ``best`` (higher is better)."""
+    metric: str
+
+    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        """The training loss of one batch (called under autocast)."""
+
+    def evaluate(self, model: nn.Module, loader: DataLoader, dist_info: "DistInfo") -> Dict[str, float]:
+        """Metrics over the whole loader, reduced across processes."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, truncated, or not from this kind of run."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes and devices
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Start torch.distributed when launched by torchrun (gloo on CPU, nccl on GPU)."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("engine.device=cuda but no CUDA device is available; use engine.device=cpu")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    info = DistInfo(rank=int(os.environ.get("RANK", 0)), world_size=world_size, local_rank=local_rank,
+                    device=torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
+    if use_cuda:
+        torch.cuda.set_device(info.device)
+    return info
+
+
+def all_reduce_sum(tensor: Tensor, dist_info: DistInfo) -> Tensor:
+    """Sum a tensor over processes (identity in one process)."""
+    if dist_info.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP and torch.compile wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# ---------------------------------------------------------------------------------------------
+# Data order
+
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` (shuffled by (seed, epoch)) that can start ``start_step`` batches into
+    an epoch. Rank r takes every world_size-th index, so the union of the ranks' i-th batches is the
+    one-process i-th batch of the same global size."""
+
+    def __init__(self, dataset: Dataset, dist_info: DistInfo, seed: int, batch_size_per_rank: int):
+        super().__init__(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
+                         shuffle=True, seed=seed, drop_last=True)
+        self.batch_size_per_rank = batch_size_per_rank
+        self.start_step = 0
+
+    def set_position(self, epoch: int, start_step: int) -> None:
+        self.set_epoch(epoch)
+        self.start_step = start_step
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(super().__iter__())[self.start_step * self.batch_size_per_rank:])
+
+    def __len__(self) -> int:
+        return super().__len__() - self.start_step * self.batch_size_per_rank
+
+
+def eval_loader(dataset: Dataset, batch_size: int, workers: int, dist_info: DistInfo) -> DataLoader:
+    """In-order loader over this process's shard (rank, rank + world_size, ...), nothing padded."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=list(range(dist_info.rank, len(dataset), dist_info.world_size)),
+                      num_workers=workers, collate_fn=collate, generator=torch.Generator())
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def load_weights(path: Path) -> Dict[str, Tensor]:
+    """A safetensors state dict, with a clear error for a missing, truncated or foreign file."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or not a checkpoint?): {e}") from e
+
+
+def load_into(model: nn.Module, state_dict: Dict[str, Tensor], path: Path) -> None:
+    """Load weights strictly; a mismatch names the file and the first differing keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong_shape = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or unexpected or wrong_shape:
+        raise CheckpointError(
+            f"{path} does not fit this model ({type(model).__name__}): {len(missing)} missing keys {missing[:3]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:3]}, {len(wrong_shape)} shape mismatches {wrong_shape[:3]}. "
+            f"Was it trained with another model, num_classes or in_chans?")
+    model.load_state_dict(state_dict)
+
+
+def _contiguous_cpu(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+
+
+def save_weights(path: Path, state_dict: Dict[str, Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write a safetensors file atomically (temp file + fsync + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(_contiguous_cpu(state_dict), str(tmp), metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint_dirs(output_dir: Path) -> List[Path]:
+    """Complete step checkpoints of a run, oldest first (temp folders of a killed save are ignored)."""
+    root = Path(output_dir) / "checkpoints"
+    return sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
+
+
+def find_last_checkpoint(output_dir: Path) -> Path:
+    found = checkpoint_dirs(output_dir)
+    if not found:
+        raise CheckpointError(f"no checkpoint to resume from in {Path(output_dir) / 'checkpoints'}; "
+                              f"start a new run (without --resume) or pass --output of an earlier run")
+    return found[-1]
+
+
+def load_train_state(ckpt_dir: Path) -> Dict[str, Any]:
+    """The training state of a checkpoint folder, loaded with ``weights_only=True`` (no pickled code runs)."""
+    path = Path(ckpt_dir) / "state.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt_dir} is not a checkpoint folder: {path.name} is missing")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... for bad files
+        raise CheckpointError(f"cannot load training state {path} (truncated, or not written by sdt?): {e}") from e
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path} is not an sdt training state (format "
+                              f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}, "
+                              f"expected {STATE_FORMAT!r})")
+    return state
+
+
+def _rng_state() -> Dict[str, Any]:
+    import random
+
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "python": random.getstate(),
+        "numpy": {"bit_generator": np_state["bit_generator"], "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": np_state["state"]["pos"], "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    import random
+
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": n["bit_generator"], "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+class MetricsLogger:
+    """JSON lines + TensorBoard on the main process; a no-op elsewhere."""
+
+    def __init__(self, output_dir: Path, enabled: bool, resume_step: Optional[int]):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            # Drop what a killed run logged after its last checkpoint: it is about to be redone.
+            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            atomic_write(self.path, "".join(line + "\n" for line in kept))
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(Path(output_dir) / "tb"), purge_step=resume_step)
+
+    def log(self, kind: str, step: int, epoch: float, values: Dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"kind": kind, "step": step, "epoch": round(epoch, 4), **values}) + "\n")
+        for key, value in values.items():
+            self.writer.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: Path) -> List[Dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+
+def plot_curves(metrics_path: Path, out_path: Path, metric: str) -> None:
+    """One PNG with three panels: losses, learning rate, and the validation ``metric`` per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "val"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot([r["epoch"] for r in train], [r["loss"] for r in train], label="train loss")
+    for prefix in ("", "ema_"):
+        if evals and prefix + "loss" in evals[0]:
+            axes[0].plot([r["epoch"] for r in evals], [r[prefix + "loss"] for r in evals], "o-", label=f"val loss {prefix.rstrip('_')}".strip())
+            axes[2].plot([r["epoch"] for r in evals], [r[prefix + metric] for r in evals], "o-", label=f"val {metric} {prefix.rstrip('_')}".strip())
+    axes[1].plot([r["epoch"] for r in train], [r["lr"] for r in train])
+    for ax, title in zip(axes, ("loss", "learning rate", f"validation {metric}")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[2].legend()
+    fig.tight_layout()
+    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out_path)
+
+
+def setup_logging(output_dir: Optional[Path], is_main: bool) -> None:
+    """Log to stderr (and ``output_dir/train.log``) on the main process; warnings only elsewhere."""
+    _logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    _logger.handlers.clear()
+    _logger.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    handlers: List[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if output_dir is not None and is_main:
+        handlers.append(logging.FileHandler(Path(output_dir) / "train.log"))
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        _logger.addHandler(handler)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def check_engine_config(cfg: EngineConfig, dist_info: DistInfo, num_train: int) -> None:
+    """Settings that cannot work on this machine or data: a ``ConfigError`` before anything runs."""
+    if cfg.batch_size % dist_info.world_size:
+        raise ConfigError(f"engine.batch_size={cfg.batch_size} must be divisible by the number of processes ({dist_info.world_size})")
+    if num_train < cfg.batch_size:
+        raise ConfigError(f"the training set ({num_train} images) is smaller than one batch "
+                          f"(engine.batch_size={cfg.batch_size}); lower the batch size")
+    if cfg.amp not in ("none", "bf16", "fp16"):
+        raise ConfigError(f"engine.amp must be none, bf16 or fp16, got {cfg.amp!r}")
+    if cfg.amp == "fp16" and dist_info.device.type != "cuda":
+        raise ConfigError("engine.amp=fp16 needs a GPU; on CPU use engine.amp=bf16")
+    if cfg.sync_bn and dist_info.distributed and dist_info.device.type != "cuda":
+        raise ConfigError("engine.sync_bn=true needs GPUs (torch's SyncBatchNorm is CUDA-only); on CPU each "
+                          "process normalises with its own batch statistics: set engine.sync_bn=false")
+
+
+class Trainer:
+    """Trains ``model`` on ``train_set`` with ``task``'s loss; evaluates on ``val_set`` every
+    ``eval_every_epochs``; checkpoints to ``output_dir``. ``resume_from``: a checkpoint folder."""
+
+    def __init__(self, cfg: EngineConfig, model: nn.Module, task: Task, train_set: Dataset, val_set: Dataset,
+                 output_dir: Path, dist_info: DistInfo, workers: int = 2,
+                 resume_from: Optional[Path] = None):
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import create_scheduler_v2
+        from timm.utils import ModelEmaV3
+
+        self.cfg, self.task, self.dist, self.output_dir = cfg, task, dist_info, Path(output_dir)
+        self.train_set, self.val_set, self.workers = train_set, val_set, workers
+        check_engine_config(cfg, dist_info, len(train_set))
+        self.batch_size_per_rank = cfg.batch_size // dist_info.world_size
+        self.steps_per_epoch = len(train_set) // cfg.batch_size
+
+        state = load_train_state(resume_from) if resume_from is not None else None
+        if cfg.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        model.to(dist_info.device)
+        if state is not None:
+            load_into(model, load_weights(resume_from / "model.safetensors"), resume_from / "model.safetensors")
+        self.model = model
+        self.lr = cfg.lr * cfg.batch_size / cfg.lr_base_size
+        self.optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps)
+        self.scheduler, _ = create_scheduler_v2(
+            self.optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+            warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=not cfg.sched_on_updates,
+            updates_per_epoch=self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(dist_info.device.type, enabled=cfg.amp == "fp16")
+        self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup) if cfg.ema_decay else None
+
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.best: Dict[str, Any] = {"value": -math.inf, "epoch": -1, "source": ""}
+        self.train_seconds, self.train_images = 0.0, 0
+        self._rng_to_restore: Optional[Dict[str, Any]] = None
+        if state is not None:
+            self._load_state(state, resume_from)
+
+        if dist_info.distributed:
+            if cfg.sync_bn:
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[dist_info.local_rank] if dist_info.device.type == "cuda" else None)
+        self.train_model = torch.compile(model) if cfg.compile else model
+        self.model = unwrap(model)
+        self.resume_step = self.global_step if state is not None else None
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def _load_state(self, state: Dict[str, Any], ckpt_dir: Path) -> None:
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"training state in {ckpt_dir} does not fit this run's optimizer/schedule: {e}") from e
+        if self.ema is not None:
+            load_into(self.ema.module, load_weights(ckpt_dir / "ema.safetensors"), ckpt_dir / "ema.safetensors")
+        self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        self.best = state["best"]
+        self.train_seconds, self.train_images = state["train_seconds"], state["train_images"]
+        if state["world_size"] != self.dist.world_size:
+            _logger.warning("resuming a %d-process run with %d processes: the data order is the same, "
+                            "but results will not be bitwise identical", state["world_size"], self.dist.world_size)
+        self._rng_to_restore = state["rng"][min(self.dist.rank, len(state["rng"]) - 1)]
+
+    def save_checkpoint(self) -> None:
+        """Write ``checkpoints/step-N`` as a whole (temp folder, then rename) and apply retention."""
+        rng = [_rng_state()]
+        if self.dist.distributed:
+            gathered: List[Any] = [None] * self.dist.world_size
+            dist.all_gather_object(gathered, rng[0])
+            rng = gathered
+        if not self.dist.is_main:
+            return
+        root = self.output_dir / "checkpoints"
+        root.mkdir(exist_ok=True)
+        final = root / f"step-{self.global_step:08d}"
+        if final.exists():
+            return
+        tmp = root / f".tmp-step-{self.global_step:08d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        meta = {"global_step": str(self.global_step), "epoch": str(self.epoch)}
+        save_weights(tmp / "model.safetensors", self.model.state_dict(), meta)
+        if self.ema is not None:
+            save_weights(tmp / "ema.safetensors", self.ema.module.state_dict(), meta)
+        state = {
+            "format": STATE_FORMAT,
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+            "world_size": self.dist.world_size,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": rng, "best": self.best,
+            "train_seconds": self.train_seconds, "train_images": self.train_images,
+        }
+        torch.save(state, tmp / "state.pt")
+        with open(tmp / "state.pt", "rb") as f:
+            os.fsync(f.fileno())
+        os.rename(tmp, final)
+        for old in checkpoint_dirs(self.output_dir)[:-max(self.cfg.keep_checkpoints, 1)]:
+            shutil.rmtree(old)
+
+    # -- loop -----------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.cfg.amp == "none":
+            return nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16)
+
+    def _train_step(self, batch: Batch) -> Tensor:
+        batch = Batch(batch.images.to(self.dist.device, non_blocking=True),
+                      batch.targets.to(self.dist.device, non_blocking=True), batch.skipped)
+        with self._autocast():
+            loss = self.task.loss(self.train_model, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step)
+        return loss.detach()
+
+    def evaluate(self) -> Dict[str, float]:
+        """Validation metrics of the model and, if there is one, of its EMA (keys prefixed ``ema_``)."""
+        loader = eval_loader(self.val_set, self.batch_size_per_rank, self.workers, self.dist)
+        with self._autocast():
+            metrics = self.task.evaluate(self.model, loader, self.dist)
+            if self.ema is not None:
+                metrics.update({f"ema_{k}": v for k, v in self.task.evaluate(self.ema.module, loader, self.dist).items()})
+        return metrics
+
+    def _update_best(self, metrics: Dict[str, float]) -> None:
+        candidates = [("model", metrics[self.task.metric], self.model)]
+        if self.ema is not None:
+            candidates.append(("ema", metrics["ema_" + self.task.metric], self.ema.module))
+        source, value, module = max(candidates, key=lambda c: c[1])
+        if value > self.best["value"]:
+            self.best = {"value": value, "epoch": self.epoch, "source": source}
+            if self.dist.is_main:
+                save_weights(self.output_dir / "best.safetensors", module.state_dict(),
+                             {"epoch": str(self.epoch), "source": source, self.task.metric: f"{value:.6f}"})
+
+    def fit(self) -> Dict[str, Any]:
+        from tqdm import tqdm
+
+        cfg, info = self.cfg, self.dist
+        logger = MetricsLogger(self.output_dir, info.is_main, self.resume_step)
+        sampler = ResumableSampler(self.train_set, info, cfg.seed, self.batch_size_per_rank)
+        loader = DataLoader(self.train_set, batch_size=self.batch_size_per_rank, sampler=sampler, drop_last=True,
+                            num_workers=self.workers, collate_fn=collate, generator=torch.Generator(),
+                            pin_memory=info.device.type == "cuda")
+        if self.resume_step is not None:
+            _set_rng_state(self._rng_to_restore)
+            _logger.info("resumed at epoch %d, step %d (global step %d)", self.epoch + 1, self.step_in_epoch, self.global_step)
+        else:
+            torch.manual_seed(cfg.seed + info.rank)
+            np.random.seed(cfg.seed + info.rank)
+            import random
+
+            random.seed(cfg.seed + info.rank)
+        images_per_step = cfg.batch_size
+        skipped_total, skipped_reported = 0, 0
+        while self.epoch < cfg.epochs:
+            sampler.set_position(self.epoch, self.step_in_epoch)
+            if hasattr(self.train_set, "set_epoch"):
+                self.train_set.set_epoch(self.epoch)
+            self.train_model.train()
+            bar = tqdm(total=self.steps_per_epoch * images_per_step, initial=self.step_in_epoch * images_per_step,
+                       unit="img", unit_scale=True, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", dynamic_ncols=True,
+                       disable=not info.is_main, mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+            loss_sum, loss_count, interval_start = torch.zeros((), device=info.device), 0, time.perf_counter()
+            tick = time.perf_counter()
+            for batch in loader:
+                if len(batch.images) == 0:  # every image of this batch was unreadable
+                    skipped_total += batch.skipped
+                    self.step_in_epoch += 1
+                    continue
+                loss = self._train_step(batch)
+                self.step_in_epoch += 1
+                self.global_step += 1
+                self.scheduler.step_update(num_updates=self.global_step)
+                now = time.perf_counter()
+                self.train_seconds, tick = self.train_seconds + now - tick, now
+                self.train_images += images_per_step
+                loss_sum += loss.float()
+                loss_count += 1
+                skipped_total += batch.skipped
+                bar.update(images_per_step)
+                if self.global_step % cfg.log_every_steps == 0 or self.step_in_epoch == self.steps_per_epoch:
+                    stats = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(skipped_total), device=info.device)]), info)
+                    mean_loss = stats[0].item() / (loss_count * info.world_size)
+                    elapsed = time.perf_counter() - interval_start
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+                    logger.log("train", self.global_step, self.epoch + self.step_in_epoch / self.steps_per_epoch,
+                               {"loss": mean_loss, "lr": lr, "images_per_s": loss_count * images_per_step / elapsed,
+                                "skipped_images": stats[1].item()})
+                    if stats[1].item() > skipped_reported:
+                        skipped_reported = int(stats[1].item())
+                        _logger.warning("%d unreadable images skipped so far", skipped_reported)
+                    loss_sum.zero_()
+                    loss_count, interval_start = 0, time.perf_counter()
+                    tick = interval_start
+                if cfg.ckpt_every_steps and self.global_step % cfg.ckpt_every_steps == 0 \
+                        and self.step_in_epoch < self.steps_per_epoch:
+                    self.save_checkpoint()
+                    tick = time.perf_counter()
+            bar.close()
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            self.scheduler.step(self.epoch)
+            if self.epoch % cfg.eval_every_epochs == 0 or self.epoch == cfg.epochs:
+                metrics = self.evaluate()
+                logger.log("val", self.global_step, self.epoch, metrics)
+                self._update_best(metrics)
+                _logger.info("epoch %d/%d: %s", self.epoch, cfg.epochs,
+                             ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            self.save_checkpoint()
+        logger.close()
+        return {"best": self.best, "global_step": self.global_step, "train_seconds": self.train_seconds,
+                "train_images_per_s": self.train_images / max(self.train_seconds, 1e-9)}
+
+
+def check_output_dir(output_dir: Path, resume: bool) -> None:
+    """A new run needs a new (or empty) folder, so an earlier run's files are never overwritten;
+    a resumed run needs the folder of a run."""
+    output_dir = Path(output_dir)
+    if resume:
+        if not (output_dir / "config.yaml").is_file():
+            raise CheckpointError(f"--resume: {output_dir} holds no run (config.yaml is missing)")
+    elif output_dir.exists() and any(output_dir.iterdir()):
+        raise FileExistsError(f"{output_dir} already holds files; pass --resume to continue that run, "
+                              f"or choose a new --output folder")

@@ -1,0 +1,391 @@
+"""Image classification on top of ``sdt.engine``: the config, the task (loss + metrics), the
+``sdt train`` run (data checks, training, test evaluation, plots, report) and ``sdt eval``.
+
+    cfg = load_config(TrainConfig, "quick", ["engine.epochs=1"])
+    summary = train(cfg, output_dir="runs/quick")
+    result = evaluate_checkpoint("runs/quick", split="test", input_size=32)
+"""
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from . import models  # noqa: F401  (registers the models with timm)
+from .complexity import count_flops, count_params
+from .config import ConfigError, atomic_write, load_config, save_config
+from .data import (AugConfig, Batch, DataConfig, DataError, ImageSamples, build_transform, check_images,
+                   num_channels, raw_dataset)
+from .engine import (DistInfo, EngineConfig, Trainer, all_reduce_sum, check_engine_config, eval_loader,
+                     check_output_dir, find_last_checkpoint, load_into, load_weights, plot_curves,
+                     setup_distributed, setup_logging)
+
+_logger = logging.getLogger("sdt")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "sdt_h_nano"                 # any timm model; sdt registers sdt_h_* and rmt_*
+    num_classes: Optional[int] = None        # None: the dataset's class count
+    in_chans: Optional[int] = None           # None: the dataset's channel count
+    drop_path_rate: Optional[float] = None   # None: the model's default
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # more timm.create_model arguments
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Task
+
+
+@torch.no_grad()
+def classification_counts(model: nn.Module, loader: DataLoader, num_classes: int, dist_info: DistInfo) -> Dict[str, Any]:
+    """Confusion matrix (K, K) [true, predicted], top-5 hits, summed cross-entropy, image count and
+    forward-pass seconds over ``loader``, summed across processes."""
+    was_training = model.training
+    model.eval()
+    device = dist_info.device
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # top-5 hits, loss sum, skipped
+    forward_seconds = 0.0
+    for batch in loader:
+        sums[2] += batch.skipped
+        if len(batch.images) == 0:
+            continue
+        images, targets = batch.images.to(device), batch.targets.to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        logits = model(images).float()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        forward_seconds += time.perf_counter() - start
+        confusion += torch.bincount(targets * num_classes + logits.argmax(1), minlength=num_classes ** 2).view(num_classes, num_classes)
+        top5 = logits.topk(min(5, num_classes), dim=1).indices
+        sums[0] += (top5 == targets[:, None]).any(1).sum()
+        sums[1] += F.cross_entropy(logits, targets, reduction="sum")
+    all_reduce_sum(confusion, dist_info)
+    all_reduce_sum(sums, dist_info)
+    model.train(was_training)
+    return {"confusion": confusion.cpu(), "top5_hits": sums[0].item(), "loss_sum": sums[1].item(),
+            "skipped": int(sums[2].item()), "count": int(confusion.sum()), "forward_seconds": forward_seconds}
+
+
+def summarize(counts: Dict[str, Any]) -> Dict[str, float]:
+    """top1 / top5 in percent and mean loss from ``classification_counts``."""
+    n = max(counts["count"], 1)
+    return {"top1": 100.0 * counts["confusion"].diag().sum().item() / n, "top5": 100.0 * counts["top5_hits"] / n,
+            "loss": counts["loss_sum"] / n}
+
+
+class ClassificationTask:
+    """Cross-entropy with timm's Mixup/CutMix (SoftTargetCrossEntropy) or label smoothing."""
+    metric = "top1"
+
+    def __init__(self, num_classes: int, aug: AugConfig):
+        from timm.data import Mixup
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+        self.num_classes = num_classes
+        self.mixup = None
+        if aug.mixup > 0 or aug.cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mixup_prob,
+                               label_smoothing=aug.smoothing, num_classes=num_classes)
+            self.criterion: nn.Module = SoftTargetCrossEntropy()
+        elif aug.smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(aug.smoothing)
+        else:
+            self.criterion = nn.CrossEntropyLoss()
+
+    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        images, targets = batch.images, batch.targets
+        if self.mixup is not None:
+            if len(images) % 2:  # Mixup pairs images; a batch shortened by a skipped image may be odd
+                images, targets = images[:-1], targets[:-1]
+            images, targets = self.mixup(images, targets)
+        return self.criterion(model(images), targets)
+
+    def evaluate(self, model: nn.Module, loader: DataLoader, dist_info: DistInfo) -> Dict[str, float]:
+        return summarize(classification_counts(model, loader, self.num_classes, dist_info))
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks shared by train and eval
+
+
+def create_model(cfg: ModelConfig, num_classes: int, in_chans: int) -> nn.Module:
+    kwargs = dict(cfg.kwargs)
+    if cfg.drop_path_rate is not None:
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
+    try:
+        return timm.create_model(cfg.name, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ConfigError(f"unknown model {cfg.name!r}; `sdt models` lists this package's models") from e
+        raise
+
+
+def model_stride(model: nn.Module) -> int:
+    """Total downsampling of the model (the smallest image side it accepts)."""
+    info = getattr(model, "feature_info", None)
+    return info[-1]["reduction"] if info else 1
+
+
+def resolve_in_chans(cfg: TrainConfig) -> int:
+    """model.in_chans checked against the data's channels (or the data's, when unset)."""
+    channels = num_channels(cfg.data, cfg.model.in_chans or 3)
+    if cfg.model.in_chans is not None and cfg.model.in_chans != channels:
+        raise DataError(f"{cfg.data.dataset} images have {channels} channel(s) but model.in_chans={cfg.model.in_chans}; "
+                        f"set model.in_chans={channels} (or leave it unset)")
+    return channels
+
+
+def resolve_num_classes(cfg: TrainConfig, classes: List[str]) -> int:
+    """model.num_classes checked against the data's classes (or their count, when unset)."""
+    if cfg.model.num_classes is not None and cfg.model.num_classes < len(classes):
+        raise DataError(f"the dataset has {len(classes)} classes but model.num_classes={cfg.model.num_classes}; "
+                        f"set model.num_classes={len(classes)} (or leave it unset)")
+    return cfg.model.num_classes or len(classes)
+
+
+def _datasets(cfg: TrainConfig, in_chans: int, splits: List[str], input_size: Optional[int] = None) -> Dict[str, ImageSamples]:
+    out = {}
+    for split in splits:
+        training = split == "train"
+        transform = build_transform(cfg.data, cfg.aug if training else None, in_chans, input_size)
+        out[split] = ImageSamples(raw_dataset(cfg.data, split, in_chans), transform,
+                                  seed=cfg.engine.seed if training else None, strict=cfg.data.strict_images)
+    return out
+
+
+def _test_split(cfg: DataConfig) -> str:
+    """Fashion-MNIST has a test set; an image folder uses test/ if present, else val/."""
+    if cfg.dataset == "folder" and not (Path(cfg.data_dir) / "test").is_dir():
+        return "val"
+    return "test"
+
+
+def _broadcast(value: Any, dist_info: DistInfo) -> Any:
+    if not dist_info.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# sdt train
+
+
+def train(cfg: TrainConfig, output_dir: Optional[str] = None, resume: Optional[str] = None) -> Dict[str, Any]:
+    """Train a classifier as ``cfg`` says, then evaluate the best weights on the test split.
+
+    ``resume``: ``"auto"`` (the newest checkpoint of ``output_dir``) or a checkpoint folder; the run
+    then continues with the config saved in ``output_dir``. Returns the run summary (also in report.md).
+    """
+    resume_from = None
+    if resume is not None:
+        if output_dir is None:
+            raise ConfigError("--resume needs the --output folder of the run to continue")
+        check_output_dir(Path(output_dir), resume=True)
+        resume_from = find_last_checkpoint(Path(output_dir)) if resume == "auto" else Path(resume)
+        cfg = load_config(TrainConfig, str(Path(output_dir) / "config.yaml"))
+    info = setup_distributed(cfg.engine.device)
+    if cfg.engine.threads:
+        torch.set_num_threads(cfg.engine.threads)
+    if output_dir is None:
+        output_dir = _broadcast(f"runs/{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}", info)
+    out = Path(output_dir)
+
+    # Everything that can be wrong with the data or model fails here, before any file is written.
+    cfg.model.in_chans = resolve_in_chans(cfg)
+    datasets = _datasets(cfg, cfg.model.in_chans, ["train", "val"])
+    cfg.model.num_classes = resolve_num_classes(cfg, datasets["train"].classes)
+    torch.manual_seed(cfg.engine.seed)
+    model = create_model(cfg.model, cfg.model.num_classes, cfg.model.in_chans)
+    for ds in datasets.values():
+        check_images(ds, cfg.model.in_chans, cfg.model.num_classes, model_stride(model))
+    check_engine_config(cfg.engine, info, len(datasets["train"]))
+    check_output_dir(out, resume is not None)
+    if info.distributed:
+        dist.barrier()  # every rank has checked the folder before rank 0 writes to it
+    if info.is_main and resume is None:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    if info.distributed:
+        dist.barrier()
+    setup_logging(out, info.is_main)
+
+    input_shape = (cfg.model.in_chans, cfg.data.input_size, cfg.data.input_size)
+    params, flops = count_params(model), count_flops(model, input_shape)
+    _logger.info("model %s: %.2fM parameters, %.1f MMACs at %s; %d processes on %s; output %s",
+                 cfg.model.name, params / 1e6, flops / 1e6, "x".join(map(str, input_shape[1:])),
+                 info.world_size, info.device, out)
+    _logger.info("data %s: %d train / %d val images", cfg.data.dataset, len(datasets["train"]), len(datasets["val"]))
+    wall_start = time.perf_counter()
+    task = ClassificationTask(cfg.model.num_classes, cfg.aug)
+    trainer = Trainer(cfg.engine, model, task, datasets["train"], datasets["val"], out, info,
+                      workers=cfg.data.workers, resume_from=resume_from)
+    summary = trainer.fit()
+    train_wall = time.perf_counter() - wall_start
+
+    # Test: the best validation weights, on the held-out test split.
+    test_split = _test_split(cfg.data)
+    test_set = _datasets(cfg, cfg.model.in_chans, [test_split])[test_split]
+    if info.distributed:
+        dist.barrier()
+    best_path = out / "best.safetensors"
+    load_into(trainer.model, load_weights(best_path), best_path)
+    counts = classification_counts(trainer.model, eval_loader(test_set, trainer.batch_size_per_rank, cfg.data.workers, info),
+                                   cfg.model.num_classes, info)
+    test = summarize(counts)
+    summary.update(model=cfg.model.name, params=params, flops=flops, input_size=cfg.data.input_size,
+                   test_split=test_split, test=test, test_images_per_s=counts["count"] / max(counts["forward_seconds"], 1e-9),
+                   wall_seconds=train_wall, processes=info.world_size)
+    if info.is_main:
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+        last_val = [r for r in records if r["kind"] == "val"][-1]
+        summary["final_val"] = {k: v for k, v in last_val.items() if k not in ("kind", "step", "epoch")}
+        plot_curves(out / "metrics.jsonl", out / "curves.png", task.metric)
+        atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+        atomic_write(out / "report.md", render_report(summary, cfg))
+        _logger.info("done: best val top-1 %.2f%% (epoch %d, %s), test top-1 %.2f%%, report %s",
+                     summary["best"]["value"], summary["best"]["epoch"], summary["best"]["source"], test["top1"], out / "report.md")
+    return summary
+
+
+def render_report(s: Dict[str, Any], cfg: TrainConfig) -> str:
+    final = s["final_val"]
+    rows = [
+        ("model", f"`{s['model']}` ({s['params'] / 1e6:.2f}M parameters, {s['flops'] / 1e6:.1f} MMACs at {s['input_size']}x{s['input_size']})"),
+        ("data", f"{cfg.data.dataset} {cfg.data.data_dir or ''}".strip()),
+        ("epochs / global batch / processes", f"{cfg.engine.epochs} / {cfg.engine.batch_size} / {s['processes']}"),
+        ("final val top-1 (model)", f"{final['top1']:.2f}%"),
+    ]
+    if "ema_top1" in final:
+        rows.append(("final val top-1 (EMA)", f"{final['ema_top1']:.2f}%"))
+    rows += [
+        ("best val top-1", f"{s['best']['value']:.2f}% (epoch {s['best']['epoch']}, {s['best']['source']} weights)"),
+        (f"{s['test_split']} top-1 / top-5 / loss (best weights)", f"{s['test']['top1']:.2f}% / {s['test']['top5']:.2f}% / {s['test']['loss']:.4f}"),
+        ("wall time (train + val, this segment)", f"{s['wall_seconds'] / 60:.1f} min"),
+        ("training throughput", f"{s['train_images_per_s']:.0f} images/s"),
+        ("inference throughput", f"{s['test_images_per_s']:.0f} images/s"),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"# Training report\n\n| | |\n|---|---|\n{table}\n\n![curves](curves.png)\n\nConfig: `config.yaml`; metrics: `metrics.jsonl`, `tb/`.\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# sdt eval
+
+
+def _run_dir_of(checkpoint: Path) -> Optional[Path]:
+    for candidate in (checkpoint, checkpoint.parent, checkpoint.parent.parent, checkpoint.parent.parent.parent):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    return None
+
+
+def evaluate_checkpoint(checkpoint: str, model: Optional[str] = None, dataset: Optional[str] = None,
+                        data_dir: Optional[str] = None,
+                        split: str = "test", input_size: Optional[int] = None, batch_size: int = 256,
+                        output_dir: Optional[str] = None, use_ema: bool = False) -> Dict[str, Any]:
+    """Top-1/top-5/loss, per-class accuracy, confusion-matrix PNG and throughput of a checkpoint.
+
+    ``checkpoint``: a run folder (its best.safetensors), a checkpoint folder (its model or EMA
+    weights) or a .safetensors file. Model and data default to the run's config.yaml when there is
+    one; ``input_size`` may differ from training (the models accept any resolution).
+    """
+    path = Path(checkpoint)
+    run_dir = _run_dir_of(path)
+    cfg = load_config(TrainConfig, str(run_dir / "config.yaml")) if run_dir else TrainConfig()
+    if path.is_dir():
+        path = path / ("best.safetensors" if (path / "best.safetensors").is_file() else
+                       "ema.safetensors" if use_ema else "model.safetensors")
+    if model is not None:
+        cfg.model.name = model
+    if dataset is not None:
+        cfg.data.dataset = dataset
+    if data_dir is not None:
+        cfg.data.data_dir = data_dir
+    if run_dir is None and model is None:
+        raise ConfigError(f"{checkpoint} is not inside a training run (no config.yaml); pass --model")
+    weights = load_weights(path)
+    info = setup_distributed("auto")
+    size = input_size or cfg.data.input_size
+    in_chans = resolve_in_chans(cfg)
+    test_set = _datasets(cfg, in_chans, [split], size)[split]
+    num_classes = resolve_num_classes(cfg, test_set.classes)
+    net = create_model(cfg.model, num_classes, in_chans).to(info.device)
+    load_into(net, weights, path)
+    check_images(test_set, in_chans, num_classes, model_stride(net))
+    counts = classification_counts(net, eval_loader(test_set, batch_size, cfg.data.workers, info), num_classes, info)
+    confusion = counts["confusion"]
+    per_class = (confusion.diag().double() / confusion.sum(1).clamp(min=1)).mul(100).tolist()
+    result = {"checkpoint": str(path), "model": cfg.model.name, "split": split, "input_size": size,
+              **summarize(counts), "images": counts["count"], "skipped": counts["skipped"],
+              "images_per_s": counts["count"] / max(counts["forward_seconds"], 1e-9), "batch_size": batch_size,
+              "per_class": dict(zip(test_set.classes, per_class)), "confusion": confusion.tolist()}
+    if info.is_main:
+        out = Path(output_dir) if output_dir else (run_dir or path.parent) / f"eval-{split}-{size}px"
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "eval.json", json.dumps(result, indent=2))
+        plot_confusion(confusion, test_set.classes, out / "confusion.png", f"{cfg.model.name} {split} @{size}px")
+        result["output_dir"] = str(out)
+    return result
+
+
+def plot_confusion(confusion: Tensor, classes: List[str], path: Path, title: str) -> None:
+    """Row-normalised confusion matrix (true class per row) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(classes)
+    norm = confusion.double() / confusion.sum(1, keepdim=True).clamp(min=1)
+    fig, ax = plt.subplots(figsize=(max(5, 0.5 * k + 2), max(4, 0.5 * k + 1.5)))
+    im = ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if k <= 30:
+        ax.set_xticks(range(k), classes, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(k), classes, fontsize=8)
+        for i in range(k):
+            for j in range(k):
+                if confusion[i, j]:
+                    ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def format_eval(result: Dict[str, Any]) -> str:
+    lines = [f"{result['model']} on {result['split']} at {result['input_size']}px ({result['images']} images, "
+             f"{result['skipped']} skipped): top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+             f"loss {result['loss']:.4f}  {result['images_per_s']:.0f} images/s (batch {result['batch_size']})",
+             "", "| class | accuracy |", "|---|---:|"]
+    lines += [f"| {name} | {acc:.2f}% |" for name, acc in result["per_class"].items()]
+    if "output_dir" in result:
+        lines += ["", f"written: {result['output_dir']}/eval.json, confusion.png"]
+    return "\n".join(lines)

@@ -1,0 +1,210 @@
+"""End-to-end training: outputs, errors before any file is written, checkpoint safety, exact resume
+after SIGKILL, and 2-process DDP against 1 process."""
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import tiny_overrides
+from sdt.cli import main
+from sdt.config import ConfigError
+from sdt.engine import (CheckpointError, DistInfo, EngineConfig, check_engine_config, checkpoint_dirs,
+                        load_train_state, load_weights)
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def _train_args(output: Path, overrides: List[str]) -> List[str]:
+    return ["train", "--recipe", "quick", "--output", str(output)] + [a for o in overrides for a in ("-o", o)]
+
+
+def _snapshot(folder: Path) -> Dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _sdt(args: List[str], **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "sdt.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def _final_weights(run: Path) -> Dict[str, torch.Tensor]:
+    last = checkpoint_dirs(run)[-1]
+    return {**load_file(str(last / "model.safetensors")),
+            **{"ema." + k: v for k, v in load_file(str(last / "ema.safetensors")).items()}}
+
+
+def _val_records(run: Path) -> List[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "val"]
+
+
+def test_train_writes_a_complete_run_and_eval_works_at_another_resolution(fake_fmnist: Path, tmp_path: Path, capsys):
+    run = tmp_path / "run"
+    # bf16 autocast and gradient checkpointing on, to run those paths too
+    overrides = tiny_overrides(fake_fmnist, **{"engine.ema_decay": "0.9", "data.workers": "1", "engine.amp": "bf16",
+                                               "engine.grad_checkpointing": "true"})
+    assert main(_train_args(run, overrides)) == 0
+    for name in ("config.yaml", "metrics.jsonl", "train.log", "best.safetensors", "curves.png", "report.md", "summary.json"):
+        assert (run / name).is_file(), name
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["global_step"] == 2 * (160 // 16)
+    assert 0 <= summary["test"]["top1"] <= 100 and summary["test"]["top5"] >= summary["test"]["top1"]
+    report = (run / "report.md").read_text()
+    assert f"{summary['test']['top1']:.2f}%" in report and "parameters" in report and "images/s" in report
+    vals = _val_records(run)
+    assert len(vals) == 2 and {"top1", "top5", "loss", "ema_top1"} <= set(vals[0])
+    # the resolved config has the dataset's shape filled in
+    assert "num_classes: 10" in (run / "config.yaml").read_text() and "in_chans: 1" in (run / "config.yaml").read_text()
+    # retention: ckpt every 3 steps + epoch ends, only the newest 2 kept
+    assert [p.name for p in checkpoint_dirs(run)] == ["step-00000018", "step-00000020"]
+
+    capsys.readouterr()
+    assert main(["eval", str(run), "--input-size", "24", "--batch-size", "32"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((run / "eval-test-24px" / "eval.json").read_text())
+    assert result["input_size"] == 24 and result["images"] == 60 and len(result["per_class"]) == 10
+    assert (run / "eval-test-24px" / "confusion.png").stat().st_size > 1000
+    assert f"top-1 {result['top1']:.2f}%" in printed
+    assert sum(map(sum, result["confusion"])) == 60
+
+
+def test_help_lists_the_subcommands_and_recipes(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--recipe" in text and "--resume" in text and "torchrun" in text and "quick" in text
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "--input-size" in capsys.readouterr().out
+
+
+def test_bad_setup_fails_before_writing_anything(fake_fmnist: Path, tmp_path: Path, capsys):
+    run = tmp_path / "run"
+    assert main(_train_args(run, tiny_overrides(fake_fmnist, **{"model.in_chans": "3"}))) == 2
+    assert "images have 1 channel(s) but model.in_chans=3" in capsys.readouterr().err
+    assert main(_train_args(run, tiny_overrides(fake_fmnist, **{"data.input_size": "8"}))) == 2
+    assert "total stride is 16" in capsys.readouterr().err
+    assert main(_train_args(run, tiny_overrides(tmp_path / "nowhere"))) == 2
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_existing_run_is_never_overwritten_and_bad_checkpoints_are_named(fake_fmnist: Path, tmp_path: Path, capsys):
+    run = tmp_path / "run"
+    overrides = tiny_overrides(fake_fmnist, **{"engine.epochs": "1", "engine.ema_decay": "0.9"})
+    assert main(_train_args(run, overrides)) == 0
+    before = _snapshot(run)
+    assert main(_train_args(run, overrides)) == 2
+    assert "already holds files; pass --resume" in capsys.readouterr().err
+    assert _snapshot(run) == before
+
+    last = checkpoint_dirs(run)[-1]
+    # truncated weights
+    weights = (last / "model.safetensors").read_bytes()
+    (last / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_weights(last / "model.safetensors")
+    assert main(["train", "--output", str(run), "--resume"]) == 2
+    assert "not a readable safetensors file" in capsys.readouterr().err
+    # foreign weights: a different model's state dict
+    save_file({"fc.weight": torch.zeros(2, 2)}, str(last / "model.safetensors"))
+    assert main(["train", "--output", str(run), "--resume"]) == 2
+    assert "does not fit this model" in capsys.readouterr().err
+    # truncated and foreign training state; a pickle that would run code is refused, not executed
+    state = (last / "state.pt").read_bytes()
+    (last / "state.pt").write_bytes(state[:100])
+    with pytest.raises(CheckpointError, match="cannot load training state"):
+        load_train_state(last)
+    torch.save({"something": "else"}, last / "state.pt")
+    with pytest.raises(CheckpointError, match="not an sdt training state"):
+        load_train_state(last)
+    torch.save({"format": "x", "evil": Path("/")}, last / "state.pt")
+    with pytest.raises(CheckpointError, match="cannot load training state"):
+        load_train_state(last)
+    assert main(["train", "--output", str(tmp_path / "empty"), "--resume"]) == 2
+    assert "holds no run" in capsys.readouterr().err
+
+
+def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(fake_fmnist: Path, tmp_path: Path):
+    # 3 epochs x 10 steps, a checkpoint every 3 steps, one loader worker, EMA and augmentation on:
+    # every source of randomness the loop has (augmentation, drop path, Mixup, workers) is exercised.
+    overrides = tiny_overrides(fake_fmnist, **{
+        "engine.epochs": "3", "engine.ema_decay": "0.9", "data.workers": "1", "model.drop_path_rate": "0.1",
+        "aug.mixup": "0.2", "aug.cutmix": "0.2", "aug.reprob": "0.25", "engine.keep_checkpoints": "50"})
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    ref = _sdt(_train_args(reference, overrides))
+    victim = _sdt(_train_args(killed, overrides))
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step-00000012").is_dir():  # mid-epoch 2
+        assert victim.poll() is None and time.time() < deadline, victim.stdout.read()
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    assert not (killed / "report.md").exists()
+    done_steps = max(int(p.name.split("-")[1]) for p in checkpoint_dirs(killed))
+    assert done_steps < 30, "the run finished before it could be killed"
+
+    resumed = _sdt(["train", "--output", str(killed), "--resume"])
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert f"global step {done_steps})" in out
+    ref_out, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, ref_out
+
+    a, b = _final_weights(reference), _final_weights(killed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    assert _val_records(reference) == _val_records(killed)
+    ref_train = [r for r in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    got_train = [r for r in map(json.loads, (killed / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    assert [(r["step"], r["loss"]) for r in ref_train] == [(r["step"], r["loss"]) for r in got_train]
+
+
+def test_two_processes_reach_the_weights_of_one(fake_fmnist: Path, tmp_path: Path):
+    # Same global batch (16): 1 process x 16 vs 2 processes x 8 (gloo). The model is a LayerNorm-only
+    # timm ViT: BatchNorm statistics depend on the per-process batch, and torch's SyncBatchNorm is
+    # CUDA-only, so BatchNorm models match only on GPUs with engine.sync_bn. Nothing stochastic
+    # depends on the batch split here (no drop path, no Mixup); only the order of float sums differs.
+    overrides = tiny_overrides(fake_fmnist, **{
+        "model.name": "vit_tiny_patch16_224", "model.kwargs": "{img_size: 16, patch_size: 4, embed_dim: 16, depth: 1, num_heads: 1}",
+        "engine.epochs": "1", "engine.ema_decay": "0.9", "aug.reprob": "0.25"})
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = _sdt(_train_args(one, overrides))
+    env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1")
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+                          "-m", "sdt.cli", *_train_args(two, overrides)], env=env, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stdout + ddp.stderr
+    out, _ = single.communicate(timeout=300)
+    assert single.returncode == 0, out
+    a, b = _final_weights(one), _final_weights(two)
+    assert a.keys() == b.keys()
+    worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    print(f"2 processes vs 1: max |weight difference| {worst:.3g}")
+    assert worst < 1e-5, worst
+    va, vb = _val_records(one)[-1], _val_records(two)[-1]
+    assert va["top1"] == vb["top1"] and va["loss"] == pytest.approx(vb["loss"], abs=1e-5)
+    assert "2 processes" in (two / "train.log").read_text()
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(sync_bn=True), "SyncBatchNorm is CUDA-only"),
+    (dict(batch_size=15), "must be divisible by the number of processes"),
+    (dict(amp="fp16"), "fp16 needs a GPU"),
+    (dict(batch_size=1000), "smaller than one batch"),
+])
+def test_engine_settings_that_cannot_work_are_config_errors(change, message):
+    cfg = dataclasses.replace(EngineConfig(batch_size=16), **change)
+    with pytest.raises(ConfigError, match=message):
+        check_engine_config(cfg, DistInfo(rank=0, world_size=2), num_train=100)
