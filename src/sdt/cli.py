@@ -164,7 +164,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import ConfigError, load_config
     from .train import TrainConfig, train
 
     overrides = list(args.override)
@@ -174,11 +174,11 @@ def run_train(args: argparse.Namespace) -> int:
             overrides.append(f"{key}={getattr(args, flag)}")
     if args.resume is not None:
         if args.recipe or overrides:
-            raise SystemExit("error: --resume continues a run with its saved config; drop --recipe and overrides")
+            raise ConfigError("--resume continues a run with its saved config; drop --recipe and overrides")
         cfg = None
     else:
         if not args.recipe:
-            raise SystemExit("error: choose a recipe, e.g. --recipe quick (recipes: quick, fashion-mnist, imagenet)")
+            raise ConfigError("choose a recipe, e.g. --recipe quick (recipes: quick, fashion-mnist, imagenet)")
         cfg = load_config(TrainConfig, args.recipe, overrides)
     train(cfg or TrainConfig(), args.output, args.resume)
     return 0
