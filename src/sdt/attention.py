@@ -65,7 +65,8 @@ def apply_rotary(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
 
 @torch.jit.unused
 def _gate_logits_eager(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    # meta tensors (shape-only FLOP counting) have no autocast state; CPU's is equivalent there
+    with torch.autocast(device_type="cpu" if x.device.type == "meta" else x.device.type, enabled=False):
         return F.linear(x.float(), weight.float(), bias.float())
 
 

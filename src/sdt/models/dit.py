@@ -254,9 +254,10 @@ DIT_SIZES: Dict[str, Dict[str, int]] = {
     "t": dict(depth=6, hidden_size=128, num_heads=4),
     "n": dict(depth=4, hidden_size=96, num_heads=4),
 }
+_SMALL_SIZES = ("t", "n")
 DIT_CONFIGS: Dict[str, Dict[str, int]] = {
     f"dit_{size}_{patch}": dict(DIT_SIZES[size], patch_size=patch)
-    for size in DIT_SIZES for patch in (2, 4, 8)
+    for size in DIT_SIZES for patch in ((2, 4) if size in _SMALL_SIZES else (2, 4, 8))  # 8 does not divide 28
 }
 # Defaults for the CPU sizes: Fashion-MNIST-like images, pixel space, fixed variance.
 _SMALL_DEFAULTS = dict(input_size=28, in_channels=1, num_classes=10, learn_sigma=False)
@@ -277,7 +278,7 @@ def create_dit(name: str, **kwargs: Any) -> DiT:
     if key not in DIT_CONFIGS:
         raise ValueError(f"unknown DiT config {name!r}; choose one of {list_dits()}")
     args: Dict[str, Any] = dict(DIT_CONFIGS[key])
-    if key.split("_")[1] in ("n", "t"):
+    if key.split("_")[1] in _SMALL_SIZES:
         args.update(_SMALL_DEFAULTS)
     args.update(kwargs)
     return DiT(**args)
