@@ -193,3 +193,18 @@ def test_bad_arguments_name_the_fix():
         create_objective("ddpm").sample(lambda *a: a[0], torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long), "heun")
     with pytest.raises(ValueError, match="num_steps"):
         create_objective("ddpm").respace(0)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_clip_denoised_keeps_pixels_in_range(sampler):
+    """Clamping the predicted x_0 bounds the sample to [-1, 1] even for a bad model; exact data is unaffected."""
+    diffusion = GaussianDiffusion(linear_betas())
+    bad = lambda x, t, y: 5 * torch.ones_like(x)  # noqa: E731
+    noise = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(3, dtype=torch.long)
+    out = diffusion.sample(bad, noise, y, sampler, 10, torch.Generator().manual_seed(1), clip_denoised=True)
+    assert out.abs().max() <= 1 + 1e-5
+    assert diffusion.sample(bad, noise, y, sampler, 10, torch.Generator().manual_seed(1)).abs().max() > 10
+    x0 = torch.rand(3, 1, 4, 4) * 2 - 1
+    out = diffusion.sample(_perfect_eps(diffusion, x0), noise, y, sampler, 10, torch.Generator().manual_seed(1), clip_denoised=True)
+    torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)

@@ -119,8 +119,12 @@ class GaussianDiffusion:
         return (x_t - (1.0 - abar).sqrt() * eps) / abar.sqrt()
 
     # reverse process
-    def p_mean_variance(self, model_fn: ModelFn, x: Tensor, t: Tensor, y: Tensor) -> Dict[str, Tensor]:
-        """The model's p(x_{t-1} | x_t): mean, log variance, predicted x_0 and epsilon."""
+    def p_mean_variance(self, model_fn: ModelFn, x: Tensor, t: Tensor, y: Tensor, clip_denoised: bool = False) -> Dict[str, Tensor]:
+        """The model's p(x_{t-1} | x_t): mean, log variance, predicted x_0 and epsilon.
+
+        ``clip_denoised`` clamps the predicted x_0 to [-1, 1] (pixel-space data, as ADM) and re-derives epsilon
+        from it; without it, early steps (abar_t ~ 4e-5 at t = 999) amplify epsilon errors ~150x into x_0.
+        """
         out = model_fn(x, self.timestep_map.to(x.device)[t], y)
         channels = x.shape[1]
         if self.learn_sigma:
@@ -135,6 +139,10 @@ class GaussianDiffusion:
             eps = out[:, :channels]
             log_variance = _gather(self.posterior_log_variance_clipped, t, x.ndim).expand_as(x)
         x_start = self.predict_start_from_eps(x, t, eps)
+        if clip_denoised:
+            x_start = x_start.clamp(-1, 1)
+            abar = _gather(self.alphas_cumprod, t, x.ndim)
+            eps = (x - abar.sqrt() * x_start) / (1 - abar).sqrt()
         mean, _ = self.q_posterior(x_start, x, t)
         return dict(mean=mean, log_variance=log_variance, x_start=x_start, eps=eps)
 
@@ -165,12 +173,13 @@ class GaussianDiffusion:
         return terms
 
     @torch.no_grad()
-    def ddpm_sample(self, model_fn: ModelFn, noise: Tensor, y: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    def ddpm_sample(self, model_fn: ModelFn, noise: Tensor, y: Tensor, generator: Optional[torch.Generator] = None,
+                    clip_denoised: bool = False) -> Tensor:
         """Ancestral sampling over every step of this process (respace first for fewer steps). -> x_0 (B, C, H, W)."""
         x = noise
         for i in reversed(range(self.num_timesteps)):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            p = self.p_mean_variance(model_fn, x, t, y)
+            p = self.p_mean_variance(model_fn, x, t, y, clip_denoised)
             if i > 0:
                 z = torch.randn(x.shape, generator=generator, device=x.device)
                 x = p["mean"] + torch.exp(0.5 * p["log_variance"]) * z
@@ -180,12 +189,12 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def ddim_sample(self, model_fn: ModelFn, noise: Tensor, y: Tensor, eta: float = 0.0,
-                    generator: Optional[torch.Generator] = None) -> Tensor:
+                    generator: Optional[torch.Generator] = None, clip_denoised: bool = False) -> Tensor:
         """DDIM (Song et al. 2021) over every step of this process; eta = 0 is deterministic. -> x_0."""
         x = noise
         for i in reversed(range(self.num_timesteps)):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            p = self.p_mean_variance(model_fn, x, t, y)
+            p = self.p_mean_variance(model_fn, x, t, y, clip_denoised)
             abar = _gather(self.alphas_cumprod, t, x.ndim)
             abar_prev = _gather(self.alphas_cumprod_prev, t, x.ndim)
             sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
@@ -195,13 +204,13 @@ class GaussianDiffusion:
         return x
 
     def sample(self, model_fn: ModelFn, noise: Tensor, y: Tensor, sampler: str = "ddim", num_steps: int = 50,
-               generator: Optional[torch.Generator] = None) -> Tensor:
+               generator: Optional[torch.Generator] = None, clip_denoised: bool = False) -> Tensor:
         """Respace to ``num_steps`` and run "ddpm" or "ddim" (eta 0)."""
         process = self.respace(num_steps)
         if sampler == "ddpm":
-            return process.ddpm_sample(model_fn, noise, y, generator)
+            return process.ddpm_sample(model_fn, noise, y, generator, clip_denoised)
         if sampler == "ddim":
-            return process.ddim_sample(model_fn, noise, y, generator=generator)
+            return process.ddim_sample(model_fn, noise, y, generator=generator, clip_denoised=clip_denoised)
         raise ValueError(f"sampler {sampler!r} does not fit the DDPM objective; choose 'ddpm' or 'ddim'")
 
 
@@ -240,8 +249,12 @@ class FlowMatching:
 
     @torch.no_grad()
     def sample(self, model_fn: ModelFn, noise: Tensor, y: Tensor, sampler: str = "heun", num_steps: int = 50,
-               generator: Optional[torch.Generator] = None) -> Tensor:
-        """Integrate dx/dt = v(x, t) from t = 0 (noise) to 1 (data) with "euler" or "heun" on a uniform grid."""
+               generator: Optional[torch.Generator] = None, clip_denoised: bool = False) -> Tensor:
+        """Integrate dx/dt = v(x, t) from t = 0 (noise) to 1 (data) with "euler" or "heun" on a uniform grid.
+
+        ``clip_denoised`` is accepted for the same interface as ``GaussianDiffusion.sample``; the ODE has no
+        intermediate x_0 estimate to clip (the caller clamps the output to the data range).
+        """
         if sampler not in ("euler", "heun"):
             raise ValueError(f"sampler {sampler!r} does not fit flow matching; choose 'euler' or 'heun'")
         channels = noise.shape[1]

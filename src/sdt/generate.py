@@ -182,7 +182,8 @@ def sample_images(model: DiT, objective_name: str, labels: Tensor, seed: int = 0
         y = labels[first:first + batch_size]
         generator = torch.Generator().manual_seed(seed * 1_000_003 + first)
         noise = torch.randn(len(y), model.in_channels, height, width, generator=generator)
-        out.append(model_to_images(objective.sample(model_fn, noise, y, sampler, num_steps, generator)))
+        samples = objective.sample(model_fn, noise, y, sampler, num_steps, generator, clip_denoised=True)  # pixels in [-1, 1]
+        out.append(model_to_images(samples))
     return torch.cat(out)
 
 
