@@ -81,13 +81,18 @@ def main() -> None:
                 print(f"epoch {epoch} step {step}/{steps_per_epoch} loss {loss.item():.4f} "
                       f"{(epoch * steps_per_epoch + step + 1) * args.batch_size / (time.time() - start):.0f} img/s", flush=True)
         print(f"epoch {epoch} test accuracy {evaluate(model, test_x, test_y):.4f} ({time.time() - start:.0f}s)", flush=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = args.out + ".tmp"
-    save_file(state, tmp, metadata={"model": "sdt_h_nano", "in_chans": "1", "num_classes": "10",
-                                    "test_accuracy": f"{evaluate(model, test_x, test_y):.4f}", "epochs": str(args.epochs), "steps": str(total),
-                                    "batch_size": str(args.batch_size), "lr": str(args.lr)})
-    os.replace(tmp, args.out)
+    save_half(model.state_dict(), args.out, {
+        "model": "sdt_h_nano", "in_chans": "1", "num_classes": "10", "epochs": str(args.epochs), "steps": str(total),
+        "batch_size": str(args.batch_size), "lr": str(args.lr)})
     print(f"saved {args.out}")
+
+
+def save_half(state: dict, path: str, metadata: dict) -> None:
+    """Write floating-point tensors as float16 (half the size; timm casts back to float32 on load), atomically."""
+    state = {k: (v.half() if v.is_floating_point() else v).detach().contiguous() for k, v in state.items()}
+    tmp = path + ".tmp"
+    save_file(state, tmp, metadata=metadata)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ def test_shipped_extractor_loads_offline_and_classifies():
     assert extractor(images[:2]).shape == (2, extractor.num_features)
 
 
+@pytest.mark.slow  # ~80 s on the shared 2-core machine (2000 extractor forwards)
 def test_fid_separates_data_from_noise():
     extractor = in_domain_extractor()
     images, _ = load_fashion_mnist("test")
