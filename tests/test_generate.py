@@ -66,6 +66,8 @@ def test_sampling_is_seeded_and_batch_independent(tmp_path):
 def test_shipped_extractor_loads_offline_and_classifies():
     model = timm.create_model("sdt_h_nano.fmnist_extractor", pretrained=True)
     assert (model.in_chans, model.num_classes) == (1, 10)
+    plain = timm.create_model("sdt_h_nano")  # the shipped tag must not become the architecture's default
+    assert (plain.in_chans, plain.num_classes) == (3, 1000)
     extractor = ClassifierFeatures(model)
     images, labels = load_fashion_mnist("test")
     assert conditional_accuracy(extractor, images[:500], labels[:500]) > 0.8

@@ -494,6 +494,10 @@ default_cfgs = generate_default_cfgs({
     "rmt_base": _cfg(),
     "rmt_large": _cfg(),
 })
+# timm makes the first tag with weights the default, which would turn plain "sdt_h_nano" into the
+# 1-channel 10-class extractor; keep the untagged (ImageNet-shaped, random-init) config the default.
+default_cfgs["sdt_h_nano"].tags.remove("")
+default_cfgs["sdt_h_nano"].tags.appendleft("")
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> SpatialDecayTransformer:
