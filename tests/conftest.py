@@ -49,3 +49,8 @@ def tiny_overrides(data_dir: Path, **extra: str) -> List[str]:
     }
     values.update(extra)
     return TINY_MODEL + [f"{k}={v}" for k, v in values.items()]
+import torch
+
+# The test machine is small and shared: one intra-op thread avoids OpenMP oversubscription, which
+# made tiny element-wise ops ~50x slower under load.
+torch.set_num_threads(1)

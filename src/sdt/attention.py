@@ -20,7 +20,7 @@ exactly at RMT's decay and learns away from it. alpha is learned per head by def
 (``alpha="learned"``): it lets a head rescale its whole decay without driving the gate into
 logsigmoid's flat tail; ``alpha="fixed"`` keeps it at 1.
 """
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -66,7 +66,8 @@ def apply_rotary(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
 
 @torch.jit.unused
 def _gate_logits_eager(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    # meta tensors (shape-only FLOP counting) have no autocast state; CPU's is equivalent there
+    with torch.autocast(device_type="cpu" if x.device.type == "meta" else x.device.type, enabled=False):
         return F.linear(x.float(), weight.float(), bias.float())
 
 
@@ -161,6 +162,9 @@ class SpatialDecayAttention(nn.Module):
         init_value, heads_range: RMT's per-head decay rates (also the gate's starting point).
         alpha: "learned" (per head, starts at 1) or "fixed" (1).
         backend: attention backend (see ``sdt.backends``), "auto" picks per call.
+        lce_kernel_size: LCE's depthwise kernel; 0 turns LCE off (plain attention output).
+        rotary: rotate q and k by RMT's rotary embedding; False for models that add absolute
+            position embeddings instead (DiT).
     """
 
     def __init__(
@@ -174,6 +178,7 @@ class SpatialDecayAttention(nn.Module):
             alpha: str = "learned",
             backend: str = "auto",
             lce_kernel_size: int = 5,
+            rotary: bool = True,
     ):
         super().__init__()
         if dim % num_heads != 0 or (dim // num_heads) % 2 != 0:
@@ -190,7 +195,8 @@ class SpatialDecayAttention(nn.Module):
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
-        self.lce = nn.Conv2d(dim, dim, lce_kernel_size, padding=lce_kernel_size // 2, groups=dim)
+        self.use_rotary = rotary
+        self.lce = nn.Conv2d(dim, dim, lce_kernel_size, padding=lce_kernel_size // 2, groups=dim) if lce_kernel_size else None
         self.gate = DecayGate(dim, num_heads, decay, init_value, heads_range, alpha)
         self.proj = nn.Linear(dim, dim)
 
@@ -201,14 +207,17 @@ class SpatialDecayAttention(nn.Module):
     def forward(self, x: Tensor, rotary: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         """x: (B, H, W, C); rotary: (sin, cos) from ``rotary_tables`` (built here if None). -> (B, H, W, C)"""
         height, width = x.shape[1], x.shape[2]
-        if rotary is None:
-            rotary = rotary_tables((height, width), self.head_dim, x.device)
-        sin, cos = rotary[0], rotary[1]
         v = self.v(x)
-        lce = self.lce(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        q = apply_rotary(self._heads(self.q(x)), sin, cos)
-        k = apply_rotary(self._heads(self.k(x)), sin, cos)
+        q = self._heads(self.q(x))
+        k = self._heads(self.k(x))
+        if self.use_rotary:
+            if rotary is None:
+                rotary = rotary_tables((height, width), self.head_dim, x.device)
+            q = apply_rotary(q, rotary[0], rotary[1])
+            k = apply_rotary(k, rotary[0], rotary[1])
         rates = self.gate(x)
         out = spatial_decay_attention(q, k, self._heads(v), rates, (height, width), self.layout, self.distance, self.backend)
-        out = out.transpose(1, 2).flatten(2).unflatten(1, (height, width)) + lce
+        out = out.transpose(1, 2).flatten(2).unflatten(1, (height, width))
+        if self.lce is not None:
+            out = out + self.lce(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.proj(out)

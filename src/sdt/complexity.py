@@ -42,14 +42,18 @@ def count_params(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def count_flops(model: nn.Module, input_size: Tuple[int, int, int] = (3, 224, 224)) -> int:
-    """Multiply-adds of one forward pass on a single (C, H, W) image, in eval mode."""
+def count_flops(model: nn.Module, input_size: Tuple[int, int, int] = (3, 224, 224), *extra_inputs: torch.Tensor) -> int:
+    """Multiply-adds of one forward pass on a single (C, H, W) image, in eval mode.
+
+    ``extra_inputs`` follow the image, for models with more inputs (a DiT's timestep and label, each of shape (1,)).
+    Works on the meta device too (counts need shapes only).
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS)
     with counter:
-        model(torch.zeros(1, *input_size, device=device))
+        model(torch.zeros(1, *input_size, device=device), *[t.to(device) for t in extra_inputs])
     model.train(was_training)
     return counter.get_total_flops() // 2
 

@@ -142,6 +142,15 @@ def fashion_mnist(data_dir: Optional[str], split: str, val_size: int) -> ArrayIm
     return ArrayImages(images, labels, FASHION_MNIST_CLASSES)
 
 
+def fashion_mnist_tensors(split: str = "train", data_dir: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """All of Fashion-MNIST's "train" (60k) or "test" (10k) split as tensors, for code that needs no
+    augmentation (generation, FID): images (N, 1, 28, 28) uint8 and labels (N,) int64."""
+    if split not in ("train", "test"):
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    data = fashion_mnist(data_dir, split, val_size=0)
+    return torch.from_numpy(data.images.copy()).unsqueeze(1), torch.from_numpy(data.labels)
+
+
 class FolderImages(Dataset):
     """An ImageFolder / ImageNet-layout split read through timm's ``create_dataset``; opening an
     image may raise (``ImageSamples`` decides whether to skip)."""

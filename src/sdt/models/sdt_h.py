@@ -19,6 +19,7 @@ ceil(s / 2), and masks and rotary tables are built from each stage's actual grid
 
 The model table (parameters, GFLOPs, papers' numbers) is printed by ``sdt models``.
 """
+import os
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -501,9 +502,15 @@ def _cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
 
 
 _nano_cfg = dict(input_size=(3, 64, 64), pool_size=(4, 4), crop_pct=1.0)
+_WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")
 
 default_cfgs = generate_default_cfgs({
     "sdt_h_nano": _cfg(**_nano_cfg),
+    # Shipped with the package: the Fashion-MNIST FID extractor (scripts/train_fid_extractor.py, docs/generation.md).
+    "sdt_h_nano.fmnist_extractor": _cfg(
+        file=os.path.join(_WEIGHTS_DIR, "sdt_h_nano_fmnist.safetensors"), num_classes=10,
+        input_size=(1, 28, 28), pool_size=(2, 2), crop_pct=1.0,
+        mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, license="apache-2.0"),
     "sdt_h_tiny": _cfg(),
     "sdt_h_small": _cfg(),
     "sdt_h_base": _cfg(),
@@ -514,6 +521,10 @@ default_cfgs = generate_default_cfgs({
     "rmt_base": _cfg(),
     "rmt_large": _cfg(),
 })
+# timm makes the first tag with weights the default, which would turn plain "sdt_h_nano" into the
+# 1-channel 10-class extractor; keep the untagged (ImageNet-shaped, random-init) config the default.
+default_cfgs["sdt_h_nano"].tags.remove("")
+default_cfgs["sdt_h_nano"].tags.appendleft("")
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> SpatialDecayTransformer:
