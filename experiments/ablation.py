@@ -153,7 +153,7 @@ def main() -> None:
     parser.add_argument("--regime", choices=sorted(REGIMES), action="append", help="default: low")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("-o", "--override", action="append", default=[], help="extra sdt train overrides")
     args = parser.parse_args()
