@@ -1,13 +1,31 @@
 """Attention backends for spatial-decay attention, behind one function.
 
 ``spatial_decay_attention`` is the only entry point the model code calls. Each backend takes the
-same arguments (see ``reference.reference_attention``) and computes the same result.
+same arguments (see ``reference.reference_attention``) and computes the same result; they differ
+in speed, memory and where they run.
 
-| backend     | where                       | notes                                             |
-|-------------|-----------------------------|---------------------------------------------------|
-| reference   | everywhere; TorchScript/fx  | materialised bias + SDPA; the ground truth        |
+| backend     | where                                  | memory (full layout)      | notes                                  |
+|-------------|----------------------------------------|---------------------------|----------------------------------------|
+| reference   | everywhere; TorchScript, fx, ONNX      | O(B n L^2) bias (+ grads) | materialised bias + SDPA; ground truth |
+| chunked     | CPU and GPU, forward and backward      | O(B n chunk L)            | exact; custom autograd, query chunks   |
+| flex        | forward CPU/GPU, backward GPU only     | O(B n L d)                | FlexAttention score_mod, compiled      |
 
-``backend="auto"`` picks per call; scripting and tracing always use ``reference``.
+The decomposed layout and ``rates=None`` use the reference computation in every backend: their
+biases are (W, W) and (H, H) per row and column, or absent, and SDPA handles them well.
+
+``backend="auto"`` decides per call (measured on a 2-core CPU, see docs/benchmarks.md):
+
+| condition (first match)                                  | backend    |
+|----------------------------------------------------------|------------|
+| TorchScript scripting / tracing, fx tracing, torch.compile | reference |
+| no decay (``rates is None``) or ``layout="decomposed"``  | reference  |
+| full layout, B * n * L^2 <= ``REFERENCE_MAX_ELEMENTS``   | reference  |
+| full layout, CUDA                                        | flex       |
+| full layout, otherwise (CPU, training or inference)      | chunked    |
+
+``flex`` is not chosen on CPU: it has no CPU backward, and its forward compiles a kernel per
+new shape (about a minute on a 2-core CPU) without beating ``chunked`` there. Its CUDA choice is
+by design, not measured: this project's development machine has no GPU.
 """
 from typing import Optional, Tuple
 
@@ -16,8 +34,11 @@ from torch import Tensor
 
 from .reference import reference_attention
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "chunked", "flex")
 LAYOUTS = ("full", "decomposed")
+# Full-layout attention with at most this many bias elements (B * n * L^2, 16 MiB in float32)
+# materialises the bias: below it the reference path is as fast as chunking (docs/benchmarks.md).
+REFERENCE_MAX_ELEMENTS = 1 << 22
 
 
 def check_backend(backend: str) -> str:
@@ -25,6 +46,37 @@ def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     return backend
+
+
+def choose_backend(q: Tensor, rates: Optional[Tensor], layout: str) -> str:
+    """The backend ``auto`` runs for these inputs (see the table in the module docstring)."""
+    if rates is None or layout != "full":
+        return "reference"
+    batch, heads, tokens, _ = q.shape
+    if batch * heads * tokens * tokens <= REFERENCE_MAX_ELEMENTS:
+        return "reference"
+    if q.device.type == "cuda":
+        return "flex"
+    return "chunked"
+
+
+def _tracing() -> bool:
+    return torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_symbolic_tracing() or torch.compiler.is_compiling()
+
+
+@torch.jit.unused
+def _eager_attention(q: Tensor, k: Tensor, v: Tensor, rates: Optional[Tensor], grid: Tuple[int, int],
+                     layout: str, distance: str, backend: str) -> Tensor:
+    from .chunked import chunked_attention
+    from .flex import flex_decay_attention
+
+    if backend == "auto":
+        backend = "reference" if _tracing() else choose_backend(q, rates, layout)
+    if backend == "chunked":
+        return chunked_attention(q, k, v, rates, grid, layout, distance)
+    if backend == "flex":
+        return flex_decay_attention(q, k, v, rates, grid, layout, distance)
+    return reference_attention(q, k, v, rates, grid, layout, distance)
 
 
 def spatial_decay_attention(
@@ -45,9 +97,12 @@ def spatial_decay_attention(
         grid: (H, W).
         layout: "full" (2D Manhattan decay over all tokens) or "decomposed" (rows, then columns).
         distance: "manhattan" or "indicator" (the content-only ablation).
-        backend: one of ``BACKENDS``.
+        backend: one of ``BACKENDS``; "auto" picks per call (module docstring).
 
     Returns:
         (B, n, L, d)
     """
-    return reference_attention(q, k, v, rates, grid, layout, distance)
+    if torch.jit.is_scripting():
+        return reference_attention(q, k, v, rates, grid, layout, distance)
+    check_backend(backend)
+    return _eager_attention(q, k, v, rates, grid, layout, distance, backend)
