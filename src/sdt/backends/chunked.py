@@ -1,29 +1,34 @@
 """The chunked backend: exact full-2D spatial-decay attention without an (L, L) bias per head.
 
-Queries are processed ``chunk`` rows at a time. For each chunk the (chunk, L) distance tile is
-built once from the grid coordinates and shared by every image and head; the decay bias and the
-logits exist only for that chunk, (B, n, chunk, L) floats. A custom autograd Function recomputes
-them in the backward pass (flash-attention style: softmax is recomputed from the saved
-logsumexp), so training memory is O(B * n * chunk * L) on top of q, k, v instead of
+Queries are processed ``chunk`` rows at a time; the decay bias and the logits exist only for one
+chunk, (B, n, chunk, L) floats. A custom autograd Function recomputes them in the backward pass
+(flash-attention style), so training memory is O(B * n * chunk * L) on top of q, k, v instead of
 O(B * n * L^2), and the gradient of the bias is reduced straight into the gradient of the rates:
-rate s_i receives the row-i and the column-i terms of the symmetric bias.
+rate s_i receives the row-i and the column-i terms of the symmetric bias. Each chunk holds whole
+rows of the attention matrix, so the backward recomputes the softmax itself (bit-identical to the
+forward's) rather than saving a logsumexp: nothing of size L^2 is saved.
 
-Per chunk the forward makes two elementwise passes to build the bias (a broadcast add of the
-rates and one multiply by the half-distance tile; a third, ``abs``, only if some rate is
-positive), one in-place GEMM that adds q k^T onto it, one softmax and one GEMM with v.
+Passes over chunk-sized memory, forward: the half-distance tile (one broadcast add of two small
+per-line tables, shared by every image and head), the bias (a broadcast add of the rates and one
+multiply by the tile, plus an ``abs`` only if some rate is >= 0), one in-place GEMM adding
+scale * q k^T onto it, one softmax, one GEMM with v. Backward: the same, then dP (GEMM), dS (two
+passes), dq/dk/dv (GEMMs), and one multiply plus a row and a column sum for d(rates) (a single
+matrix-vector product for per-head rates). All chunk-sized results go into preallocated buffers.
 
-The bias is ``-|(s_i + s_j) / 2 * dist_ij|`` (``sdt.decay``). When every rate is <= 0 (always, in
-the models: rates are alpha * logsigmoid(.) with alpha >= 0 at init) this equals
+The bias is ``-|(s_i + s_j) / 2 * dist_ij|`` (``sdt.decay``). When every rate is < 0 (in the
+models rates are alpha * logsigmoid(.), negative unless alpha or the gate moves far) this equals
 ``(s_i + s_j) * dist_ij / 2`` exactly, and its gradient is ``dist_ij / 2`` for both rates; the
-general form with ``abs`` and ``sign`` is used otherwise, so the result is exact for any rates.
+general form with ``abs`` and ``sign`` (one more pass each way) is used otherwise, with torch's
+convention sign(0) = 0, so values and gradients match the reference for any rates.
 
 Everything is computed in float32 (logits, softmax, accumulation); outputs and gradients are
 cast back to the input dtypes.
 
 Chunk size: ``chunk_rows`` picks the number of query rows so that one (B, n, chunk, L) float32
-buffer holds about ``CHUNK_ELEMENTS`` (2^20, 4 MiB) values: small enough to stay in a CPU's L2/L3
+buffer holds about ``CHUNK_ELEMENTS`` (2^20, 4 MiB) values: small enough to stay in a CPU's L3
 cache between the passes over it, large enough that the GEMMs stay efficient and the Python loop
-runs a few hundred iterations at most. The backward holds about four such buffers at once.
+runs at most a few hundred iterations (docs/benchmarks.md has the measurement). Forward and
+backward each hold two such buffers.
 """
 from typing import Optional, Tuple
 
@@ -55,8 +60,9 @@ class _Tiles:
         self.scale = dim ** -0.5
         self.distance = distance
         self.per_token = rates.shape[-1] > 1
-        # -|x| == x for x <= 0: skip the abs pass (and use +dist / 2 as the gradient) when it holds.
-        self.nonpositive = bool((rates <= 0).all())
+        # -|x| == x for x < 0: skip the abs pass (and use +dist / 2 as the gradient) when every rate is
+        # negative. A zero rate takes the general path: torch's abs has gradient sign(0) = 0 there.
+        self.negative = bool((rates < 0).all())
         height, width = grid
         index = torch.arange(tokens, device=q.device)
         self.grid_rows, self.grid_cols = index // width, index % width
@@ -97,11 +103,11 @@ class _Tiles:
         bias = flat.view(self.batch, self.heads, rows, self.tokens)
         pair = self.pair_rates(start, stop, bias)
         if self.per_token:
-            if not self.nonpositive:
+            if not self.negative:
                 pair.abs_().neg_()
             bias.mul_(half_dist)
         else:
-            torch.mul(pair if self.nonpositive else -pair.abs(), half_dist, out=bias)
+            torch.mul(pair if self.negative else -pair.abs(), half_dist, out=bias)
         q_chunk = self.q[:, :, start:stop].reshape(-1, rows, self.dim)
         k_t = self.k.view(-1, self.tokens, self.dim).transpose(1, 2)
         return flat.baddbmm_(q_chunk, k_t, alpha=self.scale)
@@ -172,7 +178,7 @@ class ChunkedDecayAttention(torch.autograd.Function):
                 # d bias / d(s_i + s_j) = -sign(s_i + s_j) * dist / 2, = dist / 2 when all rates <= 0
                 grad_bias = grad_logits.view(batch, heads, -1, tokens)
                 if tiles.per_token:
-                    if not tiles.nonpositive:
+                    if not tiles.negative:
                         sign = tiles.pair_rates(start, stop, probs.view(batch, heads, -1, tokens)).sign_()
                         grad_bias.mul_(sign).neg_()
                     grad_bias.mul_(half_dist)
@@ -180,7 +186,7 @@ class ChunkedDecayAttention(torch.autograd.Function):
                     grad_pair += grad_bias.sum(-2)
                 else:
                     summed = torch.mv(grad_logits.view(flat, -1), half_dist.reshape(-1)).view(batch, heads, 1)
-                    grad_pair += summed if tiles.nonpositive else -summed * torch.sign(rates)
+                    grad_pair += summed if tiles.negative else -summed * torch.sign(rates)
 
         grad_rates = None
         if need_rates:
