@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 import sdt  # noqa: F401  registers the models
 from sdt.attention import DECAYS, SpatialDecayAttention
 from sdt.backends import REFERENCE_MAX_ELEMENTS, choose_backend, spatial_decay_attention
-from sdt.backends.chunked import chunk_rows, chunked_attention
+from sdt.backends.chunked import CHUNK_ELEMENTS, chunk_rows, chunked_attention
 from sdt.backends.flex import flex_decay_attention
 from sdt.backends.reference import reference_attention
 
@@ -154,9 +154,10 @@ def test_auto_dispatch_table():
 
 
 def test_chunk_rows_heuristic():
-    assert chunk_rows(8, 4, 3136) * 8 * 4 * 3136 <= 1 << 20
+    assert 0 < chunk_rows(8, 4, 3136) * 8 * 4 * 3136 <= CHUNK_ELEMENTS
     assert chunk_rows(1, 1, 10) == 10
     assert chunk_rows(64, 16, 1 << 16) == 1  # never zero rows
+    assert chunk_rows(1, 1, 100, budget=1000) == 10
 
 
 @settings(max_examples=25, deadline=None)
