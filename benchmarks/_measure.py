@@ -5,8 +5,10 @@ cases, and the median over rounds is reported, so that load from other processes
 
 Peak memory on CPU is the growth of the process's peak resident set (VmHWM in /proc/self/status)
 over the resident set before the call; the peak is reset before each measurement by writing 5 to
-/proc/self/clear_refs (Linux). On CUDA it is torch.cuda.max_memory_allocated over the baseline.
+/proc/self/clear_refs (Linux), after malloc_trim has returned freed heap memory to the OS. It is
+approximate (pages the allocator kept mapped can hide a little growth). On CUDA it is torch.cuda.max_memory_allocated over the baseline.
 """
+import ctypes
 import statistics
 import time
 from typing import Callable, Dict, List
@@ -31,6 +33,8 @@ def peak_memory_gib(fn: Callable[[], object], device: str = "cpu") -> float:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2 ** 30
+    # hand freed heap memory back to the OS first, or new allocations reuse resident pages unseen
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _status_kib("VmRSS")

@@ -13,19 +13,25 @@ in speed, memory and where they run.
 The decomposed layout and ``rates=None`` use the reference computation in every backend: their
 biases are (W, W) and (H, H) per row and column, or absent, and SDPA handles them well.
 
-``backend="auto"`` decides per call (measured on a 2-core CPU, see docs/benchmarks.md):
+``backend="auto"`` decides per call, from the measurements in docs/benchmarks.md (2-core CPU).
+"Bias elements" is the size the reference would materialise, B' * n * L^2 (B' = 1 for rates
+shared by the batch, as fixed and learned per-head rates are):
 
-| condition (first match)                                  | backend    |
-|----------------------------------------------------------|------------|
-| TorchScript scripting / tracing, fx tracing, torch.compile | reference |
-| no decay (``rates is None``) or ``layout="decomposed"``  | reference  |
-| full layout, B * n * L^2 <= ``REFERENCE_MAX_ELEMENTS``   | reference  |
-| full layout, CUDA                                        | flex       |
-| full layout, otherwise (CPU, training or inference)      | chunked    |
+| condition (first match)                                            | backend   |
+|--------------------------------------------------------------------|-----------|
+| TorchScript scripting or tracing, fx tracing, torch.compile        | reference |
+| no decay (``rates is None``) or ``layout="decomposed"``            | reference |
+| rates per head and not trained, bias elements <= 2^25 (128 MiB)    | reference |
+| otherwise, bias elements <= 2^20 (4 MiB)                           | reference |
+| CUDA                                                               | flex      |
+| otherwise (CPU, training or inference)                             | chunked   |
 
-``flex`` is not chosen on CPU: it has no CPU backward, and its forward compiles a kernel per
-new shape (about a minute on a 2-core CPU) without beating ``chunked`` there. Its CUDA choice is
-by design, not measured: this project's development machine has no GPU.
+Why: a fixed per-head bias is one (n, L, L) tensor that SDPA adds cheaply (reference is 1.2-1.7x
+faster than chunked at the stage-2, stage-3 and DiT shapes, on par at stage 1). A per-token or
+trained bias is (B, n, L, L) and sends SDPA to its math kernel: chunked is 1.3-5x faster from the
+14x14 grid up (SDT-H-T stage 3) and needs 0.13 GiB instead of 5 GiB at stage 1. At 7x7 the two
+are within noise. The decomposed layout is never replaced by the full one (or back): they are
+different functions, and a model's layout is its own choice (``layouts=``, ``sdt_h_*_full2d``).
 """
 from typing import Optional, Tuple
 
@@ -36,9 +42,10 @@ from .reference import reference_attention
 
 BACKENDS = ("auto", "reference", "chunked", "flex")
 LAYOUTS = ("full", "decomposed")
-# Full-layout attention with at most this many bias elements (B * n * L^2, 16 MiB in float32)
-# materialises the bias: below it the reference path is as fast as chunking (docs/benchmarks.md).
-REFERENCE_MAX_ELEMENTS = 1 << 22
+# Largest materialised bias (B' * n * L^2 elements) for which "auto" keeps the reference backend:
+# for untrained per-head rates, and for everything else (see the table above).
+REFERENCE_MAX_FIXED_ELEMENTS = 1 << 25
+REFERENCE_MAX_ELEMENTS = 1 << 20
 
 
 def check_backend(backend: str) -> str:
@@ -52,8 +59,10 @@ def choose_backend(q: Tensor, rates: Optional[Tensor], layout: str) -> str:
     """The backend ``auto`` runs for these inputs (see the table in the module docstring)."""
     if rates is None or layout != "full":
         return "reference"
-    batch, heads, tokens, _ = q.shape
-    if batch * heads * tokens * tokens <= REFERENCE_MAX_ELEMENTS:
+    _, heads, tokens, _ = q.shape
+    bias_elements = rates.shape[0] * heads * tokens * tokens
+    fixed = rates.shape[-1] == 1 and not (rates.requires_grad and torch.is_grad_enabled())
+    if bias_elements <= (REFERENCE_MAX_FIXED_ELEMENTS if fixed else REFERENCE_MAX_ELEMENTS):
         return "reference"
     if q.device.type == "cuda":
         return "flex"
