@@ -70,10 +70,12 @@ RATE_SHAPES = {  # (B', n, L') given B, n, L
 @pytest.mark.parametrize("rate_kind", list(RATE_SHAPES))
 @pytest.mark.parametrize("distance", ["manhattan", "indicator"])
 @pytest.mark.parametrize("sign", ["negative", "mixed"])
-def test_chunked_matches_reference(rate_kind, distance, sign):
+@pytest.mark.parametrize("layout", ["full", "decomposed"])
+def test_chunked_matches_reference(rate_kind, distance, sign, layout):
     grid = (5, 7)
     q, k, v, rates = make_inputs(2, 3, grid, 8, RATE_SHAPES[rate_kind](2, 3, 35), sign)
-    assert_matches_reference(chunked(4), q, k, v, rates, grid, distance=distance)  # 9 chunks, last one partial
+    # chunk 4: 9 chunks with a partial last one (full); 2 and 1 chunks per row / column (decomposed)
+    assert_matches_reference(chunked(4), q, k, v, rates, grid, layout, distance)
 
 
 @pytest.mark.parametrize("grid", [(7, 9), (1, 13), (11, 1), (1, 1), (3, 3)])
@@ -86,7 +88,7 @@ def test_chunked_odd_grids_batch_one(grid, chunk):
 
 @pytest.mark.parametrize("layout", ["full", "decomposed"])
 @pytest.mark.parametrize("backend", ["chunked", "flex"])
-def test_no_decay_and_decomposed_match_reference(layout, backend):
+def test_dispatch_forward_matches_reference(layout, backend):
     grid = (4, 6)
     q, k, v, rates = make_inputs(2, 2, grid, 8, (2, 2, 24))
     for r in (None, rates):
@@ -157,7 +159,9 @@ def test_auto_dispatch_table():
     assert choose_backend(torch.zeros(8, 4, 784, 32), learned, "full") == "chunked"  # bias would need grad
     with torch.no_grad():
         assert choose_backend(torch.zeros(8, 4, 784, 32), learned, "full") == "reference"
-    assert choose_backend(stage1, cag, "decomposed") == "reference"
+    assert choose_backend(stage1, cag, "decomposed") == "reference"  # inference: SDPA with small biases
+    assert choose_backend(stage1, cag.requires_grad_(), "decomposed") == "chunked"
+    assert choose_backend(stage1, fixed, "decomposed") == "reference"
     assert choose_backend(stage1, None, "full") == "reference"
     assert choose_backend(torch.zeros(8, 4, 3136, 16, device="meta"), cag, "full") == "chunked"
 
@@ -174,13 +178,13 @@ def test_chunk_rows_heuristic():
     batch=st.integers(1, 3), heads=st.integers(1, 3), height=st.integers(1, 6), width=st.integers(1, 6),
     dim=st.sampled_from([2, 4, 8]), rate_kind=st.sampled_from(list(RATE_SHAPES)),
     sign=st.sampled_from(["negative", "mixed"]), distance=st.sampled_from(["manhattan", "indicator"]),
-    chunk=st.integers(1, 40), seed=st.integers(0, 2 ** 16),
+    layout=st.sampled_from(["full", "decomposed"]), chunk=st.integers(1, 40), seed=st.integers(0, 2 ** 16),
 )
-def test_chunked_property(batch, heads, height, width, dim, rate_kind, sign, distance, chunk, seed):
+def test_chunked_property(batch, heads, height, width, dim, rate_kind, sign, distance, layout, chunk, seed):
     grid = (height, width)
     shape = RATE_SHAPES[rate_kind](batch, heads, height * width)
     q, k, v, rates = make_inputs(batch, heads, grid, dim, shape, sign, seed=seed)
-    assert_matches_reference(chunked(chunk), q, k, v, rates, grid, distance=distance)
+    assert_matches_reference(chunked(chunk), q, k, v, rates, grid, layout, distance)
 
 
 def _randomise_gate(module: torch.nn.Module) -> None:

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from ..decay import line_distance
+from .reference import from_cols, from_rows, reference_attention, to_cols, to_rows
 
 CHUNK_ELEMENTS = 1 << 24
 
@@ -198,6 +199,30 @@ class ChunkedDecayAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_rates, None, None, None
 
 
+def _line_rates(rates: Tensor, batch: int, grid: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
+    """Rates of the row and column passes of the decomposed layout.
+
+    Shared per-head rates (1, n, 1) serve both passes as they are; any other (B', n, L') becomes
+    per-token: row rates (B*H, n, W) and column rates (B*W, n, H).
+    """
+    if rates.shape[0] == 1 and rates.shape[-1] == 1:
+        return rates, rates
+    height, width = grid
+    heads = rates.shape[1]
+    grid_rates = rates.expand(batch, heads, height * width).reshape(batch, heads, height, width)
+    return (grid_rates.transpose(1, 2).reshape(batch * height, heads, width),
+            grid_rates.permute(0, 3, 1, 2).reshape(batch * width, heads, height))
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, rates: Tensor, grid: Tuple[int, int], distance: str,
+            chunk: Optional[int]) -> Tensor:
+    """ChunkedDecayAttention on float32 copies; (B, n, L, d) -> (B, n, L, d) float32."""
+    batch, heads, tokens, dim = q.shape
+    chunk = chunk or chunk_rows(batch, heads, tokens)
+    q32, k32, v32 = (t.float().contiguous() for t in (q, k, v))
+    return ChunkedDecayAttention.apply(q32, k32, v32, rates.float(), tuple(grid), distance, chunk)
+
+
 def chunked_attention(
         q: Tensor,
         k: Tensor,
@@ -211,18 +236,21 @@ def chunked_attention(
     """Spatial-decay attention, exact, without materialising the (L, L) bias of the full layout.
 
     Same arguments and result as ``reference_attention``; ``chunk`` overrides ``chunk_rows``.
-    The decomposed layout and ``rates=None`` go to the reference backend: their biases are
-    already small ((W, W) and (H, H) per row / column) or absent.
+    The decomposed layout runs its row and column passes through the same Function, as
+    attention over 1 x W and 1 x H grids (the 1D distance is the Manhattan distance on a line):
+    this keeps the gradient of trained rates out of autograd's bias graph and SDPA's math kernel.
+    ``rates=None`` goes to the reference backend (plain SDPA).
 
     Returns:
         (B, n, L, d) in q's dtype.
     """
-    from .reference import reference_attention
-
-    if rates is None or layout != "full":
+    if rates is None:
         return reference_attention(q, k, v, rates, grid, layout, distance)
-    batch, heads, tokens, dim = q.shape
-    chunk = chunk or chunk_rows(batch, heads, tokens)
-    q32, k32, v32 = (t.float().contiguous() for t in (q, k, v))
-    out = ChunkedDecayAttention.apply(q32, k32, v32, rates.float(), tuple(grid), distance, chunk)
-    return out.to(q.dtype)
+    if layout == "full":
+        return _attend(q, k, v, rates, grid, distance, chunk).to(q.dtype)
+    height, width = grid
+    row_rates, col_rates = _line_rates(rates, q.shape[0], grid)
+    v_rows = from_rows(_attend(to_rows(q, grid), to_rows(k, grid), to_rows(v, grid), row_rates, (1, width),
+                               distance, chunk), grid)
+    out = _attend(to_cols(q, grid), to_cols(k, grid), to_cols(v_rows, grid), col_rates, (1, height), distance, chunk)
+    return from_cols(out, grid).to(q.dtype)

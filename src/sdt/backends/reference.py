@@ -38,6 +38,20 @@ def to_cols(t: Tensor, grid: Tuple[int, int]) -> Tensor:
     return t.reshape(batch, heads, height, width, dim).permute(0, 3, 1, 2, 4).reshape(batch * width, heads, height, dim)
 
 
+def from_rows(t: Tensor, grid: Tuple[int, int]) -> Tensor:
+    """(B*H, n, W, d) -> (B, n, H*W, d), the inverse of ``to_rows``."""
+    height, width = grid
+    _, heads, _, dim = t.shape
+    return t.reshape(-1, height, heads, width, dim).transpose(1, 2).reshape(-1, heads, height * width, dim)
+
+
+def from_cols(t: Tensor, grid: Tuple[int, int]) -> Tensor:
+    """(B*W, n, H, d) -> (B, n, H*W, d), the inverse of ``to_cols``."""
+    height, width = grid
+    _, heads, _, dim = t.shape
+    return t.reshape(-1, width, heads, height, dim).permute(0, 2, 3, 1, 4).reshape(-1, heads, height * width, dim)
+
+
 def reference_attention(
         q: Tensor,
         k: Tensor,
@@ -68,11 +82,11 @@ def reference_attention(
     row_bias: Optional[Tensor] = None
     col_bias: Optional[Tensor] = None
     if rates is not None:
+        if rates.shape[0] != 1 or rates.shape[-1] != 1:  # anything but shared per-head rates: one per token
+            rates = rates.expand(batch, heads, tokens)
         row_bias, col_bias = decomposed_biases(rates, height, width, distance)
         row_bias = row_bias.flatten(0, 1)  # (B'*H', n, W, W)
         col_bias = col_bias.flatten(0, 1)  # (B'*W', n, H, H)
 
-    v_rows = _sdpa(to_rows(q, grid), to_rows(k, grid), to_rows(v, grid), row_bias)  # (B*H, n, W, d)
-    v_rows = v_rows.reshape(batch, height, heads, width, dim).transpose(1, 2).reshape(batch, heads, tokens, dim)
-    out = _sdpa(to_cols(q, grid), to_cols(k, grid), to_cols(v_rows, grid), col_bias)  # (B*W, n, H, d)
-    return out.reshape(batch, width, heads, height, dim).permute(0, 2, 3, 1, 4).reshape(batch, heads, tokens, dim)
+    v_rows = from_rows(_sdpa(to_rows(q, grid), to_rows(k, grid), to_rows(v, grid), row_bias), grid)
+    return from_cols(_sdpa(to_cols(q, grid), to_cols(k, grid), to_cols(v_rows, grid), col_bias), grid)
