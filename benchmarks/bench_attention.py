@@ -46,6 +46,8 @@ def layer_cases(q, k, v, fixed, cag, grid, flex: bool, reference_full: bool) -> 
         for backend in backends:
             cases[f"{decay} full / {backend}"] = (rates, "full", backend)
         cases[f"{decay} decomposed / reference"] = (rates, "decomposed", "reference")
+        if decay == "cag":
+            cases[f"{decay} decomposed / chunked"] = (rates, "decomposed", "chunked")
     return cases
 
 

@@ -60,6 +60,7 @@ def save_plot(results: Dict[Tuple[str, str], Dict[Tuple[int, int], Tuple[float, 
     directory = os.path.dirname(os.path.abspath(path))
     with tempfile.NamedTemporaryFile(dir=directory, suffix=".png", delete=False) as tmp:
         fig.savefig(tmp.name, dpi=110)
+    os.chmod(tmp.name, 0o644)  # NamedTemporaryFile creates 0600
     os.replace(tmp.name, path)
 
 
@@ -93,10 +94,11 @@ def main() -> None:
                 memory = peak_memory_gib(fn)
                 results[case][size] = (times[case], memory)
                 rows.append([f"{size[0]}x{size[1]}", f"{case[0]} ({case[1]})", f"{times[case]:.2f}", f"{memory:.2f}"])
+                print("| " + " | ".join(rows[-1]) + " |", flush=True)
         for case, bias_gib in skipped.items():
             rows.append([f"{size[0]}x{size[1]}", f"{case[0]} ({case[1]})", "skipped",
                          f"one layer's bias alone: {bias_gib:.1f}"])
-        print(f"{size} done", flush=True)
+
     print()
     print(markdown_table(["input", "model (backend)", "s / image", "peak extra GiB"], rows))
     if args.plot:

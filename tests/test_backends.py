@@ -159,9 +159,9 @@ def test_auto_dispatch_table():
     assert choose_backend(torch.zeros(8, 4, 784, 32), learned, "full") == "chunked"  # bias would need grad
     with torch.no_grad():
         assert choose_backend(torch.zeros(8, 4, 784, 32), learned, "full") == "reference"
-    assert choose_backend(stage1, cag, "decomposed") == "reference"  # inference: SDPA with small biases
-    assert choose_backend(stage1, cag.requires_grad_(), "decomposed") == "chunked"
+    assert choose_backend(stage1, cag, "decomposed") == "chunked"
     assert choose_backend(stage1, fixed, "decomposed") == "reference"
+    assert choose_backend(stage1, learned, "decomposed") == "chunked"
     assert choose_backend(stage1, None, "full") == "reference"
     assert choose_backend(torch.zeros(8, 4, 3136, 16, device="meta"), cag, "full") == "chunked"
 

@@ -12,7 +12,8 @@ in speed, memory and where they run.
 
 ``rates=None`` uses plain SDPA in every backend. The decomposed layout's biases are only (W, W)
 and (H, H) per row and column; ``chunked`` runs its two passes through the same autograd Function
-(1.4x faster than the reference for trained CAG rates at the stage-1 shape, on par at stage 2),
+(2.4x faster fwd+bwd than the reference for trained CAG rates at the stage-1 shape, on par at
+stage 2; in the whole sdt_h_tiny it gave the best images/s for inference and training),
 ``flex`` hands it to the reference.
 
 ``backend="auto"`` decides per call, from the measurements in docs/benchmarks.md (2-core CPU).
@@ -23,7 +24,7 @@ shared by the batch, as fixed and learned per-head rates are):
 |--------------------------------------------------------------------|-----------|
 | TorchScript scripting or tracing, fx tracing, torch.compile        | reference |
 | no decay (``rates is None``)                                       | reference |
-| ``layout="decomposed"``: rates that need grad / others             | chunked / reference |
+| ``layout="decomposed"``: untrained per-head rates / others         | reference / chunked |
 | rates per head and not trained, bias elements <= 2^25 (128 MiB)    | reference |
 | otherwise, bias elements <= 2^20 (4 MiB)                           | reference |
 | CUDA                                                               | flex      |
@@ -63,12 +64,11 @@ def choose_backend(q: Tensor, rates: Optional[Tensor], layout: str) -> str:
     """The backend ``auto`` runs for these inputs (see the table in the module docstring)."""
     if rates is None:
         return "reference"
-    trained = rates.requires_grad and torch.is_grad_enabled()
+    fixed = rates.shape[-1] == 1 and not (rates.requires_grad and torch.is_grad_enabled())
     if layout != "full":
-        return "chunked" if trained else "reference"
+        return "reference" if fixed else "chunked"
     _, heads, tokens, _ = q.shape
     bias_elements = rates.shape[0] * heads * tokens * tokens
-    fixed = rates.shape[-1] == 1 and not trained
     if bias_elements <= (REFERENCE_MAX_FIXED_ELEMENTS if fixed else REFERENCE_MAX_ELEMENTS):
         return "reference"
     if q.device.type == "cuda":
