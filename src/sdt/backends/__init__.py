@@ -35,8 +35,15 @@ faster than chunked at the stage-2, stage-3 and DiT shapes, on par at stage 1). 
 trained bias is (B, n, L, L) and sends SDPA to its math kernel: chunked is 1.3-5x faster from the
 14x14 grid up (SDT-H-T stage 3) and needs 0.13 GiB instead of 5 GiB at stage 1. At 7x7 the two
 are within noise. In the decomposed layout a trained bias also sends SDPA to its math kernel and
-autograd through the bias construction, which the chunked Function avoids. The decomposed layout is never replaced by the full one (or back): they are
-different functions, and a model's layout is its own choice (``layouts=``, ``sdt_h_*_full2d``).
+autograd through the bias construction, which the chunked Function avoids. The decomposed
+layout is never replaced by the full one (or back), even at 7x7 where one full attention is
+cheaper than two decomposed passes: they are different functions, and a model's layout is its
+own choice (``layouts=``, ``sdt_h_*_full2d``).
+
+``flex`` is never chosen on CPU: it has no CPU backward (forcing it there with a gradient needed
+raises an error naming ``chunked``), and its forward compiles a kernel per new shape (about a
+minute on a 2-core CPU). Its CUDA choice is by design, not measured: no GPU was available while
+this was built (``chunked`` also runs on CUDA, equally untested there).
 """
 from typing import Optional, Tuple
 
