@@ -1,13 +1,49 @@
 """Attention backends for spatial-decay attention, behind one function.
 
 ``spatial_decay_attention`` is the only entry point the model code calls. Each backend takes the
-same arguments (see ``reference.reference_attention``) and computes the same result.
+same arguments (see ``reference.reference_attention``) and computes the same result; they differ
+in speed, memory and where they run.
 
-| backend     | where                       | notes                                             |
-|-------------|-----------------------------|---------------------------------------------------|
-| reference   | everywhere; TorchScript/fx  | materialised bias + SDPA; the ground truth        |
+| backend     | where                                  | memory (full layout)      | notes                                  |
+|-------------|----------------------------------------|---------------------------|----------------------------------------|
+| reference   | everywhere; TorchScript, fx, ONNX      | O(B n L^2) bias (+ grads) | materialised bias + SDPA; ground truth |
+| chunked     | CPU and GPU, forward and backward      | O(B n chunk L)            | exact; custom autograd, query chunks   |
+| flex        | forward CPU/GPU, backward GPU only     | O(B n L d)                | FlexAttention score_mod, compiled      |
 
-``backend="auto"`` picks per call; scripting and tracing always use ``reference``.
+``rates=None`` uses plain SDPA in every backend. The decomposed layout's biases are only (W, W)
+and (H, H) per row and column; ``chunked`` runs its two passes through the same autograd Function
+(2.4x faster fwd+bwd than the reference for trained CAG rates at the stage-1 shape, on par at
+stage 2; in the whole sdt_h_tiny it gave the best images/s for inference and training),
+``flex`` hands it to the reference.
+
+``backend="auto"`` decides per call, from the measurements in docs/benchmarks.md (2-core CPU).
+"Bias elements" is the size the reference would materialise, B' * n * L^2 (B' = 1 for rates
+shared by the batch, as fixed and learned per-head rates are):
+
+| condition (first match)                                            | backend   |
+|--------------------------------------------------------------------|-----------|
+| TorchScript scripting or tracing, fx tracing, torch.compile        | reference |
+| no decay (``rates is None``)                                       | reference |
+| ``layout="decomposed"``: untrained per-head rates / others         | reference / chunked |
+| rates per head and not trained, bias elements <= 2^25 (128 MiB)    | reference |
+| otherwise, bias elements <= 2^20 (4 MiB)                           | reference |
+| CUDA                                                               | flex      |
+| otherwise (CPU, training or inference)                             | chunked   |
+
+Why: a fixed per-head bias is one (n, L, L) tensor that SDPA adds cheaply (reference is 1.2-1.7x
+faster than chunked at the stage-2, stage-3 and DiT shapes, on par at stage 1). A per-token or
+trained bias is (B, n, L, L) and sends SDPA to its math kernel: chunked is 1.3-5x faster from the
+14x14 grid up (SDT-H-T stage 3) and needs 0.13 GiB instead of 5 GiB at stage 1. At 7x7 the two
+are within noise. In the decomposed layout a trained bias also sends SDPA to its math kernel and
+autograd through the bias construction, which the chunked Function avoids. The decomposed
+layout is never replaced by the full one (or back), even at 7x7 where one full attention is
+cheaper than two decomposed passes: they are different functions, and a model's layout is its
+own choice (``layouts=``, ``sdt_h_*_full2d``).
+
+``flex`` is never chosen on CPU: it has no CPU backward (forcing it there with a gradient needed
+raises an error naming ``chunked``), and its forward compiles a kernel per new shape (about a
+minute on a 2-core CPU). Its CUDA choice is by design, not measured: no GPU was available while
+this was built (``chunked`` also runs on CUDA, equally untested there).
 """
 from typing import Optional, Tuple
 
@@ -16,8 +52,12 @@ from torch import Tensor
 
 from .reference import reference_attention
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "chunked", "flex")
 LAYOUTS = ("full", "decomposed")
+# Largest materialised bias (B' * n * L^2 elements) for which "auto" keeps the reference backend:
+# for untrained per-head rates, and for everything else (see the table above).
+REFERENCE_MAX_FIXED_ELEMENTS = 1 << 25
+REFERENCE_MAX_ELEMENTS = 1 << 20
 
 
 def check_backend(backend: str) -> str:
@@ -25,6 +65,41 @@ def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     return backend
+
+
+def choose_backend(q: Tensor, rates: Optional[Tensor], layout: str) -> str:
+    """The backend ``auto`` runs for these inputs (see the table in the module docstring)."""
+    if rates is None:
+        return "reference"
+    fixed = rates.shape[-1] == 1 and not (rates.requires_grad and torch.is_grad_enabled())
+    if layout != "full":
+        return "reference" if fixed else "chunked"
+    _, heads, tokens, _ = q.shape
+    bias_elements = rates.shape[0] * heads * tokens * tokens
+    if bias_elements <= (REFERENCE_MAX_FIXED_ELEMENTS if fixed else REFERENCE_MAX_ELEMENTS):
+        return "reference"
+    if q.device.type == "cuda":
+        return "flex"
+    return "chunked"
+
+
+def _tracing() -> bool:
+    return torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_symbolic_tracing() or torch.compiler.is_compiling()
+
+
+@torch.jit.unused
+def _eager_attention(q: Tensor, k: Tensor, v: Tensor, rates: Optional[Tensor], grid: Tuple[int, int],
+                     layout: str, distance: str, backend: str) -> Tensor:
+    from .chunked import chunked_attention
+    from .flex import flex_decay_attention
+
+    if backend == "auto":
+        backend = "reference" if _tracing() else choose_backend(q, rates, layout)
+    if backend == "chunked":
+        return chunked_attention(q, k, v, rates, grid, layout, distance)
+    if backend == "flex":
+        return flex_decay_attention(q, k, v, rates, grid, layout, distance)
+    return reference_attention(q, k, v, rates, grid, layout, distance)
 
 
 def spatial_decay_attention(
@@ -45,9 +120,12 @@ def spatial_decay_attention(
         grid: (H, W).
         layout: "full" (2D Manhattan decay over all tokens) or "decomposed" (rows, then columns).
         distance: "manhattan" or "indicator" (the content-only ablation).
-        backend: one of ``BACKENDS``.
+        backend: one of ``BACKENDS``; "auto" picks per call (module docstring).
 
     Returns:
         (B, n, L, d)
     """
-    return reference_attention(q, k, v, rates, grid, layout, distance)
+    if torch.jit.is_scripting():
+        return reference_attention(q, k, v, rates, grid, layout, distance)
+    check_backend(backend)
+    return _eager_attention(q, k, v, rates, grid, layout, distance, backend)

@@ -34,6 +34,16 @@ def to_cols(t: Tensor, grid: Tuple[int, int]) -> Tensor:
     return t.unflatten(2, grid).permute(0, 3, 1, 2, 4).flatten(0, 1)
 
 
+def from_rows(t: Tensor, grid: Tuple[int, int]) -> Tensor:
+    """(B*H, n, W, d) -> (B, n, H*W, d), the inverse of ``to_rows``."""
+    return t.unflatten(0, (-1, grid[0])).transpose(1, 2).flatten(2, 3)
+
+
+def from_cols(t: Tensor, grid: Tuple[int, int]) -> Tensor:
+    """(B*W, n, H, d) -> (B, n, H*W, d), the inverse of ``to_cols``."""
+    return t.unflatten(0, (-1, grid[1])).permute(0, 2, 3, 1, 4).flatten(2, 3)
+
+
 def reference_attention(
         q: Tensor,
         k: Tensor,
@@ -63,11 +73,11 @@ def reference_attention(
     row_bias: Optional[Tensor] = None
     col_bias: Optional[Tensor] = None
     if rates is not None:
+        if rates.shape[0] != 1 or rates.shape[-1] != 1:  # anything but shared per-head rates: one per token
+            rates = rates.expand(q.shape[0], q.shape[1], q.shape[2])
         row_bias, col_bias = decomposed_biases(rates, height, width, distance)
         row_bias = row_bias.flatten(0, 1)  # (B'*H', n, W, W)
         col_bias = col_bias.flatten(0, 1)  # (B'*W', n, H, H)
 
-    v_rows = _sdpa(to_rows(q, grid), to_rows(k, grid), to_rows(v, grid), row_bias)  # (B*H, n, W, d)
-    v_rows = v_rows.unflatten(0, (-1, height)).transpose(1, 2).flatten(2, 3)  # (B, n, L, d)
-    out = _sdpa(to_cols(q, grid), to_cols(k, grid), to_cols(v_rows, grid), col_bias)  # (B*W, n, H, d)
-    return out.unflatten(0, (-1, width)).permute(0, 2, 3, 1, 4).flatten(2, 3)
+    v_rows = from_rows(_sdpa(to_rows(q, grid), to_rows(k, grid), to_rows(v, grid), row_bias), grid)
+    return from_cols(_sdpa(to_cols(q, grid), to_cols(k, grid), to_cols(v_rows, grid), col_bias), grid)

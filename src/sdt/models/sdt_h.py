@@ -14,6 +14,9 @@ One architecture serves both families; they differ only in the decay (``decay="c
        FFN: fc1 -> GELU -> (+ dw 3x3 conv) -> fc2
     -> head: Linear(C4 -> 1024) per token, BN, Swish, global average pool, Linear(1024 -> classes)
 
+``sdt_h_*_full2d`` (ours) use full 2D decay in every stage; ``layouts="full"`` does the same for any
+model. The chunked attention backend makes this affordable: it never materialises the (L, L) bias.
+
 Any input height and width works: the stride-2 convs (kernel 3, padding 1) map a side s to
 ceil(s / 2), and masks and rotary tables are built from each stage's actual grid. Nothing is padded.
 
@@ -515,6 +518,11 @@ default_cfgs = generate_default_cfgs({
     "sdt_h_small": _cfg(),
     "sdt_h_base": _cfg(),
     "sdt_h_large": _cfg(),
+    "sdt_h_nano_full2d": _cfg(**_nano_cfg),
+    "sdt_h_tiny_full2d": _cfg(),
+    "sdt_h_small_full2d": _cfg(),
+    "sdt_h_base_full2d": _cfg(),
+    "sdt_h_large_full2d": _cfg(),
     "rmt_nano": _cfg(**_nano_cfg),
     "rmt_tiny": _cfg(),
     "rmt_small": _cfg(),
@@ -568,6 +576,8 @@ def _family_args(size: str, family: str, **kwargs: Any) -> Dict[str, Any]:
     rmt_layouts = args.pop("rmt_layouts")
     if family == "rmt":
         args.update(decay="fixed", layouts=rmt_layouts)
+    elif family == "sdt_full2d":  # ours: full 2D decay in every stage, practical with the chunked backend
+        args.update(decay="cag", layouts="full")
     else:
         args.update(decay="cag", layouts=SDT_H_LAYOUTS)
     args.update(kwargs)
@@ -597,6 +607,31 @@ def sdt_h_base(pretrained: bool = False, **kwargs: Any) -> SpatialDecayTransform
 @register_model
 def sdt_h_large(pretrained: bool = False, **kwargs: Any) -> SpatialDecayTransformer:
     return _create("sdt_h_large", pretrained, **_family_args("large", "sdt", **kwargs))
+
+
+@register_model
+def sdt_h_nano_full2d(pretrained: bool = False, **kwargs: Any) -> SpatialDecayTransformer:
+    return _create("sdt_h_nano_full2d", pretrained, **_family_args("nano", "sdt_full2d", **kwargs))
+
+
+@register_model
+def sdt_h_tiny_full2d(pretrained: bool = False, **kwargs: Any) -> SpatialDecayTransformer:
+    return _create("sdt_h_tiny_full2d", pretrained, **_family_args("tiny", "sdt_full2d", **kwargs))
+
+
+@register_model
+def sdt_h_small_full2d(pretrained: bool = False, **kwargs: Any) -> SpatialDecayTransformer:
+    return _create("sdt_h_small_full2d", pretrained, **_family_args("small", "sdt_full2d", **kwargs))
+
+
+@register_model
+def sdt_h_base_full2d(pretrained: bool = False, **kwargs: Any) -> SpatialDecayTransformer:
+    return _create("sdt_h_base_full2d", pretrained, **_family_args("base", "sdt_full2d", **kwargs))
+
+
+@register_model
+def sdt_h_large_full2d(pretrained: bool = False, **kwargs: Any) -> SpatialDecayTransformer:
+    return _create("sdt_h_large_full2d", pretrained, **_family_args("large", "sdt_full2d", **kwargs))
 
 
 @register_model
