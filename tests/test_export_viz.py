@@ -145,3 +145,22 @@ def test_torch_compile_same_outputs():
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(torch.compile(model)(x), model(x), atol=1e-4)
+
+
+def test_cli_models_export_convert_viz(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from sdt.cli import main
+
+    assert main(["models", "rmt_nano", "--input-size", "1", "28", "28"]) == 0
+    assert "| `rmt_nano` | 3,5" in capsys.readouterr().out
+    assert main(["export", "rmt_nano", "--in-chans", "1", "--num-classes", "10", "--input-size", "28", "28",
+                 "-o", str(tmp_path / "m.onnx")]) == 0
+    assert "max |diff|" in capsys.readouterr().out
+    rmt = timm.create_model("rmt_nano")
+    save_file({k: v.contiguous() for k, v in rmt.state_dict().items()}, tmp_path / "w.safetensors")
+    assert main(["convert", str(tmp_path / "w.safetensors"), "--model", "sdt_h_nano", "-o", str(tmp_path / "s.safetensors")]) == 0
+    assert main(["viz", "--model", "sdt_h_nano", "--weights", str(tmp_path / "s.safetensors"), "--image", "coffee",
+                 "--size", "32", "40", "--query", "10,12", "-o", str(tmp_path / "viz")]) == 0
+    assert sorted(p.name for p in (tmp_path / "viz").iterdir()) == [f"stage{i}.png" for i in range(1, 5)]
+    assert main(["viz", "--model", "sdt_h_nano", "--image", "missing.png"]) == 2

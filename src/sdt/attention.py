@@ -20,7 +20,8 @@ exactly at RMT's decay and learns away from it. alpha is learned per head by def
 (``alpha="learned"``): it lets a head rescale its whole decay without driving the gate into
 logsigmoid's flat tail; ``alpha="fixed"`` keeps it at 1.
 """
-from typing import Optional, Tuple
+import contextlib
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -221,3 +222,17 @@ class SpatialDecayAttention(nn.Module):
         if self.lce is not None:
             out = out + self.lce(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.proj(out)
+
+
+@contextlib.contextmanager
+def reference_backend(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily run every spatial-decay attention of ``model`` on the reference backend."""
+    modules = [m for m in model.modules() if isinstance(m, SpatialDecayAttention)]
+    saved = [m.backend for m in modules]
+    for m in modules:
+        m.backend = "reference"
+    try:
+        yield model
+    finally:
+        for m, backend in zip(modules, saved):
+            m.backend = backend

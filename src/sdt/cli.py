@@ -140,6 +140,9 @@ def run_convert(args: argparse.Namespace) -> int:
     model = timm.create_model(args.model, **kwargs)
     counts = convert_rmt_checkpoint(args.checkpoint, model, args.output)
     print(f"wrote {args.output}: {counts['tensors']} tensors, {counts['gate_tensors']} gate tensors at RMT's decay")
+    return 0
+
+
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train", help="train a classifier from a recipe", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -212,6 +215,9 @@ def run_eval(args: argparse.Namespace) -> int:
                                  split=args.split, input_size=args.input_size, batch_size=args.batch_size,
                                  output_dir=args.output, use_ema=args.ema)
     print(format_eval(result))
+    return 0
+
+
 def add_gen_train_parser(subparsers: argparse._SubParsersAction) -> None:
     from .generate import GenTrainConfig
 

@@ -3,7 +3,8 @@
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` and reported as
 multiply-adds (one multiply-add = one FLOP), the convention of the RMT and SDT papers and of
 fvcore. FlopCounterMode counts matmuls, convolutions and attention (we add the CPU flash-attention kernel
-it does not know); element-wise work
+it does not know), always on the reference attention backend so that every model is counted
+the same way; element-wise work
 (softmax, norms, activations, the decay bias itself) is not counted, as in fvcore.
 """
 from typing import Dict, List, Optional, Tuple
@@ -12,6 +13,8 @@ import timm
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from .attention import reference_backend
 
 # FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel that SDPA uses
 # here, so attention would count as zero on a CPU.
@@ -52,7 +55,7 @@ def count_flops(model: nn.Module, input_size: Tuple[int, int, int] = (3, 224, 22
     model.eval()
     device = next(model.parameters()).device
     counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS)
-    with counter:
+    with counter, reference_backend(model):
         model(torch.zeros(1, *input_size, device=device), *[t.to(device) for t in extra_inputs])
     model.train(was_training)
     return counter.get_total_flops() // 2

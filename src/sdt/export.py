@@ -6,33 +6,18 @@ so one file serves every resolution. (The dynamo exporter in torch 2.14 fails on
 its decomposition turns a reshape of a transposed tensor with symbolic sizes into an invalid view.)
 Export always runs the ``reference`` attention backend, the one made of standard ops.
 """
-import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import timm
 import torch
 from torch import nn
 
-from .attention import SpatialDecayAttention
+from .attention import reference_backend
 
 ONNX_OPSET = 17
-
-
-@contextlib.contextmanager
-def reference_backend(model: nn.Module) -> Iterator[nn.Module]:
-    """Temporarily run every spatial-decay attention of ``model`` on the reference backend."""
-    modules = [m for m in model.modules() if isinstance(m, SpatialDecayAttention)]
-    saved = [m.backend for m in modules]
-    for m in modules:
-        m.backend = "reference"
-    try:
-        yield model
-    finally:
-        for m, backend in zip(modules, saved):
-            m.backend = backend
 
 
 def create_model_from_weights(name: str, weights: str = "", **kwargs) -> nn.Module:
