@@ -163,4 +163,7 @@ def test_cli_models_export_convert_viz(tmp_path, capsys):
     assert main(["viz", "--model", "sdt_h_nano", "--weights", str(tmp_path / "s.safetensors"), "--image", "coffee",
                  "--size", "32", "40", "--query", "10,12", "-o", str(tmp_path / "viz")]) == 0
     assert sorted(p.name for p in (tmp_path / "viz").iterdir()) == [f"stage{i}.png" for i in range(1, 5)]
+    assert main(["viz", "--model", "sdt_h_nano", "--in-chans", "1", "--num-classes", "10", "--image", "fmnist:3",
+                 "--size", "28", "28", "-o", str(tmp_path / "viz_fmnist")]) == 0
+    assert len(list((tmp_path / "viz_fmnist").glob("stage*.png"))) == 4
     assert main(["viz", "--model", "sdt_h_nano", "--image", "missing.png"]) == 2

@@ -83,7 +83,8 @@ def add_viz_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--in-chans", type=int, default=None)
     p.add_argument("--image", default="astronaut",
-                   help="an image path, or a scikit-image sample: astronaut, chelsea, coffee (default: astronaut)")
+                   help="an image path, a scikit-image sample (astronaut, chelsea, coffee) or a Fashion-MNIST "
+                        "test image fmnist:<index> (default: astronaut)")
     p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
                    help="resize the image to this (default: the model's input size)")
     p.add_argument("--query", default=None, help="query location 'x,y' in resized-image pixels (default: centre)")

@@ -27,7 +27,8 @@ IMAGE_NAMES = ("astronaut", "chelsea", "coffee")
 
 
 def load_image(source: str, size: Tuple[int, int], in_chans: int, mean, std) -> Tuple[Tensor, Tensor]:
-    """Load an image file or a scikit-image sample (``astronaut``, ``chelsea``, ``coffee``).
+    """Load an image file, a scikit-image sample (``astronaut``, ``chelsea``, ``coffee``) or a
+    Fashion-MNIST test image (``fmnist:<index>``).
 
     Returns (model input (1, C, H, W) normalised, display image (H, W, 3) in [0, 1]).
     """
@@ -37,11 +38,18 @@ def load_image(source: str, size: Tuple[int, int], in_chans: int, mean, std) -> 
     if source in IMAGE_NAMES:
         from skimage import data
 
-        array = getattr(data, source)()
-        pil = Image.fromarray(array)
+        pil = Image.fromarray(getattr(data, source)())
+    elif source.startswith("fmnist:"):
+        from .data import fashion_mnist_tensors
+
+        images, _ = fashion_mnist_tensors("test")
+        index = source.split(":", 1)[1]
+        if not index.isdigit() or int(index) >= len(images):
+            raise ValueError(f"{source!r}: give a Fashion-MNIST test image index 0..{len(images) - 1}, e.g. fmnist:7")
+        pil = Image.fromarray(images[int(index), 0].numpy())
     else:
         if not Path(source).is_file():
-            raise FileNotFoundError(f"image {source!r} not found; give an image path or one of {IMAGE_NAMES}")
+            raise FileNotFoundError(f"image {source!r} not found; give an image path, fmnist:<index> or one of {IMAGE_NAMES}")
         try:
             pil = Image.open(source)
             pil.load()
