@@ -3,7 +3,7 @@
     cfg = load_config(TrainConfig, "quick", ["engine.epochs=3", "model.name=rmt_nano"])
     save_config(cfg, "runs/x/config.yaml")
 
-A recipe is a name (``recipes/<name>.yaml`` in this repository) or a path to a YAML file. Unknown
+A recipe is a name (``sdt/recipes/<name>.yaml``, shipped with the package) or a path to a YAML file. Unknown
 keys and values of the wrong type are errors that name the key, so a typo never trains silently
 with a default.
 """
@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar, Union
 import yaml
 
 T = TypeVar("T")
-RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"  # shipped inside the package
 
 
 class ConfigError(ValueError):
