@@ -167,3 +167,24 @@ def test_cli_models_export_convert_viz(tmp_path, capsys):
                  "--size", "28", "28", "-o", str(tmp_path / "viz_fmnist")]) == 0
     assert len(list((tmp_path / "viz_fmnist").glob("stage*.png"))) == 4
     assert main(["viz", "--model", "sdt_h_nano", "--image", "missing.png"]) == 2
+
+
+def test_create_model_from_weights_reads_torch_checkpoints_safely(tmp_path):
+    import argparse
+
+    from sdt.export import create_model_from_weights
+
+    rmt = timm.create_model("rmt_nano", num_classes=10).eval()
+    torch.save({"model": rmt.state_dict(), "args": argparse.Namespace(lr=1e-3)}, tmp_path / "ckpt.pth")
+    model = create_model_from_weights("sdt_h_nano", str(tmp_path / "ckpt.pth"), num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), rmt(x), atol=1e-5)  # SDT from RMT weights starts as RMT
+
+    import datetime  # any object beyond tensors, containers and Namespace is refused, not unpickled
+
+    torch.save({"model": rmt.state_dict(), "when": datetime.datetime(2026, 1, 1)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        create_model_from_weights("rmt_nano", str(tmp_path / "bad.pth"), num_classes=10)
+    with pytest.raises(ValueError, match="--num-classes"):
+        create_model_from_weights("rmt_nano", str(tmp_path / "ckpt.pth"), num_classes=5)

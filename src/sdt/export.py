@@ -21,14 +21,23 @@ ONNX_OPSET = 17
 
 
 def create_model_from_weights(name: str, weights: str = "", **kwargs) -> nn.Module:
-    """``timm.create_model`` with weights from a local file (safetensors, or a torch checkpoint
-    loaded with ``weights_only=True``), RMT's released checkpoints included (the model's checkpoint
-    filter renames their keys). No network access."""
+    """``timm.create_model`` with weights from a local file: safetensors, or a torch checkpoint read
+    with ``weights_only=True`` (no pickled code runs). RMT's released checkpoints work too: SDT-H/RMT
+    models pass them through ``checkpoint_filter_fn``. No network access."""
+    model = timm.create_model(name, **kwargs)
     if not weights:
-        return timm.create_model(name, **kwargs)
-    if not Path(weights).is_file():
-        raise FileNotFoundError(f"weights file {weights!r} does not exist; pass the path of a .safetensors or .pth file")
-    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)), **kwargs)
+        return model
+    from .models.sdt_h import SpatialDecayTransformer, checkpoint_filter_fn
+
+    state = load_checkpoint_file(weights)
+    if isinstance(model, SpatialDecayTransformer):
+        state = checkpoint_filter_fn(state, model)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"weights {weights!r} do not fit {name} with {kwargs or 'its default arguments'}: "
+                         f"check the model name, --num-classes and --in-chans ({str(e).splitlines()[0]})") from e
+    return model
 
 
 def export_onnx(model: nn.Module, path: str, input_size: Tuple[int, int, int] = (3, 224, 224),
