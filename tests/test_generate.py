@@ -1,6 +1,9 @@
-"""Generation training loop, sampling outputs, FID and the shipped Fashion-MNIST extractor."""
-import json
+"""Generation training on the shared engine, sampling outputs, FID and the shipped Fashion-MNIST extractor."""
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,52 +12,102 @@ import torch
 from safetensors.torch import load_file
 
 from sdt.cli import main
+from sdt.config import ConfigError, load_config
 from sdt.data import fashion_mnist_tensors
+from sdt.engine import checkpoint_dirs
 from sdt.fid import ClassifierFeatures, compute_fid, conditional_accuracy, in_domain_extractor, inception_fid
-from sdt.generate import GenTrainConfig, class_labels, load_generator, sample_images, save_samples, train_generator
+from sdt.generate import GenConfig, class_labels, load_generator, sample_images, save_samples, train_generator
 
-TINY = dict(hidden_size=32, depth=1, num_heads=2)
-
-
-def _config(steps: int, **kwargs) -> GenTrainConfig:
-    args = dict(model="dit_n_4", attn="cag", model_kwargs=TINY, steps=steps, batch_size=8, lr=1e-3,
-                ema_decay=0.9, log_every=1, checkpoint_every=2, threads=1)
-    args.update(kwargs)
-    return GenTrainConfig(**args)
+SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-def test_resume_continues_exactly(tmp_path):
-    train_generator(_config(4), str(tmp_path / "full"))
-    train_generator(_config(2), str(tmp_path / "split"))
-    with open(tmp_path / "split" / "config.json") as f:
-        assert json.load(f)["steps"] == 2
-    train_generator(_config(4), str(tmp_path / "split"), resume=True)
+def _overrides(data_dir: Path, **extra: str) -> list:
+    """A seconds-long gen-train run: a 1-block, width-32 DiT on the fake 200-image Fashion-MNIST."""
+    values = {"model.kwargs": "{hidden_size: 32, depth: 1, num_heads: 2}", "data.data_dir": str(data_dir),
+              "data.val_size": "40", "data.workers": "0", "engine.batch_size": "16", "engine.epochs": "2",
+              "engine.threads": "1", "engine.log_every_steps": "2", "engine.ckpt_every_steps": "3",
+              "engine.keep_checkpoints": "20", "engine.ema_decay": "0.9", "sample.steps": "2", "sample.preview_per_class": "2"}
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def _config(data_dir: Path, **extra: str) -> GenConfig:
+    return load_config(GenConfig, "gen-fashion-mnist", _overrides(data_dir, **extra))
+
+
+@pytest.fixture
+def trained_run(fake_fmnist: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    train_generator(_config(fake_fmnist), str(run))
+    return run
+
+
+def test_gen_train_writes_a_run_and_resume_is_exact(trained_run: Path, fake_fmnist: Path, tmp_path: Path):
+    for name in ("config.yaml", "metrics.jsonl", "train.log", "best.safetensors", "curves.png", "samples.png",
+                 "report.md", "summary.json"):
+        assert (trained_run / name).is_file(), name
+    steps = [int(p.name.split("-")[1]) for p in checkpoint_dirs(trained_run)]
+    assert steps[-1] == 2 * (160 // 16) and 3 in steps
+    # Resume a copy from the step-3 checkpoint (mid-epoch 1): timesteps, noise, label dropout and
+    # flips must continue exactly, so the final weights equal the uninterrupted run's bitwise.
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_run, copy)
+    for later in checkpoint_dirs(copy)[1:]:
+        shutil.rmtree(later)
+    train_generator(GenConfig(), str(copy), resume="auto")
+    final_a, final_b = checkpoint_dirs(trained_run)[-1], checkpoint_dirs(copy)[-1]
+    assert final_a.name == final_b.name
     for name in ("model.safetensors", "ema.safetensors"):
-        full, split = load_file(tmp_path / "full" / name), load_file(tmp_path / "split" / name)
-        for key in full:
-            torch.testing.assert_close(full[key], split[key], atol=0, rtol=0)
-    assert not any(p.endswith(".tmp") for p in os.listdir(tmp_path / "split"))
+        a, b = load_file(final_a / name), load_file(final_b / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    model, cfg = load_generator(str(copy))
+    assert cfg.model.objective == "flow" and cfg.model.num_classes == 10 and model.in_channels == 1
     with pytest.raises(FileExistsError, match="--resume"):
-        train_generator(_config(4), str(tmp_path / "full"))
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train_generator(_config(4), str(tmp_path / "empty"), resume=True)
+        train_generator(_config(fake_fmnist), str(trained_run))
 
 
-def test_flow_objective_trains_and_samples(tmp_path):
-    train_generator(_config(2, objective="flow"), str(tmp_path))
-    model, config = load_generator(str(tmp_path))
-    images = sample_images(model, config.objective, class_labels(10, 1), seed=0, num_steps=2, cfg_scale=2.0)
+@pytest.mark.parametrize("change, error, message", [
+    ({"model.learn_sigma": "true"}, ConfigError, "needs model.objective=ddpm"),
+    ({"model.name": "dit_n_4", "data.input_size": "30"}, ConfigError, "not a multiple of patch_size"),
+    ({"model.attn": "linear"}, ConfigError, "model.attn must be one of"),
+    ({"sample.sampler": "ddim"}, ConfigError, "does not fit model.objective=flow"),
+    ({"model.in_chans": "3"}, Exception, "set model.in_chans=1"),
+])
+def test_bad_gen_configs_fail_before_writing(fake_fmnist: Path, tmp_path: Path, change, error, message):
+    with pytest.raises(error, match=message):
+        train_generator(_config(fake_fmnist, **change), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_ddpm_with_learned_sigma_trains_and_samples(fake_fmnist: Path, tmp_path: Path):
+    train_generator(_config(fake_fmnist, **{"model.objective": "ddpm", "model.learn_sigma": "true", "engine.epochs": "1"}),
+                    str(tmp_path / "run"))
+    model, cfg = load_generator(str(tmp_path / "run"), "best")
+    assert model.learn_sigma and model.out_channels == 2
+    images = sample_images(model, cfg.model.objective, class_labels(10, 1), seed=0, num_steps=2, cfg_scale=2.0)
     assert images.shape == (10, 1, 28, 28) and images.dtype == torch.uint8
 
 
-def test_sampling_is_seeded_and_batch_independent(tmp_path):
-    train_generator(_config(2), str(tmp_path))
-    model, config = load_generator(str(tmp_path))
+def test_gen_train_runs_under_torchrun(fake_fmnist: Path, tmp_path: Path):
+    run = tmp_path / "ddp"
+    args = ["gen-train", "--output", str(run)] + [a for o in _overrides(fake_fmnist, **{"engine.epochs": "1"}) for a in ("-o", o)]
+    env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29519",
+                             "-m", "sdt.cli", *args], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 processes" in (run / "train.log").read_text()
+    assert checkpoint_dirs(run)[-1].name == f"step-{160 // 16:08d}" and (run / "samples.png").is_file()
+
+
+def test_sampling_is_seeded_and_batch_independent(trained_run: Path, tmp_path: Path):
+    model, _ = load_generator(str(trained_run))
     labels = class_labels(10, 1)
     a = sample_images(model, "ddpm", labels, seed=1, sampler="ddpm", num_steps=3, batch_size=10)
     b = sample_images(model, "ddpm", labels, seed=1, sampler="ddpm", num_steps=3, batch_size=10)
     c = sample_images(model, "ddpm", labels, seed=2, sampler="ddpm", num_steps=3, batch_size=10)
     assert torch.equal(a, b) and not torch.equal(a, c)
+    heun = [sample_images(model, "flow", labels, seed=1, num_steps=2, batch_size=n) for n in (10, 3)]
+    assert torch.equal(heun[0], heun[1])  # deterministic samplers: sample i does not depend on the batching
     paths = save_samples(a, labels, str(tmp_path / "s"), grid_per_class=1)
     with np.load(paths["npz"]) as data:
         assert data["arr_0"].shape == (10, 28, 28, 1) and data["arr_0"].dtype == np.uint8
@@ -93,10 +146,13 @@ def test_inception_needs_a_local_file():
         inception_fid("/nonexistent/pt_inception.pth")
 
 
-def test_cli_gen_train_sample_fid(tmp_path, capsys):
+def test_cli_gen_train_sample_fid(fake_fmnist: Path, tmp_path: Path, capsys):
     run = str(tmp_path / "run")
-    assert main(["gen-train", "--output", run, "--model", "dit_n_4", "--steps", "1", "--batch-size", "4", "--threads", "1"]) == 0
-    assert main(["sample", run, "--out", str(tmp_path / "s"), "--per-class", "2", "--steps", "2", "--threads", "1"]) == 0
+    args = ["gen-train", "--output", run, "--attn", "fixed", "--epochs", "1"]
+    assert main(args + [a for o in _overrides(fake_fmnist) for a in ("-o", o)]) == 0
+    assert main(["gen-train", "--output", run, "--resume", "--attn", "cag"]) == 2  # resume keeps the saved config
+    assert main(["sample", run, "--out", str(tmp_path / "s"), "--per-class", "2", "--threads", "1"]) == 0
     assert main(["fid", str(tmp_path / "s.npz"), "--num-reference", "200", "--threads", "1"]) == 0
     out = capsys.readouterr().out
+    assert "flow, sampler default, 2 steps, cfg scale 1.5" in out  # the run's sample section
     assert "FID" in out and "20 samples vs 200 images of Fashion-MNIST test[:200]" in out and "conditional accuracy" in out

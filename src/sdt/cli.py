@@ -15,7 +15,7 @@ Each subcommand is one ``add_*_parser`` function (its arguments) and one ``run_*
 import argparse
 import os
 import sys
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 
 def add_models_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -144,6 +144,14 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_run_arguments(p: argparse.ArgumentParser, recipe_help: str, default_output: str) -> None:
+    """--recipe, --output and --resume: what every command that starts or continues a run takes."""
+    p.add_argument("--recipe", help=recipe_help)
+    p.add_argument("--output", help=f"run folder (default: {default_output}); must be new unless --resume")
+    p.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
+                   help="continue the run in --output from its newest checkpoint (or from CHECKPOINT), with its saved config")
+
+
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train", help="train a classifier from a recipe", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -156,11 +164,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
                "  sdt train --recipe imagenet --data-dir /data/imagenet -o engine.amp=bf16\n"
                "  sdt train --output runs/rmt --resume                       # continue after a crash\n"
                "  torchrun --nproc-per-node 4 -m sdt.cli train --recipe imagenet --data-dir /data/imagenet")
-    p.add_argument("--recipe", help="recipe name (quick, fashion-mnist, imagenet) or path to a YAML file")
-    p.add_argument("--output", help="run folder (default: runs/<model>-<date>-<time>); must be new unless --resume")
-    p.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
-                   help="continue the run in --output from its newest checkpoint (or from CHECKPOINT), "
-                        "with its saved config")
+    add_run_arguments(p, "recipe name (quick, fashion-mnist, imagenet) or path to a YAML file", "runs/<model>-<date>-<time>")
     p.add_argument("--model", help="model name (= -o model.name=...)")
     p.add_argument("--data-dir", help="dataset folder (= -o data.data_dir=...)")
     p.add_argument("--epochs", type=int, help="= -o engine.epochs=...")
@@ -171,22 +175,10 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .config import ConfigError, load_config
     from .train import TrainConfig, train
 
-    overrides = list(args.override)
-    for flag, key in (("model", "model.name"), ("data_dir", "data.data_dir"), ("epochs", "engine.epochs"),
-                      ("batch_size", "engine.batch_size")):
-        if getattr(args, flag) is not None:
-            overrides.append(f"{key}={getattr(args, flag)}")
-    if args.resume is not None:
-        if args.recipe or overrides:
-            raise ConfigError("--resume continues a run with its saved config; drop --recipe and overrides")
-        cfg = None
-    else:
-        if not args.recipe:
-            raise ConfigError("choose a recipe, e.g. --recipe quick (recipes: quick, fashion-mnist, imagenet)")
-        cfg = load_config(TrainConfig, args.recipe, overrides)
+    cfg = _recipe_and_overrides(args, {"model": "model.name", "data_dir": "data.data_dir", "epochs": "engine.epochs",
+                                       "batch_size": "engine.batch_size"}, TrainConfig)
     train(cfg or TrainConfig(), args.output, args.resume)
     return 0
 
@@ -220,52 +212,77 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def add_gen_train_parser(subparsers: argparse._SubParsersAction) -> None:
-    from .generate import GenTrainConfig
-
-    d = GenTrainConfig()
-    p = subparsers.add_parser("gen-train", help="train a class-conditional DiT with spatial-decay attention",
-                              description="Train a DiT (sdt.models.dit) on Fashion-MNIST train with DDPM or flow matching; "
-                                          "writes config.json, model/ema safetensors, state.pt and log.jsonl to --output.")
-    p.add_argument("--output", required=True, help="run folder")
-    p.add_argument("--model", default=d.model, help=f"DiT config name (default {d.model}; see sdt.models.dit.list_dits())")
-    p.add_argument("--attn", default=d.attn, choices=("vanilla", "fixed", "cag"), help="attention kind (default cag)")
-    p.add_argument("--objective", default=d.objective, choices=("ddpm", "flow"), help="DDPM epsilon or SiT flow matching")
-    p.add_argument("--learn-sigma", action="store_true", help="DDPM only: learned variance with the hybrid loss")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate, no weight decay (default {d.lr}, DiT's)")
-    p.add_argument("--ema-decay", type=float, default=d.ema_decay)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--data-dir", default=d.data_dir, help="folder with the Fashion-MNIST IDX .gz files")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--threads", type=int, default=d.threads, help="torch intra-op threads")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    p = subparsers.add_parser(
+        "gen-train", help="train a class-conditional DiT (vanilla / fixed / cag attention)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a class-conditional diffusion transformer (sdt.models.dit) with DDPM or flow matching, "
+                    "on the engine of 'sdt train' (same checkpoints, exact resume, progress bars, torchrun). "
+                    "The run folder gets config.yaml, checkpoints (model + EMA), metrics.jsonl, TensorBoard logs, "
+                    "curves.png, samples.png (a row per class, EMA weights) and report.md.",
+        epilog="examples:\n"
+               "  sdt gen-train --output runs/gen-cag                           # recipe gen-fashion-mnist, attn cag\n"
+               "  sdt gen-train --output runs/gen-fixed --attn fixed\n"
+               "  sdt gen-train --output runs/gen-ddpm --objective ddpm -o model.learn_sigma=true\n"
+               "  sdt gen-train --output runs/gen-cag --resume                  # continue after a crash\n"
+               "  torchrun --nproc-per-node 8 -m sdt.cli gen-train --model dit_s_2 --dataset folder --data-dir /data/x")
+    add_run_arguments(p, "recipe name or YAML file (default gen-fashion-mnist)", "runs/<model>-<attn>-<date>-<time>")
+    p.add_argument("--model", help="DiT config, e.g. dit_n_4, dit_s_2 (= -o model.name=...)")
+    p.add_argument("--attn", choices=("vanilla", "fixed", "cag"), help="attention kind (= -o model.attn=...)")
+    p.add_argument("--objective", choices=("ddpm", "flow"), help="DiT's epsilon DDPM or SiT's flow matching")
+    p.add_argument("--dataset", choices=("fashion-mnist", "folder"), help="= -o data.dataset=...")
+    p.add_argument("--data-dir", help="dataset folder (= -o data.data_dir=...)")
+    p.add_argument("--epochs", type=int, help="= -o engine.epochs=...")
+    p.add_argument("--batch-size", type=int, help="global batch size (= -o engine.batch_size=...)")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any config value, e.g. -o engine.lr=1e-4 -o model.kwargs.depth=6 (repeatable)")
     p.set_defaults(func=run_gen_train)
 
 
-def run_gen_train(args: argparse.Namespace) -> int:
-    from .generate import GenTrainConfig, train_generator
+def _recipe_and_overrides(args: argparse.Namespace, flags: Dict[str, str], config_class: type,
+                          default_recipe: Optional[str] = None) -> Optional[Any]:
+    """The config of a new run from --recipe (or ``default_recipe``), the shortcut flags and -o
+    overrides; None for --resume, which continues with the run's saved config."""
+    from .config import ConfigError, load_config
 
-    config = GenTrainConfig(model=args.model, attn=args.attn, objective=args.objective,
-                            model_kwargs=dict(learn_sigma=args.learn_sigma), steps=args.steps,
-                            batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay, seed=args.seed,
-                            data_dir=args.data_dir, checkpoint_every=args.checkpoint_every, threads=args.threads)
-    print(train_generator(config, args.output, resume=args.resume))
+    overrides = list(args.override)
+    for flag, key in flags.items():
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    if args.resume is not None:
+        if overrides or args.recipe:
+            raise ConfigError("--resume continues a run with its saved config; drop --recipe and overrides")
+        return None
+    recipe = args.recipe or default_recipe
+    if not recipe:
+        raise ConfigError("choose a recipe, e.g. --recipe quick (recipes: quick, fashion-mnist, imagenet)")
+    return load_config(config_class, recipe, overrides)
+
+
+def run_gen_train(args: argparse.Namespace) -> int:
+    from .generate import GenConfig, train_generator
+
+    cfg = _recipe_and_overrides(args, {"model": "model.name", "attn": "model.attn", "objective": "model.objective",
+                                       "dataset": "data.dataset", "data_dir": "data.data_dir",
+                                       "epochs": "engine.epochs", "batch_size": "engine.batch_size"}, GenConfig,
+                                 default_recipe="gen-fashion-mnist")
+    train_generator(cfg or GenConfig(), args.output, args.resume)
     return 0
 
 
 def add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("sample", help="class-conditional samples from a generation run (PNG grid + .npz)",
-                              description="Sample every class from a 'sdt gen-train' run with its EMA weights. Writes "
-                                          "<out>.npz (arr_0: uint8 (N, H, W, C), labels) and <out>.png (a row per class).")
+                              description="Sample every class from a 'sdt gen-train' run (EMA weights of its newest "
+                                          "checkpoint by default). Writes <out>.npz (arr_0: uint8 (N, H, W, C), labels) "
+                                          "and <out>.png (a row per class). Sampler, steps and guidance default to the "
+                                          "run's config (section sample).")
     p.add_argument("run", help="run folder of 'sdt gen-train'")
     p.add_argument("--out", required=True, help="output prefix (writes <out>.npz and <out>.png)")
     p.add_argument("--per-class", type=int, default=10, help="samples per class")
-    p.add_argument("--sampler", default=None, help="ddim | ddpm (DDPM objective), heun | euler (flow); default ddim / heun")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (DDPM: respaced)")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--sampler", default=None, help="ddim | ddpm (DDPM objective), heun | euler (flow)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (DDPM: respaced)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (1: none)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--weights", default="ema", choices=("ema", "model"))
+    p.add_argument("--weights", default="ema", choices=("ema", "model", "best"))
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=run_sample)
@@ -279,13 +296,16 @@ def run_sample(args: argparse.Namespace) -> int:
     from .generate import class_labels, load_generator, sample_images, save_samples
 
     torch.set_num_threads(args.threads)
-    model, config = load_generator(args.run, args.weights)
+    model, cfg = load_generator(args.run, args.weights)
+    sampler = args.sampler or cfg.sample.sampler
+    steps = args.steps if args.steps is not None else cfg.sample.steps
+    cfg_scale = args.cfg_scale if args.cfg_scale is not None else cfg.sample.cfg_scale
     labels = class_labels(model.num_classes, args.per_class)
     start = time.perf_counter()
-    images = sample_images(model, config.objective, labels, args.seed, args.sampler, args.steps, args.cfg_scale,
-                           batch_size=args.batch_size)
+    images = sample_images(model, cfg.model.objective, labels, args.seed, sampler, steps, cfg_scale, batch_size=args.batch_size)
     paths = save_samples(images, labels, args.out)
-    print(f"{len(images)} samples in {time.perf_counter() - start:.0f}s -> {paths['npz']}, {paths['png']}")
+    print(f"{len(images)} samples ({cfg.model.objective}, sampler {sampler or 'default'}, {steps} steps, cfg scale "
+          f"{cfg_scale}, {args.weights} weights, seed {args.seed}) in {time.perf_counter() - start:.0f}s -> {paths['npz']}, {paths['png']}")
     return 0
 
 

@@ -85,7 +85,7 @@ class EngineConfig:
 
 class Task(Protocol):
     """What the engine trains. ``metric`` names the key of ``evaluate``'s result that selects
-    ``best`` (higher is better)."""
+    ``best``; higher is better unless the task sets ``higher_is_better = False`` (a loss)."""
     metric: str
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
@@ -412,7 +412,8 @@ class Trainer:
         self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup) if cfg.ema_decay else None
 
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        self.best: Dict[str, Any] = {"value": -math.inf, "epoch": -1, "source": ""}
+        worst = -math.inf if getattr(task, "higher_is_better", True) else math.inf
+        self.best: Dict[str, Any] = {"value": worst, "epoch": -1, "source": ""}
         self.train_seconds, self.train_images = 0.0, 0
         self._rng_to_restore: Optional[Dict[str, Any]] = None
         if state is not None:
@@ -515,11 +516,12 @@ class Trainer:
         return metrics
 
     def _update_best(self, metrics: Dict[str, float]) -> None:
+        sign = 1.0 if getattr(self.task, "higher_is_better", True) else -1.0
         candidates = [("model", metrics[self.task.metric], self.model)]
         if self.ema is not None:
             candidates.append(("ema", metrics["ema_" + self.task.metric], self.ema.module))
-        source, value, module = max(candidates, key=lambda c: c[1])
-        if value > self.best["value"]:
+        source, value, module = max(candidates, key=lambda c: sign * c[1])
+        if sign * value > sign * self.best["value"]:
             self.best = {"value": value, "epoch": self.epoch, "source": source}
             if self.dist.is_main:
                 save_weights(self.output_dir / "best.safetensors", module.state_dict(),
@@ -615,3 +617,47 @@ def check_output_dir(output_dir: Path, resume: bool) -> None:
     elif output_dir.exists() and any(output_dir.iterdir()):
         raise FileExistsError(f"{output_dir} already holds files; pass --resume to continue that run, "
                               f"or choose a new --output folder")
+
+
+def resolve_run(config_class: type, cfg: Any, output_dir: Optional[str], resume: Optional[str],
+                default_name: str) -> Tuple[Any, DistInfo, Path, Optional[Path]]:
+    """The config, processes, run folder and checkpoint of a new or resumed run; writes nothing.
+
+    ``resume``: None (new run), ``"auto"`` (the newest checkpoint of ``output_dir``) or a checkpoint
+    folder; a resumed run uses the config saved in ``output_dir`` instead of ``cfg``. Without
+    ``output_dir`` a new run goes to ``runs/<default_name>-<date>-<time>`` (the same name on every rank).
+    """
+    from .config import load_config
+
+    resume_from = None
+    if resume is not None:
+        if output_dir is None:
+            raise ConfigError("--resume needs the --output folder of the run to continue")
+        check_output_dir(Path(output_dir), resume=True)
+        resume_from = find_last_checkpoint(Path(output_dir)) if resume == "auto" else Path(resume)
+        cfg = load_config(config_class, str(Path(output_dir) / "config.yaml"))
+    info = setup_distributed(cfg.engine.device)
+    if cfg.engine.threads:
+        torch.set_num_threads(cfg.engine.threads)
+    if output_dir is None:
+        box = [f"runs/{default_name}-{time.strftime('%Y%m%d-%H%M%S')}"]
+        if info.distributed:
+            dist.broadcast_object_list(box, src=0)
+        output_dir = box[0]
+    return cfg, info, Path(output_dir), resume_from
+
+
+def start_run(cfg: Any, out: Path, info: DistInfo, resumed: bool) -> None:
+    """After every check has passed: refuse a folder that holds another run, write ``config.yaml``
+    (new runs), start logging. All ranks call it; only rank 0 writes."""
+    from .config import save_config
+
+    check_output_dir(out, resumed)
+    if info.distributed:
+        dist.barrier()  # every rank has checked the folder before rank 0 writes to it
+    if info.is_main and not resumed:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    if info.distributed:
+        dist.barrier()
+    setup_logging(out, info.is_main)

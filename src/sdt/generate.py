@@ -1,50 +1,72 @@
-"""Train a class-conditional DiT on Fashion-MNIST and sample from it.
+"""Class-conditional generation on top of ``sdt.engine``: the config, the diffusion task (loss and
+validation loss), ``sdt gen-train``, and sampling (``sdt sample``).
 
-``train_generator`` is a deliberately small loop (AdamW, constant lr, no weight decay, EMA, seeded,
-atomic safetensors checkpoints, resume) so that it can later move onto the shared training engine.
-``sample_images`` draws class-conditional samples with the EMA weights (deterministic given the
-seed) and ``save_samples`` writes DiT-style outputs: one PNG grid (a row per class) and an .npz of
-uint8 images.
+    cfg = load_config(GenConfig, "gen-fashion-mnist", ["model.attn=fixed"])
+    summary = train_generator(cfg, output_dir="runs/gen-fixed")
+    model, cfg = load_generator("runs/gen-fixed")      # EMA weights of the newest checkpoint
+    images = sample_images(model, cfg.model.objective, class_labels(10, 100), seed=0)
 
-A run folder holds:
-    config.json         model name and arguments, objective, training settings
-    model.safetensors   raw weights       ema.safetensors   EMA weights (used for sampling)
-    state.pt            optimizer state, step, RNG states (tensors only; loaded with weights_only=True)
-    log.jsonl           one line per logging interval: step, loss, images/s
+A run folder is an ``sdt train`` run folder (config.yaml, checkpoints/ with model and EMA weights
+and the training state, metrics.jsonl, tb/, train.log, curves.png, summary.json, report.md, best.safetensors
+= lowest validation loss) plus ``samples.png``: a row per class drawn with the final EMA weights.
+The training loop, checkpoints, exact resume, progress bars and torchrun are the engine's.
 """
 import json
-import os
+import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
-from timm.utils import ModelEmaV3
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
-from .diffusion import SAMPLERS, create_objective
-from .data import FASHION_MNIST_DIR, fashion_mnist_tensors
-from .models.dit import DiT, create_dit
+from .complexity import count_flops, count_params
+from .config import ConfigError, atomic_write, load_config
+from .data import Batch, DataConfig, DataError, ImageSamples, check_images, num_channels, raw_dataset
+from .diffusion import OBJECTIVES, SAMPLERS, create_objective
+from .engine import (DistInfo, EngineConfig, Trainer, all_reduce_sum, check_engine_config, checkpoint_dirs,
+                     load_into, load_weights, plot_curves, resolve_run, start_run)
+from .models.dit import ATTN_DECAY, DiT, create_dit
+
+_logger = logging.getLogger("sdt")
 
 
 @dataclass
-class GenTrainConfig:
-    """Settings of one generation run (written to config.json)."""
-    model: str = "dit_n_4"
-    attn: str = "cag"
-    objective: str = "ddpm"
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)
-    steps: int = 3000
-    batch_size: int = 64
-    lr: float = 1e-4
-    ema_decay: float = 0.9999
-    seed: int = 0
-    data_dir: str = FASHION_MNIST_DIR
-    log_every: int = 50
-    checkpoint_every: int = 500
-    threads: int = 2
+class GenModelConfig:
+    name: str = "dit_n_4"                # sdt.models.dit.list_dits()
+    attn: str = "cag"                    # "vanilla" (plain DiT), "fixed" (RMT decay), "cag" (SDT decay)
+    objective: str = "flow"              # "ddpm" (DiT: epsilon, linear betas, T=1000) or "flow" (SiT: velocity)
+    learn_sigma: bool = False            # ddpm only: learned variance with the hybrid loss
+    num_classes: Optional[int] = None    # None: the dataset's class count
+    in_chans: Optional[int] = None       # None: the dataset's channel count
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # more create_dit arguments (hidden_size, depth, ...)
+
+
+@dataclass
+class GenAugConfig:
+    hflip: float = 0.5                   # random horizontal flip probability
+
+
+@dataclass
+class SampleConfig:
+    """How ``sdt sample`` (and the preview at the end of training) draws samples by default."""
+    sampler: Optional[str] = None        # ddim | ddpm (ddpm objective), heun | euler (flow); None: the first
+    steps: int = 50
+    cfg_scale: float = 1.0               # classifier-free guidance (1: none)
+    preview_per_class: int = 10          # samples.png at the end of training (0: none)
+
+
+@dataclass
+class GenConfig:
+    model: GenModelConfig = field(default_factory=GenModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(val_size=1000))
+    aug: GenAugConfig = field(default_factory=GenAugConfig)
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(lr=1e-4, lr_base_size=256, weight_decay=0.0,
+                                                                      warmup_epochs=0.0, sched="constant", ema_decay=0.9999))
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
 
 def images_to_model(images: Tensor) -> Tensor:
@@ -57,107 +79,175 @@ def model_to_images(x: Tensor) -> Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def _atomic_save_file(tensors: Dict[str, Tensor], path: str) -> None:
-    tmp = path + ".tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
+def generation_transform(input_size: int, hflip: float, training: bool) -> Any:
+    """PIL image -> (C, input_size, input_size) float in [-1, 1]: resize the short side, centre crop,
+    random horizontal flip when ``training``."""
+    from torchvision import transforms
+
+    steps = [transforms.Resize(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
+             transforms.CenterCrop(input_size)]
+    if training and hflip > 0:
+        steps.append(transforms.RandomHorizontalFlip(hflip))
+    steps += [transforms.PILToTensor(), transforms.Lambda(images_to_model)]
+    return transforms.Compose(steps)
 
 
-def _atomic_torch_save(obj: Any, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def check_gen_config(cfg: GenConfig) -> None:
+    """Config values that cannot work, as a ``ConfigError`` naming the key."""
+    if cfg.model.attn not in ATTN_DECAY:
+        raise ConfigError(f"model.attn must be one of {tuple(ATTN_DECAY)}, got {cfg.model.attn!r}")
+    if cfg.model.objective not in OBJECTIVES:
+        raise ConfigError(f"model.objective must be one of {OBJECTIVES}, got {cfg.model.objective!r}")
+    if cfg.model.learn_sigma and cfg.model.objective != "ddpm":
+        raise ConfigError("model.learn_sigma=true needs model.objective=ddpm (flow matching predicts a velocity only)")
+    if cfg.sample.sampler is not None and cfg.sample.sampler not in SAMPLERS[cfg.model.objective]:
+        raise ConfigError(f"sample.sampler={cfg.sample.sampler!r} does not fit model.objective={cfg.model.objective}; "
+                          f"choose one of {SAMPLERS[cfg.model.objective]}")
 
 
-def build_model(config: GenTrainConfig) -> DiT:
-    return create_dit(config.model, attn=config.attn, **config.model_kwargs)
+def build_model(cfg: GenModelConfig, input_size: int) -> DiT:
+    """The DiT of a run config (num_classes and in_chans resolved)."""
+    try:
+        return create_dit(cfg.name, attn=cfg.attn, learn_sigma=cfg.learn_sigma, num_classes=cfg.num_classes,
+                          in_channels=cfg.in_chans, input_size=input_size, **cfg.kwargs)
+    except ValueError as e:  # unknown name, or an image side the patch size does not divide
+        raise ConfigError(f"model: {e}") from e
 
 
-def _save_checkpoint(out_dir: str, model: DiT, ema: ModelEmaV3, optimizer: torch.optim.Optimizer,
-                     step: int, generator: torch.Generator) -> None:
-    _atomic_save_file(model.state_dict(), os.path.join(out_dir, "model.safetensors"))
-    _atomic_save_file(ema.module.state_dict(), os.path.join(out_dir, "ema.safetensors"))
-    _atomic_torch_save({"optimizer": optimizer.state_dict(), "step": step, "generator": generator.get_state(),
-                        "torch_rng": torch.get_rng_state()}, os.path.join(out_dir, "state.pt"))
+class DiffusionTask:
+    """The objective's training loss; validation: the same loss at fixed (seeded) timesteps and noise,
+    so that evaluations are comparable across epochs (lower is better)."""
+    metric = "loss"
+    higher_is_better = False
+
+    def __init__(self, objective_name: str, learn_sigma: bool, seed: int):
+        self.objective = create_objective(objective_name, learn_sigma)
+        self.seed = seed
+
+    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        # timesteps, noise and label dropout draw from the loop's RNG, which checkpoints save
+        return self.objective.training_losses(model, batch.images, batch.targets)["loss"].mean()
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: DataLoader, dist_info: DistInfo) -> Dict[str, float]:
+        was_training = model.training
+        model.eval()
+        sums = torch.zeros(2, dtype=torch.float64, device=dist_info.device)
+        for index, batch in enumerate(loader):
+            if len(batch.images) == 0:
+                continue
+            generator = torch.Generator(dist_info.device).manual_seed(self.seed * 1_000_003 + index * dist_info.world_size + dist_info.rank)
+            images, labels = batch.images.to(dist_info.device), batch.targets.to(dist_info.device)
+            losses = self.objective.training_losses(model, images, labels, generator)["loss"]
+            sums += torch.stack([losses.double().sum(), torch.tensor(float(len(losses)), dtype=torch.float64, device=dist_info.device)])
+        all_reduce_sum(sums, dist_info)
+        model.train(was_training)
+        return {"loss": (sums[0] / sums[1].clamp(min=1)).item()}
 
 
-def train_generator(config: GenTrainConfig, out_dir: str, resume: bool = False) -> Dict[str, float]:
-    """Train ``config.model`` on Fashion-MNIST train; returns {"steps", "images_per_s", "final_loss"}.
+def _datasets(cfg: GenConfig, in_chans: int) -> Dict[str, ImageSamples]:
+    return {split: ImageSamples(raw_dataset(cfg.data, split, in_chans),
+                                generation_transform(cfg.data.input_size, cfg.aug.hflip, split == "train"),
+                                seed=cfg.engine.seed if split == "train" else None, strict=cfg.data.strict_images)
+            for split in ("train", "val")}
 
-    With ``resume`` the run continues from out_dir's last checkpoint (weights, EMA, optimizer, step, RNG).
+
+def train_generator(cfg: GenConfig, output_dir: Optional[str] = None, resume: Optional[str] = None) -> Dict[str, Any]:
+    """Train a class-conditional DiT as ``cfg`` says; ``resume`` as in ``sdt.train.train``.
+
+    Returns the run summary (also summary.json / report.md): steps, images/s, best and final
+    validation loss, parameters, GMACs.
     """
-    torch.set_num_threads(config.threads)
-    os.makedirs(out_dir, exist_ok=True)
-    config_path = os.path.join(out_dir, "config.json")
-    if resume:
-        if not os.path.isfile(os.path.join(out_dir, "state.pt")):
-            raise FileNotFoundError(f"--resume: no checkpoint in {out_dir} (state.pt missing); drop --resume to start fresh")
-    elif os.path.exists(os.path.join(out_dir, "model.safetensors")):
-        raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it or pick another --output")
-    tmp = config_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(asdict(config), f, indent=2)
-    os.replace(tmp, config_path)
+    cfg, info, out, resume_from = resolve_run(GenConfig, cfg, output_dir, resume, f"{cfg.model.name}-{cfg.model.attn}")
+    check_gen_config(cfg)
+    channels = num_channels(cfg.data, cfg.model.in_chans or 3)
+    if cfg.model.in_chans is not None and cfg.model.in_chans != channels:
+        raise DataError(f"{cfg.data.dataset} images have {channels} channel(s) but model.in_chans={cfg.model.in_chans}; "
+                        f"set model.in_chans={channels} (or leave it unset)")
+    cfg.model.in_chans = channels
+    datasets = _datasets(cfg, channels)
+    classes = datasets["train"].classes
+    if cfg.model.num_classes is not None and cfg.model.num_classes < len(classes):
+        raise DataError(f"the dataset has {len(classes)} classes but model.num_classes={cfg.model.num_classes}; "
+                        f"set model.num_classes={len(classes)} (or leave it unset)")
+    cfg.model.num_classes = cfg.model.num_classes or len(classes)
+    torch.manual_seed(cfg.engine.seed)
+    model = build_model(cfg.model, cfg.data.input_size)
+    for ds in datasets.values():
+        check_images(ds, channels, cfg.model.num_classes, model.patch_size)
+    check_engine_config(cfg.engine, info, len(datasets["train"]))
+    start_run(cfg, out, info, resume_from is not None)
 
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    images, labels = fashion_mnist_tensors("train", config.data_dir)
-    model = build_model(config)
-    objective = create_objective(config.objective, model.learn_sigma)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
-    ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True)
-    step = 0
-    if resume:
-        model.load_state_dict(load_file(os.path.join(out_dir, "model.safetensors")))
-        ema.module.load_state_dict(load_file(os.path.join(out_dir, "ema.safetensors")))
-        state = torch.load(os.path.join(out_dir, "state.pt"), weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-
-    model.train()
-    log = open(os.path.join(out_dir, "log.jsonl"), "a")
-    seen, start, loss_sum, loss_count, images_per_s = 0, time.perf_counter(), 0.0, 0, 0.0
-    while step < config.steps:
-        index = torch.randint(0, len(images), (config.batch_size,), generator=generator)
-        x = images_to_model(images[index])
-        flip = torch.rand(config.batch_size, generator=generator) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        loss = objective.training_losses(model, x, labels[index], generator)["loss"].mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        ema.update(model, step=step)
-        seen += config.batch_size
-        loss_sum += loss.item()
-        loss_count += 1
-        if step % config.log_every == 0 or step == config.steps:
-            images_per_s = seen / (time.perf_counter() - start)
-            record = dict(step=step, loss=loss_sum / loss_count, images_per_s=images_per_s)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            print(f"step {step}/{config.steps} loss {record['loss']:.4f} {images_per_s:.1f} img/s", flush=True)
-            loss_sum, loss_count = 0.0, 0
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            _save_checkpoint(out_dir, model, ema, optimizer, step, generator)
-    log.close()
-    return {"steps": step, "images_per_s": images_per_s, "final_loss": loss.item()}
+    t, y = torch.zeros(1), torch.zeros(1, dtype=torch.long)
+    params, flops = count_params(model), count_flops(model, (channels, cfg.data.input_size, cfg.data.input_size), t, y)
+    _logger.info("model %s (attn %s, %s objective): %.2fM parameters, %.1f MMACs at %dx%d; %d processes on %s; output %s",
+                 cfg.model.name, cfg.model.attn, cfg.model.objective, params / 1e6, flops / 1e6, cfg.data.input_size,
+                 cfg.data.input_size, info.world_size, info.device, out)
+    wall_start = time.perf_counter()
+    task = DiffusionTask(cfg.model.objective, cfg.model.learn_sigma, cfg.engine.seed)
+    trainer = Trainer(cfg.engine, model, task, datasets["train"], datasets["val"], out, info,
+                      workers=cfg.data.workers, resume_from=resume_from)
+    summary = trainer.fit()
+    summary.update(model=cfg.model.name, attn=cfg.model.attn, objective=cfg.model.objective, params=params,
+                   flops=flops, input_size=cfg.data.input_size, processes=info.world_size,
+                   wall_seconds=time.perf_counter() - wall_start)
+    if info.is_main:
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+        summary["final_val"] = {k: v for k, v in [r for r in records if r["kind"] == "val"][-1].items()
+                                if k not in ("kind", "step", "epoch")}
+        if cfg.sample.preview_per_class:
+            sampling_model = (trainer.ema.module if trainer.ema is not None else trainer.model).eval()
+            labels = class_labels(cfg.model.num_classes, cfg.sample.preview_per_class)
+            images = sample_images(sampling_model, cfg.model.objective, labels.to(info.device), seed=0,
+                                   sampler=cfg.sample.sampler, num_steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale)
+            save_samples(images, labels, str(out / "samples"), grid_per_class=cfg.sample.preview_per_class, npz=False)
+        plot_curves(out / "metrics.jsonl", out / "curves.png", task.metric)
+        atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+        atomic_write(out / "report.md", render_report(summary, cfg))
+        _logger.info("done: %d steps, %.0f training images/s, final val loss %.4f, report %s", summary["global_step"],
+                     summary["train_images_per_s"], summary["final_val"]["loss"], out / "report.md")
+    return summary
 
 
-def load_generator(run_dir: str, weights: str = "ema") -> Tuple[DiT, GenTrainConfig]:
-    """Rebuild a trained model from a run folder; ``weights`` "ema" (default, DiT samples with EMA) or "model"."""
-    config_path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{run_dir} is not a generation run (no config.json); give the --output of 'sdt gen-train'")
-    with open(config_path) as f:
-        config = GenTrainConfig(**json.load(f))
-    if weights not in ("ema", "model"):
-        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
-    model = build_model(config)
-    model.load_state_dict(load_file(os.path.join(run_dir, f"{weights}.safetensors")))
-    return model.eval(), config
+def render_report(s: Dict[str, Any], cfg: GenConfig) -> str:
+    final = s["final_val"]
+    rows = [
+        ("model", f"`{s['model']}`, attn `{s['attn']}`, {s['objective']} objective ({s['params'] / 1e6:.2f}M parameters, "
+                  f"{s['flops'] / 1e6:.1f} MMACs at {s['input_size']}x{s['input_size']})"),
+        ("data", f"{cfg.data.dataset} {cfg.data.data_dir or ''}".strip()),
+        ("epochs / steps / global batch / processes", f"{cfg.engine.epochs} / {s['global_step']} / {cfg.engine.batch_size} / {s['processes']}"),
+        ("final val loss (model / EMA)", f"{final['loss']:.4f} / {final.get('ema_loss', float('nan')):.4f}"),
+        ("best val loss", f"{s['best']['value']:.4f} (epoch {s['best']['epoch']}, {s['best']['source']} weights)"),
+        ("wall time (this segment)", f"{s['wall_seconds'] / 60:.1f} min"),
+        ("training throughput", f"{s['train_images_per_s']:.0f} images/s"),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    preview = "![samples](samples.png) (EMA weights, a row per class)\n\n" if cfg.sample.preview_per_class else ""
+    return (f"# Generation training report\n\n| | |\n|---|---|\n{table}\n\n{preview}![curves](curves.png)\n\n"
+            f"Config: `config.yaml`; metrics: `metrics.jsonl`, `tb/`.\n")
+
+
+def load_generator(run_dir: str, weights: str = "ema") -> Tuple[DiT, GenConfig]:
+    """Rebuild a trained model from a run folder. ``weights``: "ema" (default; DiT samples with EMA) or
+    "model" from the newest checkpoint, or "best" (lowest validation loss)."""
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a generation run (no config.yaml); give the --output of 'sdt gen-train'")
+    cfg = load_config(GenConfig, str(run / "config.yaml"))
+    if weights not in ("ema", "model", "best"):
+        raise ValueError(f"weights must be 'ema', 'model' or 'best', got {weights!r}")
+    if weights == "best":
+        path = run / "best.safetensors"
+    else:
+        found = checkpoint_dirs(run)
+        if not found:
+            raise FileNotFoundError(f"{run_dir} has no checkpoint yet (checkpoints/ is empty)")
+        path = found[-1] / f"{weights}.safetensors"
+        if weights == "ema" and not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: the run trained without EMA (engine.ema_decay); use --weights model")
+    model = build_model(cfg.model, cfg.data.input_size)
+    load_into(model, load_weights(path), path)
+    return model.eval(), cfg
 
 
 @torch.no_grad()
@@ -166,8 +256,9 @@ def sample_images(model: DiT, objective_name: str, labels: Tensor, seed: int = 0
                   batch_size: int = 250) -> Tensor:
     """Class-conditional samples, uint8 (N, C, H, W), one per label; the same seed gives the same images.
 
-    cfg_scale 1 is plain conditional sampling; > 1 uses classifier-free guidance. The noise of sample i
-    depends only on (seed, i), so the result does not depend on ``batch_size``.
+    cfg_scale 1 is plain conditional sampling; > 1 uses classifier-free guidance. The starting noise of
+    sample i depends only on (seed, i), so the deterministic samplers (ddim, heun, euler) give the same
+    images for any ``batch_size``; the ancestral ddpm sampler's per-step noise depends on the batching too.
     """
     objective = create_objective(objective_name, model.learn_sigma)
     sampler = sampler or SAMPLERS[objective_name][0]
@@ -177,13 +268,15 @@ def sample_images(model: DiT, objective_name: str, labels: Tensor, seed: int = 0
     else:
         def model_fn(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
             return model.forward_with_cfg(x, t, y, cfg_scale)
+    device = next(model.parameters()).device
+    all_noise = torch.randn(len(labels), model.in_channels, height, width, generator=torch.Generator().manual_seed(seed))
     out = []
     for first in range(0, len(labels), batch_size):
-        y = labels[first:first + batch_size]
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + first)
-        noise = torch.randn(len(y), model.in_channels, height, width, generator=generator)
+        y = labels[first:first + batch_size].to(device)
+        noise = all_noise[first:first + batch_size].to(device)
+        generator = torch.Generator(device).manual_seed(seed * 1_000_003 + first)  # ddpm's per-step noise
         samples = objective.sample(model_fn, noise, y, sampler, num_steps, generator, clip_denoised=True)  # pixels in [-1, 1]
-        out.append(model_to_images(samples))
+        out.append(model_to_images(samples).cpu())
     return torch.cat(out)
 
 
@@ -204,19 +297,27 @@ def image_grid(images: Tensor, rows: int) -> np.ndarray:
     return array[..., 0] if c == 1 else array
 
 
-def save_samples(images: Tensor, labels: Tensor, out_prefix: str, grid_per_class: int = 10) -> Dict[str, str]:
-    """Write ``<prefix>.npz`` (arr_0: uint8 (N, H, W, C) as DiT's evaluator reads, labels: (N,)) and
-    ``<prefix>.png`` (a row per class, the first ``grid_per_class`` samples of each). Returns the paths."""
+def save_samples(images: Tensor, labels: Tensor, out_prefix: str, grid_per_class: int = 10,
+                 npz: bool = True) -> Dict[str, str]:
+    """Write ``<prefix>.npz`` (arr_0: uint8 (N, H, W, C) as DiT's evaluator reads, labels: (N,); unless
+    ``npz=False``) and ``<prefix>.png`` (a row per class, the first ``grid_per_class`` samples of each).
+    Returns the paths written."""
+    import os
+
     from PIL import Image
 
     os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
-    npz_path, png_path = out_prefix + ".npz", out_prefix + ".png"
-    tmp = npz_path + ".tmp.npz"
-    np.savez(tmp, arr_0=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
-    os.replace(tmp, npz_path)
+    paths = {"png": out_prefix + ".png"}
+    if npz:
+        paths["npz"] = out_prefix + ".npz"
+        tmp = paths["npz"] + ".tmp.npz"
+        np.savez(tmp, arr_0=images.permute(0, 2, 3, 1).cpu().numpy(), labels=labels.cpu().numpy())
+        os.replace(tmp, paths["npz"])
+    images, labels = images.cpu(), labels.cpu()
+    png_path = paths["png"]
     classes = labels.unique()
     rows = torch.cat([images[labels == c][:grid_per_class] for c in classes])
     tmp = png_path + ".tmp.png"
     Image.fromarray(image_grid(rows, len(classes))).save(tmp)
     os.replace(tmp, png_path)
-    return {"npz": npz_path, "png": png_path}
+    return paths

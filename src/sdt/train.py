@@ -22,12 +22,11 @@ from torch.utils.data import DataLoader
 
 from . import models  # noqa: F401  (registers the models with timm)
 from .complexity import count_flops, count_params
-from .config import ConfigError, atomic_write, load_config, save_config
+from .config import ConfigError, atomic_write, load_config
 from .data import (AugConfig, Batch, DataConfig, DataError, ImageSamples, build_transform, check_images,
                    num_channels, raw_dataset)
-from .engine import (DistInfo, EngineConfig, Trainer, all_reduce_sum, check_engine_config, eval_loader,
-                     check_output_dir, find_last_checkpoint, load_into, load_weights, plot_curves,
-                     setup_distributed, setup_logging)
+from .engine import (DistInfo, EngineConfig, Trainer, all_reduce_sum, check_engine_config, eval_loader, load_into,
+                     load_weights, plot_curves, resolve_run, setup_distributed, start_run)
 
 _logger = logging.getLogger("sdt")
 
@@ -180,14 +179,6 @@ def _test_split(cfg: DataConfig) -> str:
     return "test"
 
 
-def _broadcast(value: Any, dist_info: DistInfo) -> Any:
-    if not dist_info.distributed:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 # ---------------------------------------------------------------------------------------------
 # sdt train
 
@@ -198,19 +189,7 @@ def train(cfg: TrainConfig, output_dir: Optional[str] = None, resume: Optional[s
     ``resume``: ``"auto"`` (the newest checkpoint of ``output_dir``) or a checkpoint folder; the run
     then continues with the config saved in ``output_dir``. Returns the run summary (also in report.md).
     """
-    resume_from = None
-    if resume is not None:
-        if output_dir is None:
-            raise ConfigError("--resume needs the --output folder of the run to continue")
-        check_output_dir(Path(output_dir), resume=True)
-        resume_from = find_last_checkpoint(Path(output_dir)) if resume == "auto" else Path(resume)
-        cfg = load_config(TrainConfig, str(Path(output_dir) / "config.yaml"))
-    info = setup_distributed(cfg.engine.device)
-    if cfg.engine.threads:
-        torch.set_num_threads(cfg.engine.threads)
-    if output_dir is None:
-        output_dir = _broadcast(f"runs/{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}", info)
-    out = Path(output_dir)
+    cfg, info, out, resume_from = resolve_run(TrainConfig, cfg, output_dir, resume, cfg.model.name)
 
     # Everything that can be wrong with the data or model fails here, before any file is written.
     cfg.model.in_chans = resolve_in_chans(cfg)
@@ -221,15 +200,7 @@ def train(cfg: TrainConfig, output_dir: Optional[str] = None, resume: Optional[s
     for ds in datasets.values():
         check_images(ds, cfg.model.in_chans, cfg.model.num_classes, model_stride(model))
     check_engine_config(cfg.engine, info, len(datasets["train"]))
-    check_output_dir(out, resume is not None)
-    if info.distributed:
-        dist.barrier()  # every rank has checked the folder before rank 0 writes to it
-    if info.is_main and resume is None:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    if info.distributed:
-        dist.barrier()
-    setup_logging(out, info.is_main)
+    start_run(cfg, out, info, resume_from is not None)
 
     input_shape = (cfg.model.in_chans, cfg.data.input_size, cfg.data.input_size)
     params, flops = count_params(model), count_flops(model, input_shape)
