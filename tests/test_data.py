@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from conftest import write_fake_fashion_mnist, write_idx
-from sdt.data import (FASHION_MNIST_DIR, DataConfig, DataError, ImageSamples, build_transform, check_images,
+from sdt.config import ConfigError
+from sdt.data import (FASHION_MNIST_DIR, AugConfig, DataConfig, DataError, ImageSamples, build_transform, check_images,
                       collate, fashion_mnist, raw_dataset, read_idx)
 from sdt.engine import DistInfo, ResumableSampler
 
@@ -137,3 +138,27 @@ def test_sampler_ranks_partition_the_global_batch_and_resume_mid_epoch():
     assert list(one) == order[24:] and len(one) == len(order) - 24
     one.set_position(epoch=3, start_step=0)
     assert list(one) != order
+
+
+def test_repeated_augmentation_gives_each_copy_its_own_augmentation(fake_fmnist: Path):
+    cfg = DataConfig(data_dir=str(fake_fmnist), val_size=40)
+    aug = AugConfig(scale=(0.5, 1.0), reprob=0.5)
+    samples = ImageSamples(raw_dataset(cfg, "train", 1), build_transform(cfg, aug, 1), seed=0)
+    n = len(samples)
+    sampler = ResumableSampler(samples, DistInfo(), seed=1, batch_size_per_rank=8, repeats=3)
+    sampler.set_position(epoch=0, start_step=0)
+    ids = list(sampler)
+    assert len(ids) == n  # an epoch keeps its length ...
+    images = [i % n for i in ids][:n // 3 * 3]
+    assert images[0::3] == images[1::3] == images[2::3]  # ... each image three times in a row
+    assert len(set(images)) == n // 3
+    copies = [samples[i][0] for i in ids[:3]]
+    assert not torch.equal(copies[0], copies[1]) and not torch.equal(copies[1], copies[2])
+    assert torch.equal(samples[ids[1]][0], copies[1])  # seeded: the same copy is the same tensor
+    ranks = [ResumableSampler(samples, DistInfo(rank=r, world_size=3), seed=1, batch_size_per_rank=8, repeats=3) for r in range(3)]
+    for s in ranks:
+        s.set_position(epoch=0, start_step=0)
+    first = [list(s)[0] for s in ranks]  # the copies of one image go to the three ranks
+    assert len({i % n for i in first}) == 1 and len(set(first)) == 3
+    with pytest.raises(ConfigError, match="repeated_aug"):
+        ResumableSampler(samples, DistInfo(), seed=1, batch_size_per_rank=8, repeats=0)

@@ -51,6 +51,7 @@ class DataConfig:
     interpolation: str = "bicubic"
     workers: int = 2
     strict_images: bool = False         # True: an unreadable image is an error instead of a skip
+    repeated_aug: int = 1               # DeiT's repeated augmentation: each image N times per epoch (1 = off)
 
 
 @dataclass
@@ -262,13 +263,16 @@ class ImageSamples(Dataset):
         return ds.filename(i) if hasattr(ds, "filename") else f"sample {index}"
 
     def __getitem__(self, index: int) -> Optional[Tuple[Tensor, int]]:
+        """``index`` may exceed ``len(self)``: copy ``index // len(self)`` of image ``index % len(self)``
+        (repeated augmentation, ``sdt.engine.ResumableSampler``), augmented with its own seed."""
+        image_index = index % len(self.raw)
         try:
-            img, label = self.raw[index]
+            img, label = self.raw[image_index]
         except IMAGE_ERRORS as e:
             if self.strict:
-                raise DataError(f"cannot read image {self._filename(index)}: {e} "
+                raise DataError(f"cannot read image {self._filename(image_index)}: {e} "
                                 f"(set data.strict_images=false to skip unreadable images)") from e
-            _logger.warning("skipping unreadable image %s: %s", self._filename(index), e)
+            _logger.warning("skipping unreadable image %s: %s", self._filename(image_index), e)
             return None
         if self.seed is None:
             return self.transform(img), label

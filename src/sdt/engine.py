@@ -155,12 +155,22 @@ def unwrap(model: nn.Module) -> nn.Module:
 class ResumableSampler(DistributedSampler):
     """``DistributedSampler`` (shuffled by (seed, epoch)) that can start ``start_step`` batches into
     an epoch. Rank r takes every world_size-th index, so the union of the ranks' i-th batches is the
-    one-process i-th batch of the same global size."""
+    one-process i-th batch of the same global size.
 
-    def __init__(self, dataset: Dataset, dist_info: DistInfo, seed: int, batch_size_per_rank: int):
+    ``repeats`` > 1 is DeiT's repeated augmentation: each image of the shuffled order appears
+    ``repeats`` times in a row (so copies land on neighbouring ranks, or in one batch), as sample
+    id ``copy * len(dataset) + index``, which ``sdt.data.ImageSamples`` maps back to the image while
+    seeding each copy's augmentation differently. An epoch keeps the length of a plain one, so it
+    sees about len(dataset) / repeats distinct images (as timm's ``RepeatAugSampler``).
+    """
+
+    def __init__(self, dataset: Dataset, dist_info: DistInfo, seed: int, batch_size_per_rank: int, repeats: int = 1):
         super().__init__(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
                          shuffle=True, seed=seed, drop_last=True)
+        if repeats < 1:
+            raise ConfigError(f"data.repeated_aug must be >= 1 (1 = off, DeiT uses 3), got {repeats}")
         self.batch_size_per_rank = batch_size_per_rank
+        self.repeats = repeats
         self.start_step = 0
 
     def set_position(self, epoch: int, start_step: int) -> None:
@@ -168,7 +178,14 @@ class ResumableSampler(DistributedSampler):
         self.start_step = start_step
 
     def __iter__(self) -> Iterator[int]:
-        return iter(list(super().__iter__())[self.start_step * self.batch_size_per_rank:])
+        if self.repeats == 1:
+            indices = list(super().__iter__())
+        else:
+            n = len(self.dataset)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            ids = (order[:, None] + n * torch.arange(self.repeats)).flatten()[:self.total_size]
+            indices = ids[self.rank:self.total_size:self.num_replicas].tolist()
+        return iter(indices[self.start_step * self.batch_size_per_rank:])
 
     def __len__(self) -> int:
         return super().__len__() - self.start_step * self.batch_size_per_rank
@@ -384,13 +401,13 @@ class Trainer:
 
     def __init__(self, cfg: EngineConfig, model: nn.Module, task: Task, train_set: Dataset, val_set: Dataset,
                  output_dir: Path, dist_info: DistInfo, workers: int = 2,
-                 resume_from: Optional[Path] = None):
+                 resume_from: Optional[Path] = None, repeated_aug: int = 1):
         from timm.optim import create_optimizer_v2
         from timm.scheduler import create_scheduler_v2
         from timm.utils import ModelEmaV3
 
         self.cfg, self.task, self.dist, self.output_dir = cfg, task, dist_info, Path(output_dir)
-        self.train_set, self.val_set, self.workers = train_set, val_set, workers
+        self.train_set, self.val_set, self.workers, self.repeated_aug = train_set, val_set, workers, repeated_aug
         check_engine_config(cfg, dist_info, len(train_set))
         self.batch_size_per_rank = cfg.batch_size // dist_info.world_size
         self.steps_per_epoch = len(train_set) // cfg.batch_size
@@ -532,7 +549,7 @@ class Trainer:
 
         cfg, info = self.cfg, self.dist
         logger = MetricsLogger(self.output_dir, info.is_main, self.resume_step)
-        sampler = ResumableSampler(self.train_set, info, cfg.seed, self.batch_size_per_rank)
+        sampler = ResumableSampler(self.train_set, info, cfg.seed, self.batch_size_per_rank, self.repeated_aug)
         loader = DataLoader(self.train_set, batch_size=self.batch_size_per_rank, sampler=sampler, drop_last=True,
                             num_workers=self.workers, collate_fn=collate, generator=torch.Generator(),
                             pin_memory=info.device.type == "cuda")

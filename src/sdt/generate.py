@@ -186,7 +186,8 @@ def train_generator(cfg: GenConfig, output_dir: Optional[str] = None, resume: Op
     wall_start = time.perf_counter()
     task = DiffusionTask(cfg.model.objective, cfg.model.learn_sigma, cfg.engine.seed)
     trainer = Trainer(cfg.engine, model, task, datasets["train"], datasets["val"], out, info,
-                      workers=cfg.data.workers, resume_from=resume_from)
+                      workers=cfg.data.workers, resume_from=resume_from,
+                      repeated_aug=cfg.data.repeated_aug)
     summary = trainer.fit()
     summary.update(model=cfg.model.name, attn=cfg.model.attn, objective=cfg.model.objective, params=params,
                    flops=flops, input_size=cfg.data.input_size, processes=info.world_size,

@@ -211,7 +211,8 @@ def train(cfg: TrainConfig, output_dir: Optional[str] = None, resume: Optional[s
     wall_start = time.perf_counter()
     task = ClassificationTask(cfg.model.num_classes, cfg.aug)
     trainer = Trainer(cfg.engine, model, task, datasets["train"], datasets["val"], out, info,
-                      workers=cfg.data.workers, resume_from=resume_from)
+                      workers=cfg.data.workers, resume_from=resume_from,
+                      repeated_aug=cfg.data.repeated_aug)
     summary = trainer.fit()
     train_wall = time.perf_counter() - wall_start
 
