@@ -319,7 +319,7 @@ def add_fid_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reference", default="test", choices=("test", "train"), help="Fashion-MNIST split (default test, 10k)")
     p.add_argument("--num-reference", type=int, default=0, help="use the first N reference images (default: all)")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX .gz files")
-    p.add_argument("--extractor", default="sdt_h_nano.fmnist_extractor", help="timm model[.tag] giving pre-logit features")
+    p.add_argument("--extractor", default="sdt_h_nano.fmnist", help="timm model[.tag] giving pre-logit features")
     p.add_argument("--extractor-checkpoint", default=None, help="safetensors weights for --extractor (e.g. from 'sdt train')")
     p.add_argument("--inception-weights", default=None, help="local Inception-v3 FID weights file: use Inception features")
     p.add_argument("--threads", type=int, default=2)

@@ -3,8 +3,8 @@ accuracy of an in-domain classifier on class-conditional samples.
 
 Extractors:
 - in-domain (default): the pre-logit features of a classifier trained on the same dataset. For
-  Fashion-MNIST the package ships ``sdt_h_nano.fmnist_extractor`` (512 features; see
-  scripts/train_fid_extractor.py and docs/generation.md), so FIDs from different users compare.
+  Fashion-MNIST the package ships ``sdt_h_nano.fmnist`` (512 features; see
+  docs/generation.md), so FIDs from different users compare.
 - Inception: torchmetrics' FID Inception-v3 (2048 features), only from a local weights file
   (``pt_inception-2015-12-05-6726825d.pth``); never downloaded. Needs ``pip install sdt[fid-inception]``.
 
@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-DEFAULT_EXTRACTOR = "sdt_h_nano.fmnist_extractor"
+DEFAULT_EXTRACTOR = "sdt_h_nano.fmnist"
 
 
 class ClassifierFeatures(nn.Module):

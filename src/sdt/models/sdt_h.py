@@ -509,8 +509,9 @@ _WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 
 default_cfgs = generate_default_cfgs({
     "sdt_h_nano": _cfg(**_nano_cfg),
-    # Shipped with the package: the Fashion-MNIST FID extractor (scripts/train_fid_extractor.py, docs/generation.md).
-    "sdt_h_nano.fmnist_extractor": _cfg(
+    # Shipped with the package: `sdt train --recipe fashion-mnist` weights (scripts/ship_weights.py), the default
+    # Fashion-MNIST FID extractor (docs/generation.md).
+    "sdt_h_nano.fmnist": _cfg(
         file=os.path.join(_WEIGHTS_DIR, "sdt_h_nano_fmnist.safetensors"), num_classes=10,
         input_size=(1, 28, 28), pool_size=(2, 2), crop_pct=1.0,
         mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, license="apache-2.0"),
