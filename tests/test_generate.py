@@ -117,7 +117,7 @@ def test_sampling_is_seeded_and_batch_independent(trained_run: Path, tmp_path: P
 
 
 def test_shipped_extractor_loads_offline_and_classifies():
-    model = timm.create_model("sdt_h_nano.fmnist_extractor", pretrained=True)
+    model = timm.create_model("sdt_h_nano.fmnist", pretrained=True)
     assert (model.in_chans, model.num_classes) == (1, 10)
     plain = timm.create_model("sdt_h_nano")  # the shipped tag must not become the architecture's default
     assert (plain.in_chans, plain.num_classes) == (3, 1000)

@@ -25,11 +25,12 @@ from torch.utils.data import DataLoader
 
 from .complexity import count_flops, count_params
 from .config import ConfigError, atomic_write, load_config
-from .data import Batch, DataConfig, DataError, ImageSamples, check_images, num_channels, raw_dataset
+from .data import Batch, DataConfig, ImageSamples, check_images, raw_dataset
 from .diffusion import OBJECTIVES, SAMPLERS, create_objective
 from .engine import (DistInfo, EngineConfig, Trainer, all_reduce_sum, check_engine_config, checkpoint_dirs,
                      load_into, load_weights, plot_curves, resolve_run, start_run)
 from .models.dit import ATTN_DECAY, DiT, create_dit
+from .train import resolve_in_chans, resolve_num_classes
 
 _logger = logging.getLogger("sdt")
 
@@ -160,17 +161,9 @@ def train_generator(cfg: GenConfig, output_dir: Optional[str] = None, resume: Op
     """
     cfg, info, out, resume_from = resolve_run(GenConfig, cfg, output_dir, resume, f"{cfg.model.name}-{cfg.model.attn}")
     check_gen_config(cfg)
-    channels = num_channels(cfg.data, cfg.model.in_chans or 3)
-    if cfg.model.in_chans is not None and cfg.model.in_chans != channels:
-        raise DataError(f"{cfg.data.dataset} images have {channels} channel(s) but model.in_chans={cfg.model.in_chans}; "
-                        f"set model.in_chans={channels} (or leave it unset)")
-    cfg.model.in_chans = channels
+    cfg.model.in_chans = channels = resolve_in_chans(cfg)
     datasets = _datasets(cfg, channels)
-    classes = datasets["train"].classes
-    if cfg.model.num_classes is not None and cfg.model.num_classes < len(classes):
-        raise DataError(f"the dataset has {len(classes)} classes but model.num_classes={cfg.model.num_classes}; "
-                        f"set model.num_classes={len(classes)} (or leave it unset)")
-    cfg.model.num_classes = cfg.model.num_classes or len(classes)
+    cfg.model.num_classes = resolve_num_classes(cfg, datasets["train"].classes)
     torch.manual_seed(cfg.engine.seed)
     model = build_model(cfg.model, cfg.data.input_size)
     for ds in datasets.values():

@@ -145,8 +145,8 @@ def model_stride(model: nn.Module) -> int:
     return info[-1]["reduction"] if info else 1
 
 
-def resolve_in_chans(cfg: TrainConfig) -> int:
-    """model.in_chans checked against the data's channels (or the data's, when unset)."""
+def resolve_in_chans(cfg: Any) -> int:
+    """model.in_chans checked against the data's channels (or the data's, when unset); ``cfg``: TrainConfig or GenConfig."""
     channels = num_channels(cfg.data, cfg.model.in_chans or 3)
     if cfg.model.in_chans is not None and cfg.model.in_chans != channels:
         raise DataError(f"{cfg.data.dataset} images have {channels} channel(s) but model.in_chans={cfg.model.in_chans}; "
@@ -154,7 +154,7 @@ def resolve_in_chans(cfg: TrainConfig) -> int:
     return channels
 
 
-def resolve_num_classes(cfg: TrainConfig, classes: List[str]) -> int:
+def resolve_num_classes(cfg: Any, classes: List[str]) -> int:
     """model.num_classes checked against the data's classes (or their count, when unset)."""
     if cfg.model.num_classes is not None and cfg.model.num_classes < len(classes):
         raise DataError(f"the dataset has {len(classes)} classes but model.num_classes={cfg.model.num_classes}; "
