@@ -80,7 +80,7 @@ def main() -> None:
     print(f"  top-1 as trained {100 * (a.argmax(1) == y).float().mean():.2f}%, decay removed "
           f"{100 * (b.argmax(1) == y).float().mean():.2f}%; |logit change| / |logits| {(a - b).norm() / a.norm():.4f}; "
           f"predictions changed: {(a.argmax(1) != b.argmax(1)).sum().item()} of {len(y)}")
-    print("  blocks: grid, |attention branch| / |residual stream|, share of attention proper in the branch (rest: LCE)")
+    print("  blocks: grid, |attention branch| / |residual stream|, |attention proper| / |branch| (the branch is attention + LCE)")
     for grid, size, share in branch_sizes(trained, x[:256]):
         print(f"    {grid[0]}x{grid[1]}  {size:.3f}  {share:.2f}")
 

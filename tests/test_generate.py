@@ -123,7 +123,7 @@ def test_shipped_extractor_loads_offline_and_classifies():
     assert (plain.in_chans, plain.num_classes) == (3, 1000)
     extractor = ClassifierFeatures(model)
     images, labels = fashion_mnist_tensors("test")
-    assert conditional_accuracy(extractor, images[:500], labels[:500]) > 0.8
+    assert conditional_accuracy(extractor, images[:500], labels[:500]) > 0.9  # 91.8% measured (91.66% on all 10k)
     assert extractor(images[:2]).shape == (2, extractor.num_features)
 
 
