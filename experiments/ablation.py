@@ -16,13 +16,16 @@ import argparse
 import csv
 import json
 import math
-import statistics
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List
+
+from sdt.engine import checkpoint_dirs
 
 VARIANTS = ("none", "fixed", "learned", "content", "cag")
 DESCRIPTIONS = {
@@ -47,13 +50,15 @@ def train(out: Path, regime: str, variant: str, seed: int, epochs: int, extra: L
     if (folder / "summary.json").is_file():
         print(f"[skip] {folder} is finished")
         return
-    cmd = [sys.executable, "-m", "sdt.cli", "train", "--recipe", "ablation", "--output", str(folder),
-           "-o", f"model.kwargs.decay={variant}", "-o", f"engine.seed={seed}",
-           "-o", f"data.train_subset={REGIMES[regime]}", "-o", f"engine.epochs={epochs}", *extra]
-    if folder.exists():
-        cmd += ["--resume"]
+    if folder.exists() and not checkpoint_dirs(folder):
+        shutil.rmtree(folder)  # stopped before its first checkpoint: nothing to resume
+    if folder.exists():  # a resumed run keeps the config it saved
+        cmd = [sys.executable, "-m", "sdt.cli", "train", "--output", str(folder), "--resume"]
         print(f"[resume] {folder}")
     else:
+        cmd = [sys.executable, "-m", "sdt.cli", "train", "--recipe", "ablation", "--output", str(folder),
+               "-o", f"model.kwargs.decay={variant}", "-o", f"engine.seed={seed}",
+               "-o", f"data.train_subset={REGIMES[regime]}", "-o", f"engine.epochs={epochs}", *extra]
         print(f"[train] {folder}")
     log = folder.parent / f"{folder.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)

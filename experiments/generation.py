@@ -15,11 +15,14 @@ agreement with the conditioning labels). Writes ``results.json`` and ``results.m
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List
+
+from sdt.engine import checkpoint_dirs
 
 KINDS = ("vanilla", "fixed", "cag")
 
@@ -29,6 +32,8 @@ def gen_train(out: Path, kind: str, extra: List[str]) -> None:
     if (folder / "summary.json").is_file():
         print(f"[skip] {folder} is finished")
         return
+    if folder.exists() and not checkpoint_dirs(folder):
+        shutil.rmtree(folder)  # stopped before its first checkpoint: nothing to resume
     cmd = [sys.executable, "-m", "sdt.cli", "gen-train", "--output", str(folder)]
     cmd += ["--resume"] if folder.exists() else ["--attn", kind, *extra]
     print(f"[{'resume' if folder.exists() else 'train'}] {folder}")
