@@ -331,6 +331,12 @@ def read_metrics(path: Path) -> List[Dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
 
 
+def final_val_metrics(output_dir: Path) -> Dict[str, float]:
+    """The last validation record of a run's metrics.jsonl, without its bookkeeping keys."""
+    last = [r for r in read_metrics(Path(output_dir) / "metrics.jsonl") if r["kind"] == "val"][-1]
+    return {k: v for k, v in last.items() if k not in ("kind", "step", "epoch")}
+
+
 def plot_curves(metrics_path: Path, out_path: Path, metric: str) -> None:
     """One PNG with three panels: losses, learning rate, and the validation ``metric`` per epoch."""
     import matplotlib

@@ -28,7 +28,7 @@ from .config import ConfigError, atomic_write, load_config
 from .data import Batch, DataConfig, ImageSamples, check_images, raw_dataset
 from .diffusion import OBJECTIVES, SAMPLERS, create_objective
 from .engine import (DistInfo, EngineConfig, Trainer, all_reduce_sum, check_engine_config, checkpoint_dirs,
-                     load_into, load_weights, plot_curves, resolve_run, start_run)
+                     final_val_metrics, load_into, load_weights, plot_curves, resolve_run, start_run)
 from .models.dit import ATTN_DECAY, DiT, create_dit
 from .train import resolve_in_chans, resolve_num_classes
 
@@ -186,9 +186,7 @@ def train_generator(cfg: GenConfig, output_dir: Optional[str] = None, resume: Op
                    flops=flops, input_size=cfg.data.input_size, processes=info.world_size,
                    wall_seconds=time.perf_counter() - wall_start)
     if info.is_main:
-        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
-        summary["final_val"] = {k: v for k, v in [r for r in records if r["kind"] == "val"][-1].items()
-                                if k not in ("kind", "step", "epoch")}
+        summary["final_val"] = final_val_metrics(out)
         if cfg.sample.preview_per_class:
             sampling_model = (trainer.ema.module if trainer.ema is not None else trainer.model).eval()
             labels = class_labels(cfg.model.num_classes, cfg.sample.preview_per_class)

@@ -25,8 +25,8 @@ from .complexity import count_flops, count_params
 from .config import ConfigError, atomic_write, load_config
 from .data import (AugConfig, Batch, DataConfig, DataError, ImageSamples, build_transform, check_images,
                    num_channels, raw_dataset)
-from .engine import (DistInfo, EngineConfig, Trainer, all_reduce_sum, check_engine_config, eval_loader, load_into,
-                     load_weights, plot_curves, resolve_run, setup_distributed, start_run)
+from .engine import (DistInfo, EngineConfig, Trainer, all_reduce_sum, check_engine_config, eval_loader, final_val_metrics,
+                     load_into, load_weights, plot_curves, resolve_run, setup_distributed, start_run)
 
 _logger = logging.getLogger("sdt")
 
@@ -230,9 +230,7 @@ def train(cfg: TrainConfig, output_dir: Optional[str] = None, resume: Optional[s
                    test_split=test_split, test=test, test_images_per_s=counts["count"] / max(counts["forward_seconds"], 1e-9),
                    wall_seconds=train_wall, processes=info.world_size)
     if info.is_main:
-        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
-        last_val = [r for r in records if r["kind"] == "val"][-1]
-        summary["final_val"] = {k: v for k, v in last_val.items() if k not in ("kind", "step", "epoch")}
+        summary["final_val"] = final_val_metrics(out)
         plot_curves(out / "metrics.jsonl", out / "curves.png", task.metric)
         atomic_write(out / "summary.json", json.dumps(summary, indent=2))
         atomic_write(out / "report.md", render_report(summary, cfg))
