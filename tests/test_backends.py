@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 import sdt  # noqa: F401  registers the models
 from sdt.attention import DECAYS, SpatialDecayAttention
 from sdt.backends import choose_backend, spatial_decay_attention
+from sdt.backends import fused as fused_module
 from sdt.backends.chunked import CHUNK_ELEMENTS, chunk_rows, chunked_attention
 from sdt.backends.flex import flex_decay_attention
 from sdt.backends.reference import reference_attention
@@ -141,8 +142,8 @@ def test_flex_refuses_cpu_backward_with_a_clear_error():
 
 def test_unknown_backend_is_rejected():
     q, k, v, rates = make_inputs(1, 1, (2, 2), 4, (1, 1, 4))
-    with pytest.raises(ValueError, match="unknown attention backend 'fused'.*chunked"):
-        spatial_decay_attention(q, k, v, rates, (2, 2), "full", "manhattan", "fused")
+    with pytest.raises(ValueError, match="unknown attention backend 'fast'.*chunked"):
+        spatial_decay_attention(q, k, v, rates, (2, 2), "full", "manhattan", "fast")
 
 
 def test_auto_dispatch_table():
@@ -150,20 +151,84 @@ def test_auto_dispatch_table():
     fixed = torch.zeros(1, 4, 1)
     cag = torch.zeros(8, 4, 3136)
     learned = torch.zeros(1, 4, 1, requires_grad=True)
-    assert choose_backend(stage1, cag, "full") == "chunked"  # CPU, training or not
-    assert choose_backend(stage1, fixed, "full") == "chunked"  # (n, L, L) bias of 157 MB
-    assert choose_backend(stage3, torch.zeros(1, 8, 1), "full") == "reference"
-    assert choose_backend(stage3, torch.zeros(8, 8, 196), "full") == "chunked"
-    assert choose_backend(stage4, torch.zeros(8, 16, 49), "full") == "reference"
-    assert choose_backend(torch.zeros(8, 4, 784, 32), torch.zeros(1, 4, 1), "full") == "reference"
-    assert choose_backend(torch.zeros(8, 4, 784, 32), learned, "full") == "chunked"  # bias would need grad
+    training = stage1.clone().requires_grad_()
+    # CPU inference with per-token or trained rates: the fused kernel, any layout or size
+    assert choose_backend(stage1, cag, "full") == "fused"
+    assert choose_backend(stage1, cag, "decomposed") == "fused"
+    assert choose_backend(stage4, torch.zeros(8, 16, 49), "full") == "fused"
+    assert choose_backend(stage1, learned, "decomposed") == "chunked"  # learned rates in training
     with torch.no_grad():
-        assert choose_backend(torch.zeros(8, 4, 784, 32), learned, "full") == "reference"
-    assert choose_backend(stage1, cag, "decomposed") == "chunked"
+        assert choose_backend(stage1, learned, "decomposed") == "reference"  # frozen: a fixed (n, W, W) bias
+    # untrained per-head rates: the reference while the (n, L, L) bias is small, and always decomposed
+    assert choose_backend(stage1, fixed, "full") == "fused"  # (n, L, L) bias of 157 MB
+    assert choose_backend(stage3, torch.zeros(1, 8, 1), "full") == "reference"
     assert choose_backend(stage1, fixed, "decomposed") == "reference"
-    assert choose_backend(stage1, learned, "decomposed") == "chunked"
+    assert choose_backend(torch.zeros(8, 4, 784, 32), torch.zeros(1, 4, 1), "full") == "reference"
+    # training
+    assert choose_backend(training, cag, "full") == "chunked"
+    assert choose_backend(training, cag, "decomposed") == "chunked"
+    assert choose_backend(stage3.clone().requires_grad_(), torch.zeros(8, 8, 196), "full") == "chunked"
+    assert choose_backend(stage4.clone().requires_grad_(), torch.zeros(8, 16, 49), "full") == "reference"
+    assert choose_backend(torch.zeros(8, 4, 784, 32), learned, "full") == "chunked"  # bias would need grad
     assert choose_backend(stage1, None, "full") == "reference"
     assert choose_backend(torch.zeros(8, 4, 3136, 16, device="meta"), cag, "full") == "chunked"
+
+
+@pytest.fixture(scope="module")
+def fused_kernel():
+    """The fused kernel must really be built here: a silent fallback to chunked would pass every test."""
+    assert fused_module.load() is not None, f"fused CPU kernel did not build: {fused_module._failed}"
+
+
+@pytest.mark.parametrize("rate_kind", list(RATE_SHAPES))
+@pytest.mark.parametrize("distance", ["manhattan", "indicator"])
+@pytest.mark.parametrize("sign", ["negative", "mixed"])
+@pytest.mark.parametrize("layout", ["full", "decomposed"])
+def test_fused_matches_reference(fused_kernel, rate_kind, distance, sign, layout):
+    grid = (5, 7)
+    q, k, v, rates = make_inputs(2, 3, grid, 8, RATE_SHAPES[rate_kind](2, 3, 35), sign)
+    with torch.no_grad():
+        out = spatial_decay_attention(q, k, v, rates, grid, layout, distance, "fused")
+    assert relative_error(out, reference_attention(q, k, v, rates, grid, layout, distance)) < F32_TOL
+
+
+@pytest.mark.parametrize("grid", [(7, 9), (1, 13), (11, 1), (1, 1), (3, 3), (16, 16)])
+@pytest.mark.parametrize("task_elements", [1, 40, 200, 1 << 17])
+def test_fused_tasks_odd_grids_batch_one(fused_kernel, grid, task_elements):
+    """Task sizes that cut sequences into row blocks with a partial last one, or group whole sequences."""
+    tokens = grid[0] * grid[1]
+    for batch in (1, 3):
+        q, k, v, rates = make_inputs(batch, 2, grid, 4, (batch, 2, tokens), "mixed", seed=batch)
+        out = fused_module.fused_forward(q, k, v, rates, grid, "manhattan", task_elements)
+        assert relative_error(out, reference_attention(q, k, v, rates, grid, "full", "manhattan")) < F32_TOL
+
+
+def test_fused_bfloat16_and_long_distances(fused_kernel):
+    """bf16 inputs come back in bf16; a 64x64 grid has distances up to 126 (logits far below the max)."""
+    q, k, v, rates = make_inputs(1, 2, (64, 64), 16, (1, 2, 4096), dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = spatial_decay_attention(q, k, v, rates, (64, 64), "full", "manhattan", "fused")
+    assert out.dtype == torch.bfloat16
+    assert relative_error(out, reference_attention(q, k, v, rates, (64, 64), "full", "manhattan")) < BF16_TOL
+
+
+def test_fused_refuses_training_with_a_clear_error():
+    grid = (3, 4)
+    q, k, v, rates = make_inputs(1, 2, grid, 8, (1, 2, 12))
+    with pytest.raises(RuntimeError, match="inference kernel.*chunked"):
+        spatial_decay_attention(q, k, v, rates.requires_grad_(), grid, "full", "manhattan", "fused")
+
+
+def test_fused_disabled_falls_back_to_the_chunked_loop(monkeypatch):
+    monkeypatch.setenv("SDT_FUSED", "0")
+    assert fused_module.load() is None
+    q, k, v, rates = make_inputs(2, 2, (4, 5), 8, (2, 2, 20))
+    with torch.no_grad():
+        out = spatial_decay_attention(q, k, v, rates, (4, 5), "full", "manhattan", "fused")
+    assert relative_error(out, reference_attention(q, k, v, rates, (4, 5), "full", "manhattan")) < F32_TOL
+    monkeypatch.setenv("SDT_FUSED", "maybe")
+    with pytest.raises(ValueError, match="SDT_FUSED='maybe'"):
+        fused_module.load()
 
 
 def test_chunk_rows_heuristic():

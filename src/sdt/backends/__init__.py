@@ -8,37 +8,42 @@ in speed, memory and where they run.
 |-------------|----------------------------------------|---------------------------|----------------------------------------|
 | reference   | everywhere; TorchScript, fx, ONNX      | O(B n L^2) bias (+ grads) | materialised bias + SDPA; ground truth |
 | chunked     | CPU and GPU, forward and backward      | O(B n chunk L)            | exact; custom autograd, query chunks   |
+| fused       | CPU, forward only (inference)          | O(threads * 2^17)         | C++ kernel built on first use          |
 | flex        | forward CPU/GPU, backward GPU only     | O(B n L d)                | FlexAttention score_mod, compiled      |
 
 ``rates=None`` uses plain SDPA in every backend. The decomposed layout's biases are only (W, W)
-and (H, H) per row and column; ``chunked`` runs its two passes through the same autograd Function
-(2.4x faster fwd+bwd than the reference for trained CAG rates at the stage-1 shape, on par at
-stage 2; in the whole sdt_h_tiny it gave the best images/s for inference and training),
-``flex`` hands it to the reference.
+and (H, H) per row and column; ``chunked`` and ``fused`` run its two passes as attention over
+1 x W and 1 x H grids, ``flex`` hands it to the reference. ``fused`` (``fused.py``) computes
+q k^T, the bias, the softmax and the product with v per cache-sized block of query rows; when the
+kernel cannot be built (no C++ compiler) it warns once and runs the chunked loop instead.
 
 ``backend="auto"`` decides per call, from the measurements in docs/benchmarks.md (2-core CPU).
 "Bias elements" is the size the reference would materialise, B' * n * L^2 (B' = 1 for rates
-shared by the batch, as fixed and learned per-head rates are):
+shared by the batch, as fixed and learned per-head rates are); "fixed" means per-head rates
+that need no gradient (RMT's decay, or any frozen per-head rates):
 
 | condition (first match)                                            | backend   |
 |--------------------------------------------------------------------|-----------|
 | TorchScript scripting or tracing, fx tracing, torch.compile        | reference |
 | no decay (``rates is None``)                                       | reference |
-| ``layout="decomposed"``: untrained per-head rates / others         | reference / chunked |
-| rates per head and not trained, bias elements <= 2^25 (128 MiB)    | reference |
-| otherwise, bias elements <= 2^20 (4 MiB)                           | reference |
+| fixed, decomposed layout or bias elements <= 2^25 (128 MiB)        | reference |
+| CPU and no gradient needed                                         | fused     |
+| decomposed layout                                                  | chunked   |
+| bias elements <= 2^20 (4 MiB)                                      | reference |
 | CUDA                                                               | flex      |
-| otherwise (CPU, training or inference)                             | chunked   |
+| otherwise (CPU training)                                           | chunked   |
 
 Why: a fixed per-head bias is one (n, L, L) tensor that SDPA adds cheaply (reference is 1.2-1.7x
-faster than chunked at the stage-2, stage-3 and DiT shapes, on par at stage 1). A per-token or
-trained bias is (B, n, L, L) and sends SDPA to its math kernel: chunked is 1.3-5x faster from the
-14x14 grid up (SDT-H-T stage 3) and needs 0.13 GiB instead of 5 GiB at stage 1. At 7x7 the two
-are within noise. In the decomposed layout a trained bias also sends SDPA to its math kernel and
-autograd through the bias construction, which the chunked Function avoids. The decomposed
-layout is never replaced by the full one (or back), even at 7x7 where one full attention is
-cheaper than two decomposed passes: they are different functions, and a model's layout is its
-own choice (``layouts=``, ``sdt_h_*_full2d``).
+faster than chunked at the stage-2, stage-3 and DiT shapes, on par with fused). A per-token or
+trained bias is (B, n, L, L) and sends SDPA to its math kernel. For inference the fused kernel is
+the fastest from 7x7 grids up (about 1x plain SDPA's time at the SDT-H-T stage-1 and stage-2
+shapes where chunked takes about 2x), in both layouts. For training, chunked is 1.3-5x faster
+than the reference from the 14x14 grid up (SDT-H-T stage 3) and needs 0.13 GiB instead of 5 GiB
+at stage 1; at 7x7 the two are within noise. In the decomposed layout a trained bias also sends
+SDPA to its math kernel and autograd through the bias construction, which the chunked Function
+avoids. The decomposed layout is never replaced by the full one (or back), even at 7x7 where one
+full attention is cheaper than two decomposed passes: they are different functions, and a
+model's layout is its own choice (``layouts=``, ``sdt_h_*_full2d``).
 
 ``flex`` is never chosen on CPU: it has no CPU backward (forcing it there with a gradient needed
 raises an error naming ``chunked``), and its forward compiles a kernel per new shape (about a
@@ -52,7 +57,7 @@ from torch import Tensor
 
 from .reference import reference_attention
 
-BACKENDS = ("auto", "reference", "chunked", "flex")
+BACKENDS = ("auto", "reference", "chunked", "fused", "flex")
 LAYOUTS = ("full", "decomposed")
 # Largest materialised bias (B' * n * L^2 elements) for which "auto" keeps the reference backend:
 # for untrained per-head rates, and for everything else (see the table above).
@@ -67,20 +72,25 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def choose_backend(q: Tensor, rates: Optional[Tensor], layout: str) -> str:
     """The backend ``auto`` runs for these inputs (see the table in the module docstring)."""
     if rates is None:
         return "reference"
-    fixed = rates.shape[-1] == 1 and not (rates.requires_grad and torch.is_grad_enabled())
-    if layout != "full":
-        return "reference" if fixed else "chunked"
     _, heads, tokens, _ = q.shape
-    bias_elements = rates.shape[0] * heads * tokens * tokens
-    if bias_elements <= (REFERENCE_MAX_FIXED_ELEMENTS if fixed else REFERENCE_MAX_ELEMENTS):
+    fixed = rates.shape[-1] == 1 and not _needs_grad(rates)
+    if fixed and (layout != "full" or rates.shape[0] * heads * tokens * tokens <= REFERENCE_MAX_FIXED_ELEMENTS):
         return "reference"
-    if q.device.type == "cuda":
-        return "flex"
-    return "chunked"
+    if q.device.type == "cpu" and not _needs_grad(q, rates):
+        return "fused"
+    if layout != "full":
+        return "chunked"
+    if rates.shape[0] * heads * tokens * tokens <= REFERENCE_MAX_ELEMENTS:
+        return "reference"
+    return "flex" if q.device.type == "cuda" else "chunked"
 
 
 def _tracing() -> bool:
@@ -95,8 +105,11 @@ def _eager_attention(q: Tensor, k: Tensor, v: Tensor, rates: Optional[Tensor], g
 
     if backend == "auto":
         backend = "reference" if _tracing() else choose_backend(q, rates, layout)
-    if backend == "chunked":
-        return chunked_attention(q, k, v, rates, grid, layout, distance)
+    if backend in ("chunked", "fused"):
+        if backend == "fused" and (q.device.type != "cpu" or _needs_grad(q, k, v, rates)):
+            raise RuntimeError("backend='fused' is a CPU inference kernel (no backward): use backend='chunked' "
+                               "or 'auto' for training or on a GPU, or run the forward under torch.no_grad()")
+        return chunked_attention(q, k, v, rates, grid, layout, distance, fused=backend == "fused")
     if backend == "flex":
         return flex_decay_attention(q, k, v, rates, grid, layout, distance)
     return reference_attention(q, k, v, rates, grid, layout, distance)

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from ..decay import line_distance
+from .fused import fused_forward
 from .reference import from_cols, from_rows, reference_attention, to_cols, to_rows
 
 CHUNK_ELEMENTS = 1 << 24
@@ -215,12 +216,17 @@ def _line_rates(rates: Tensor, batch: int, grid: Tuple[int, int]) -> Tuple[Tenso
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, rates: Tensor, grid: Tuple[int, int], distance: str,
-            chunk: Optional[int]) -> Tensor:
-    """ChunkedDecayAttention on float32 copies; (B, n, L, d) -> (B, n, L, d) float32."""
+            chunk: Optional[int], fused: bool) -> Tensor:
+    """(B, n, L, d) -> (B, n, L, d) float32: the fused C++ forward if asked and built, else ChunkedDecayAttention."""
+    q32, k32, v32, rates32 = (t.float() for t in (q, k, v, rates))
+    if fused:
+        out = fused_forward(q32, k32, v32, rates32, grid, distance)
+        if out is not None:
+            return out
     batch, heads, tokens, dim = q.shape
     chunk = chunk or chunk_rows(batch, heads, tokens)
-    q32, k32, v32 = (t.float().contiguous() for t in (q, k, v))
-    return ChunkedDecayAttention.apply(q32, k32, v32, rates.float(), tuple(grid), distance, chunk)
+    return ChunkedDecayAttention.apply(q32.contiguous(), k32.contiguous(), v32.contiguous(), rates32, tuple(grid),
+                                       distance, chunk)
 
 
 def chunked_attention(
@@ -232,10 +238,13 @@ def chunked_attention(
         layout: str,
         distance: str,
         chunk: Optional[int] = None,
+        fused: bool = False,
 ) -> Tensor:
     """Spatial-decay attention, exact, without materialising the (L, L) bias of the full layout.
 
     Same arguments and result as ``reference_attention``; ``chunk`` overrides ``chunk_rows``.
+    ``fused=True`` (the ``fused`` backend: inference only) runs the C++ kernel of ``fused.py``
+    instead of the Function, when it is built.
     The decomposed layout runs its row and column passes through the same Function, as
     attention over 1 x W and 1 x H grids (the 1D distance is the Manhattan distance on a line):
     this keeps the gradient of trained rates out of autograd's bias graph and SDPA's math kernel.
@@ -247,10 +256,10 @@ def chunked_attention(
     if rates is None:
         return reference_attention(q, k, v, rates, grid, layout, distance)
     if layout == "full":
-        return _attend(q, k, v, rates, grid, distance, chunk).to(q.dtype)
+        return _attend(q, k, v, rates, grid, distance, chunk, fused).to(q.dtype)
     height, width = grid
     row_rates, col_rates = _line_rates(rates, q.shape[0], grid)
     v_rows = from_rows(_attend(to_rows(q, grid), to_rows(k, grid), to_rows(v, grid), row_rates, (1, width),
-                               distance, chunk), grid)
-    out = _attend(to_cols(q, grid), to_cols(k, grid), to_cols(v_rows, grid), col_rates, (1, height), distance, chunk)
+                               distance, chunk, fused), grid)
+    out = _attend(to_cols(q, grid), to_cols(k, grid), to_cols(v_rows, grid), col_rates, (1, height), distance, chunk, fused)
     return from_cols(out, grid).to(q.dtype)
