@@ -187,6 +187,7 @@ def fused_kernel():
 def test_fused_matches_reference(fused_kernel, rate_kind, distance, sign, layout):
     grid = (5, 7)
     q, k, v, rates = make_inputs(2, 3, grid, 8, RATE_SHAPES[rate_kind](2, 3, 35), sign)
+    assert_matches_reference(lambda *args: chunked_attention(*args, fused=True), q, k, v, rates, grid, layout, distance)
     with torch.no_grad():
         out = spatial_decay_attention(q, k, v, rates, grid, layout, distance, "fused")
     assert relative_error(out, reference_attention(q, k, v, rates, grid, layout, distance)) < F32_TOL
@@ -197,10 +198,13 @@ def test_fused_matches_reference(fused_kernel, rate_kind, distance, sign, layout
 def test_fused_tasks_odd_grids_batch_one(fused_kernel, grid, task_elements):
     """Task sizes that cut sequences into row blocks with a partial last one, or group whole sequences."""
     tokens = grid[0] * grid[1]
+
+    def fused(q, k, v, rates, grid, layout, distance):
+        return fused_module.fused_attention(q, k, v, rates, grid, distance, task_elements)
+
     for batch in (1, 3):
         q, k, v, rates = make_inputs(batch, 2, grid, 4, (batch, 2, tokens), "mixed", seed=batch)
-        out = fused_module.fused_forward(q, k, v, rates, grid, "manhattan", task_elements)
-        assert relative_error(out, reference_attention(q, k, v, rates, grid, "full", "manhattan")) < F32_TOL
+        assert_matches_reference(fused, q, k, v, rates, grid)
 
 
 def test_fused_bfloat16_and_long_distances(fused_kernel):
@@ -212,11 +216,10 @@ def test_fused_bfloat16_and_long_distances(fused_kernel):
     assert relative_error(out, reference_attention(q, k, v, rates, (64, 64), "full", "manhattan")) < BF16_TOL
 
 
-def test_fused_refuses_training_with_a_clear_error():
-    grid = (3, 4)
-    q, k, v, rates = make_inputs(1, 2, grid, 8, (1, 2, 12))
-    with pytest.raises(RuntimeError, match="inference kernel.*chunked"):
-        spatial_decay_attention(q, k, v, rates.requires_grad_(), grid, "full", "manhattan", "fused")
+def test_fused_refuses_other_devices_with_a_clear_error():
+    q, k, v, rates = (t.to("meta") for t in make_inputs(1, 2, (3, 4), 8, (1, 2, 12)))
+    with pytest.raises(RuntimeError, match="CPU kernel and the inputs are on meta.*chunked"):
+        spatial_decay_attention(q, k, v, rates, (3, 4), "full", "manhattan", "fused")
 
 
 def test_fused_disabled_falls_back_to_the_chunked_loop(monkeypatch):

@@ -8,14 +8,14 @@ in speed, memory and where they run.
 |-------------|----------------------------------------|---------------------------|----------------------------------------|
 | reference   | everywhere; TorchScript, fx, ONNX      | O(B n L^2) bias (+ grads) | materialised bias + SDPA; ground truth |
 | chunked     | CPU and GPU, forward and backward      | O(B n chunk L)            | exact; custom autograd, query chunks   |
-| fused       | CPU, forward only (inference)          | O(threads * 2^17)         | C++ kernel built on first use          |
+| fused       | CPU, forward and backward              | O(threads * 2^17)         | C++ kernel built on first use          |
 | flex        | forward CPU/GPU, backward GPU only     | O(B n L d)                | FlexAttention score_mod, compiled      |
 
 ``rates=None`` uses plain SDPA in every backend. The decomposed layout's biases are only (W, W)
 and (H, H) per row and column; ``chunked`` and ``fused`` run its two passes as attention over
-1 x W and 1 x H grids, ``flex`` hands it to the reference. ``fused`` (``fused.py``) computes
-q k^T, the bias, the softmax and the product with v per cache-sized block of query rows; when the
-kernel cannot be built (no C++ compiler) it warns once and runs the chunked loop instead.
+1 x W and 1 x H grids, ``flex`` hands it to the reference. ``fused`` (``fused.py``) does the
+whole attention, forward and backward, per cache-sized block of query rows; when the kernel cannot
+be built (no C++ compiler) it warns once and runs the chunked Function instead.
 
 ``backend="auto"`` decides per call, from the measurements in docs/benchmarks.md (2-core CPU).
 "Bias elements" is the size the reference would materialise, B' * n * L^2 (B' = 1 for rates
@@ -106,9 +106,9 @@ def _eager_attention(q: Tensor, k: Tensor, v: Tensor, rates: Optional[Tensor], g
     if backend == "auto":
         backend = "reference" if _tracing() else choose_backend(q, rates, layout)
     if backend in ("chunked", "fused"):
-        if backend == "fused" and (q.device.type != "cpu" or _needs_grad(q, k, v, rates)):
-            raise RuntimeError("backend='fused' is a CPU inference kernel (no backward): use backend='chunked' "
-                               "or 'auto' for training or on a GPU, or run the forward under torch.no_grad()")
+        if backend == "fused" and q.device.type != "cpu":
+            raise RuntimeError(f"backend='fused' is a CPU kernel and the inputs are on {q.device.type}: "
+                               "use backend='chunked', 'flex' or 'auto' there")
         return chunked_attention(q, k, v, rates, grid, layout, distance, fused=backend == "fused")
     if backend == "flex":
         return flex_decay_attention(q, k, v, rates, grid, layout, distance)

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from ..decay import line_distance
-from .fused import fused_forward
+from .fused import fused_attention
 from .reference import from_cols, from_rows, reference_attention, to_cols, to_rows
 
 CHUNK_ELEMENTS = 1 << 24
@@ -217,10 +217,10 @@ def _line_rates(rates: Tensor, batch: int, grid: Tuple[int, int]) -> Tuple[Tenso
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, rates: Tensor, grid: Tuple[int, int], distance: str,
             chunk: Optional[int], fused: bool) -> Tensor:
-    """(B, n, L, d) -> (B, n, L, d) float32: the fused C++ forward if asked and built, else ChunkedDecayAttention."""
+    """(B, n, L, d) -> (B, n, L, d) float32: the fused C++ kernel if asked and built, else ChunkedDecayAttention."""
     q32, k32, v32, rates32 = (t.float() for t in (q, k, v, rates))
     if fused:
-        out = fused_forward(q32, k32, v32, rates32, grid, distance)
+        out = fused_attention(q32, k32, v32, rates32, grid, distance)
         if out is not None:
             return out
     batch, heads, tokens, dim = q.shape
@@ -243,8 +243,8 @@ def chunked_attention(
     """Spatial-decay attention, exact, without materialising the (L, L) bias of the full layout.
 
     Same arguments and result as ``reference_attention``; ``chunk`` overrides ``chunk_rows``.
-    ``fused=True`` (the ``fused`` backend: inference only) runs the C++ kernel of ``fused.py``
-    instead of the Function, when it is built.
+    ``fused=True`` (the ``fused`` backend, CPU) runs the C++ kernel of ``fused.py`` instead of the
+    Function, when it is built.
     The decomposed layout runs its row and column passes through the same Function, as
     attention over 1 x W and 1 x H grids (the 1D distance is the Manhattan distance on a line):
     this keeps the gradient of trained rates out of autograd's bias graph and SDPA's math kernel.

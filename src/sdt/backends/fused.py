@@ -1,21 +1,25 @@
-"""A fused C++ forward for CPU inference with full-2D (or line) spatial decay.
+"""The fused CPU backend: spatial-decay attention in a C++ kernel, forward and backward.
 
-The chunked backend's forward makes five passes over each (B, n, chunk, L) tile in main memory.
-This kernel (``fused_cpu.cpp``) gives each thread a group of sequences or a block of query rows
-whose logits fit in its cache, and computes q k^T, the bias, the softmax and the product with v
-there: one GEMM, two passes over cached logits, one GEMM. Forward only; ``chunked`` calls it
-when no gradient is needed and falls back to its own loop when the kernel is unavailable.
+The chunked backend makes five passes over each (B, n, chunk, L) tile in main memory. This kernel
+(``fused_cpu.cpp``) gives each thread a block of query rows (or a group of short sequences) whose
+logits fit in its cache and does everything there: forward q k^T, bias, softmax (keeping the
+log-sum-exp of each row), product with v; backward recomputes P from the log-sum-exp and forms
+dP, dS = P * (dP - rowsum(dO * O)), dq, dk, dv and the rate gradient (row i and column i of the
+symmetric bias) in one pass per block. Each backward task owns whole sequences, so dk, dv and
+d(rates) accumulate without atomics. Nothing of size L^2 reaches main memory: the extra memory is
+O(threads * TASK_ELEMENTS) plus an (S, L) log-sum-exp.
 
-The kernel is compiled on first use with ``torch.utils.cpp_extension.load`` (about a minute;
+The kernel is compiled on first use with ``torch.utils.cpp_extension.load`` (20-60 s on 2 cores;
 cached under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), with
-``-march=native``: the build is for the machine it runs on. ``SDT_FUSED=0`` disables it (and
-``SDT_FUSED=1`` makes a failed build an error instead of a warning).
+``-march=native``: the build is for the machine it runs on. ``SDT_FUSED=0`` disables it (callers
+fall back to the chunked Function); ``SDT_FUSED=1`` makes a failed build an error instead of a
+warning.
 """
 import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -25,7 +29,7 @@ log = logging.getLogger(__name__)
 # logits per task, in float32 elements: 2^17 (512 KiB, half this machine's 1 MiB L2). At the stage-1
 # shape 2^16 and 2^18 were within 5% of it, 2^14 1.9x slower (docs/benchmarks.md).
 TASK_ELEMENTS = 1 << 17
-_module = None
+_ops = None
 _failed: Optional[str] = None
 
 
@@ -37,15 +41,15 @@ def _setting() -> str:
 
 
 def load():
-    """The compiled extension module, building it on first use; None when disabled or the build failed."""
-    global _module, _failed
+    """The kernel's ops (``torch.ops.sdt_fused``), built on first use; None when disabled or the build failed."""
+    global _ops, _failed
     setting = _setting()
     if setting == "0" or _failed is not None:
         return None
-    if _module is None:
+    if _ops is None:
         from torch.utils import cpp_extension
 
-        log.info("building sdt's fused CPU attention kernel (once per machine, about a minute)")
+        log.info("building sdt's fused CPU attention kernel (once per machine, under a minute)")
         try:
             cpp_extension.load(
                 name="sdt_fused_cpu",
@@ -55,35 +59,54 @@ def load():
                 is_python_module=False,
                 verbose=False,
             )
-            _module = torch.ops.sdt_fused
         except Exception as error:  # no compiler, no headers, ...: fall back, once, loudly
-            _failed = f"{type(error).__name__}: {error}"
+            _failed = f"{type(error).__name__}: " + "\n".join(str(error).strip().splitlines()[-3:])
             if setting == "1":
                 raise RuntimeError("SDT_FUSED=1 but the fused CPU kernel failed to build: " + _failed
                                    + " (install a C++ compiler, e.g. 'apt-get install g++', or unset SDT_FUSED)") from error
             warnings.warn("sdt: the fused CPU attention kernel failed to build, using the slower chunked loop "
-                          "(set SDT_FUSED=0 to silence this): " + _failed.splitlines()[0])
+                          "(set SDT_FUSED=0 to silence this): " + _failed)
             return None
-    return _module
+        _ops = torch.ops.sdt_fused
+    return _ops
 
 
-def fused_forward(q: Tensor, k: Tensor, v: Tensor, rates: Tensor, grid: tuple, distance: str,
-                  task_elements: int = TASK_ELEMENTS) -> Optional[Tensor]:
-    """softmax(q k^T / sqrt(d) + bias) v without autograd, or None when the kernel is unavailable.
+class FusedDecayAttention(torch.autograd.Function):
+    """forward(q, k, v, rates, grid, indicator, task_elements) with q, k, v (S, L, d) and rates (S, L),
+    float32 contiguous -> (S, L, d) float32."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, rates: Tensor, grid: Tuple[int, int], indicator: bool,
+                task_elements: int) -> Tensor:
+        out, lse = _ops.forward(q, k, v, rates, grid[0], grid[1], indicator, task_elements)
+        ctx.save_for_backward(q, k, v, rates, out, lse)
+        ctx.grid, ctx.indicator, ctx.task_elements = grid, indicator, task_elements
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, rates, out, lse = ctx.saved_tensors
+        grad_q, grad_k, grad_v, grad_rates = _ops.backward(grad_out, q, k, v, out, rates, lse, ctx.grid[0],
+                                                           ctx.grid[1], ctx.indicator, ctx.task_elements)
+        return grad_q, grad_k, grad_v, grad_rates if ctx.needs_input_grad[3] else None, None, None, None
+
+
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, rates: Tensor, grid: Tuple[int, int], distance: str,
+                    task_elements: int = TASK_ELEMENTS) -> Optional[Tensor]:
+    """softmax(q k^T / sqrt(d) + bias) v with the fused kernel, or None when it is unavailable.
 
     Args:
         q, k, v: (B, n, L, d) float32 on the CPU.
-        rates: (B', n, L') float32 with B' in {1, B}, L' in {1, L}.
+        rates: (B', n, L') float32 with B' in {1, B}, L' in {1, L}; broadcast here, so autograd
+            sums the per-token gradient back to the rates' shape.
 
     Returns:
         (B, n, L, d) float32, or None.
     """
-    module = load()
-    if module is None:
+    if load() is None:
         return None
     batch, heads, tokens, dim = q.shape
-    flat_rates = rates.float().expand(batch, heads, tokens).reshape(batch * heads, tokens).contiguous()
-    out = module.decay_attention_forward(
-        *(t.reshape(batch * heads, tokens, dim).contiguous() for t in (q, k, v)), flat_rates,
-        grid[0], grid[1], distance == "indicator", task_elements)
+    flat_rates = rates.expand(batch, heads, tokens).reshape(batch * heads, tokens).contiguous()
+    q, k, v = (t.reshape(batch * heads, tokens, dim).contiguous() for t in (q, k, v))
+    out = FusedDecayAttention.apply(q, k, v, flat_rates, tuple(grid), distance == "indicator", task_elements)
     return out.view(batch, heads, tokens, dim)

@@ -1,9 +1,11 @@
-// Fused spatial-decay attention forward for the CPU (inference): see fused.py.
+// Fused spatial-decay attention for the CPU, forward and backward: see fused.py.
 //
-// For each group of sequences and block of query rows, one thread computes q k^T into a small
-// cache-resident buffer, adds the decay bias -|(s_i + s_j) / 2 * dist(i, j)| while taking the row
-// maximum (one pass), exponentiates and sums (a second pass), multiplies by v and divides by the
-// row sums. Nothing of size L^2 is written to main memory.
+// Shapes: S sequences (batch x heads, or batch x heads x rows for the decomposed layout) of
+// L = height * width tokens with head dim d; q, k, v, out (S, L, d); rates (S, L); lse (S, L).
+// bias(i, j) = -|(s_i + s_j) / 2 * dist(i, j)| with the Manhattan distance on the grid (or the
+// indicator i != j). One task is a block of query rows of one sequence, or a group of whole short
+// sequences, sized so that its (rows, L) logits stay in the core's cache: the GEMMs and the
+// elementwise passes of a block never touch main memory for anything of size L^2.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -12,11 +14,14 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 namespace {
 
-// exp(x) for x <= 0 without a libm call, so that the compiler vectorises the loop: 2^(x log2 e)
+using at::Tensor;
+
+// exp(x) for x <= 0 without a libm call, so that the compiler vectorises the loops: 2^(x log2 e)
 // split into 2^n (exponent bits) and 2^f, f in [0, 1), by a degree-5 polynomial fitted to the
 // relative error (max 2.4e-7, 2 float32 ulps). Below -87 the result is flushed towards 0.
 inline float exp_nonpositive(float x) {
@@ -35,94 +40,192 @@ inline float exp_nonpositive(float x) {
   return p * power;
 }
 
-// One query row against every key of its sequence: logits = scale * (q k^T) + bias, then
-// exp(logits - max) in place; returns the sum of the exponentials.
-inline float softmax_row(float* row, const float* rates, int64_t query, int64_t height, int64_t width,
-                         bool indicator, float scale) {
-  const int64_t q_row = query / width, q_col = query % width;
+struct Layout {
+  int64_t height, width;
+  bool indicator;
+  float scale;
+  int64_t tokens() const { return height * width; }
+};
+
+// Calls body(j, dist(query, j), pair(query, j)) for every key j, pair = (s_i + s_j) / 2 * dist:
+// the bias is -|pair|. Written as a loop over grid rows and columns so that it vectorises.
+template <typename Body>
+inline void for_each_key(const Layout& layout, const float* rates, int64_t query, Body body) {
+  const int64_t q_row = query / layout.width, q_col = query % layout.width;
   const float half_rate_i = 0.5f * rates[query];
-  float row_max = -3.0e38f;
-  for (int64_t r = 0; r < height; ++r) {
-    float* logits = row + r * width;
-    const float* line_rates = rates + r * width;
+  for (int64_t r = 0; r < layout.height; ++r) {
+    const float* line_rates = rates + r * layout.width;
     const float row_dist = static_cast<float>(std::abs(q_row - r));
-    for (int64_t c = 0; c < width; ++c) {
-      float dist;
-      if (indicator) {
-        dist = (r == q_row && c == q_col) ? 0.0f : 1.0f;
-      } else {
-        dist = row_dist + std::fabs(static_cast<float>(q_col - c));
-      }
-      const float value = logits[c] * scale - std::fabs((half_rate_i + 0.5f * line_rates[c]) * dist);
-      logits[c] = value;
-      row_max = std::max(row_max, value);
+    const int64_t offset = r * layout.width;
+    for (int64_t c = 0; c < layout.width; ++c) {
+      const float dist = layout.indicator ? ((r == q_row && c == q_col) ? 0.0f : 1.0f)
+                                          : row_dist + std::fabs(static_cast<float>(q_col - c));
+      body(offset + c, dist, (half_rate_i + 0.5f * line_rates[c]) * dist);
     }
   }
-  const int64_t tokens = height * width;
+}
+
+// Rows of q k^T in `row` become softmax probabilities; returns the row's log-sum-exp.
+inline float softmax_row(float* row, const float* rates, int64_t query, const Layout& layout) {
+  float row_max = -3.0e38f;
+  const float scale = layout.scale;
+  for_each_key(layout, rates, query, [&](int64_t j, float, float pair) {
+    const float value = row[j] * scale - std::fabs(pair);
+    row[j] = value;
+    row_max = std::max(row_max, value);
+  });
   float total = 0.0f;
+  const int64_t tokens = layout.tokens();
+#pragma omp simd reduction(+ : total)
   for (int64_t j = 0; j < tokens; ++j) {
     const float e = exp_nonpositive(row[j] - row_max);
     row[j] = e;
     total += e;
   }
-  return total;
+  const float inverse = 1.0f / total;
+#pragma omp simd
+  for (int64_t j = 0; j < tokens; ++j) row[j] *= inverse;
+  return row_max + std::log(total);
+}
+
+// Work split: `rows` query rows per block and `group` whole sequences per task when one block
+// holds a whole sequence, so that group * rows * L stays near `budget` floats.
+struct Split {
+  int64_t rows, group, blocks, groups;
+  Split(int64_t sequences, int64_t tokens, int64_t budget) {
+    rows = std::max<int64_t>(1, std::min(tokens, budget / tokens));
+    group = rows == tokens ? std::max<int64_t>(1, std::min(sequences, budget / (tokens * tokens))) : 1;
+    blocks = (tokens + rows - 1) / rows;
+    groups = (sequences + group - 1) / group;
+  }
+};
+
+void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& rates, int64_t height,
+                  int64_t width) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q must be (S, L, d) float32");
+  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "q, k, v must have the same shape");
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && rates.is_contiguous(), "inputs must be contiguous");
+  TORCH_CHECK(q.size(1) == height * width, "L must equal height * width");
+  TORCH_CHECK(rates.dim() == 2 && rates.size(0) == q.size(0) && rates.size(1) == q.size(1) &&
+              rates.scalar_type() == at::kFloat, "rates must be (S, L) float32");
+}
+
+// softmax(q k^T / sqrt(d) + bias) v and the log-sum-exp of each row: ((S, L, d), (S, L)).
+std::tuple<Tensor, Tensor> decay_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                   const Tensor& rates, int64_t height, int64_t width,
+                                                   bool indicator, int64_t budget) {
+  check_inputs(q, k, v, rates, height, width);
+  const int64_t sequences = q.size(0), tokens = q.size(1);
+  const Layout layout{height, width, indicator, 1.0f / std::sqrt(static_cast<float>(q.size(2)))};
+  const Split split(sequences, tokens, budget);
+  auto out = at::empty_like(q);
+  auto lse = at::empty({sequences, tokens}, q.options());
+  auto k_t = k.transpose(1, 2);
+  float* lse_data = lse.data_ptr<float>();
+  const float* rates_data = rates.data_ptr<float>();
+
+  at::parallel_for(0, split.groups * split.blocks, 1, [&](int64_t begin, int64_t end) {
+    at::NoGradGuard no_grad;  // grad mode is thread-local: OpenMP workers do not inherit the caller's
+    auto buffer = at::empty({split.group, split.rows, tokens}, q.options());
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t first = (task / split.blocks) * split.group, start = (task % split.blocks) * split.rows;
+      const int64_t count = std::min(split.group, sequences - first), rows = std::min(split.rows, tokens - start);
+      auto probs = buffer.narrow(0, 0, count).narrow(1, 0, rows);
+      at::bmm_out(probs, q.narrow(0, first, count).narrow(1, start, rows), k_t.narrow(0, first, count));
+      for (int64_t s = 0; s < count; ++s) {
+        for (int64_t r = 0; r < rows; ++r) {
+          float* row = buffer.data_ptr<float>() + (s * split.rows + r) * tokens;
+          const int64_t seq = first + s, query = start + r;
+          lse_data[seq * tokens + query] = softmax_row(row, rates_data + seq * tokens, query, layout);
+        }
+      }
+      auto out_block = out.narrow(0, first, count).narrow(1, start, rows);
+      at::bmm_out(out_block, probs, v.narrow(0, first, count));
+    }
+  });
+  return {out, lse};
+}
+
+// Gradients of q, k, v and the rates (S, L) given grad_out and the forward's out and lse.
+// Each task owns whole sequences, so their dk, dv and d(rates) accumulate without races.
+std::tuple<Tensor, Tensor, Tensor, Tensor> decay_attention_backward(
+    const Tensor& grad_out_in, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+    const Tensor& rates, const Tensor& lse, int64_t height, int64_t width, bool indicator, int64_t budget) {
+  check_inputs(q, k, v, rates, height, width);
+  const int64_t sequences = q.size(0), tokens = q.size(1);
+  const Layout layout{height, width, indicator, 1.0f / std::sqrt(static_cast<float>(q.size(2)))};
+  const Split split(sequences, tokens, budget);
+  auto grad_out = grad_out_in.contiguous();
+  auto delta = (grad_out * out).sum(-1);  // rowsum(dO * O) = rowsum(P * dP): (S, L)
+  auto grad_q = at::empty_like(q), grad_k = at::zeros_like(k), grad_v = at::zeros_like(v);
+  auto grad_rates = at::zeros_like(rates);
+  auto k_t = k.transpose(1, 2), v_t = v.transpose(1, 2);
+  const float* rates_data = rates.data_ptr<float>();
+  const float* lse_data = lse.data_ptr<float>();
+  const float* delta_data = delta.data_ptr<float>();
+  float* grad_rates_data = grad_rates.data_ptr<float>();
+  const float scale = layout.scale;
+
+  at::parallel_for(0, split.groups, 1, [&](int64_t begin, int64_t end) {
+    at::NoGradGuard no_grad;
+    auto probs_buffer = at::empty({split.group, split.rows, tokens}, q.options());
+    auto grad_buffer = at::empty({split.group, split.rows, tokens}, q.options());
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t first = task * split.group, count = std::min(split.group, sequences - first);
+      auto k_t_group = k_t.narrow(0, first, count), v_t_group = v_t.narrow(0, first, count);
+      auto k_group = k.narrow(0, first, count), grad_k_group = grad_k.narrow(0, first, count);
+      auto grad_v_group = grad_v.narrow(0, first, count);
+      for (int64_t start = 0; start < tokens; start += split.rows) {
+        const int64_t rows = std::min(split.rows, tokens - start);
+        auto probs = probs_buffer.narrow(0, 0, count).narrow(1, 0, rows);
+        auto grad_logits = grad_buffer.narrow(0, 0, count).narrow(1, 0, rows);
+        auto q_block = q.narrow(0, first, count).narrow(1, start, rows);
+        auto grad_out_block = grad_out.narrow(0, first, count).narrow(1, start, rows);
+        at::bmm_out(probs, q_block, k_t_group);
+        at::bmm_out(grad_logits, grad_out_block, v_t_group);  // dP
+        for (int64_t s = 0; s < count; ++s) {
+          const int64_t seq = first + s;
+          const float* seq_rates = rates_data + seq * tokens;
+          float* seq_grad_rates = grad_rates_data + seq * tokens;
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t query = start + r, index = seq * tokens + query;
+            float* p = probs_buffer.data_ptr<float>() + (s * split.rows + r) * tokens;
+            float* ds = grad_buffer.data_ptr<float>() + (s * split.rows + r) * tokens;
+            const float row_lse = lse_data[index], row_delta = delta_data[index];
+            float row_sum = 0.0f;
+            // P = exp(logits - lse); dS = P * (dP - delta); d(pair) = -sign(pair) * dS, and
+            // d(pair) / d(s_i) = d(pair) / d(s_j) = dist / 2: rate i gets the row, rate j the column.
+            for_each_key(layout, seq_rates, query, [&](int64_t j, float dist, float pair) {
+              const float prob = exp_nonpositive(p[j] * scale - std::fabs(pair) - row_lse);
+              p[j] = prob;
+              const float grad = prob * (ds[j] - row_delta);
+              ds[j] = grad;
+              const float sign = static_cast<float>((pair > 0.0f) - (pair < 0.0f));
+              const float grad_rate = -sign * grad * 0.5f * dist;
+              row_sum += grad_rate;
+              seq_grad_rates[j] += grad_rate;
+            });
+            seq_grad_rates[query] += row_sum;
+          }
+        }
+        grad_v_group.baddbmm_(probs.transpose(1, 2), grad_out_block);
+        auto grad_q_block = grad_q.narrow(0, first, count).narrow(1, start, rows);
+        at::bmm_out(grad_q_block, grad_logits, k_group);
+        grad_k_group.baddbmm_(grad_logits.transpose(1, 2), q_block, 1.0, scale);
+      }
+    }
+  });
+  grad_q.mul_(scale);
+  return {grad_q, grad_k, grad_v, grad_rates};
 }
 
 }  // namespace
 
-// q, k, v: (S, L, d) float32 contiguous; rates: (S, L) float32 contiguous; L = height * width.
-// Returns softmax(q k^T / sqrt(d) + bias) v: (S, L, d) float32.
-at::Tensor decay_attention_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor rates,
-                                      int64_t height, int64_t width, bool indicator, int64_t budget) {
-  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q must be (S, L, d) float32");
-  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "q, k, v must have the same shape");
-  TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && rates.is_contiguous(), "inputs must be contiguous");
-  const int64_t sequences = q.size(0), tokens = q.size(1), dim = q.size(2);
-  TORCH_CHECK(tokens == height * width, "L must equal height * width");
-  TORCH_CHECK(rates.dim() == 2 && rates.size(0) == sequences && rates.size(1) == tokens &&
-              rates.scalar_type() == at::kFloat, "rates must be (S, L) float32");
-  const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
-  // A task is `group` whole sequences (short ones) or `rows` query rows of one sequence, sized so
-  // its logits (group * rows * L floats) stay near `budget` elements, i.e. in the core's cache.
-  const int64_t rows = std::max<int64_t>(1, std::min(tokens, budget / tokens));
-  const int64_t group = rows == tokens ? std::max<int64_t>(1, std::min(sequences, budget / (tokens * tokens))) : 1;
-  const int64_t blocks = (tokens + rows - 1) / rows;
-  const int64_t tasks = ((sequences + group - 1) / group) * blocks;
-  auto out = at::empty_like(q);
-  auto k_t = k.transpose(1, 2);
-
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    auto logits_buffer = at::empty({group, rows, tokens}, q.options());
-    std::vector<float> inverse_sums(group * rows);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t first = (task / blocks) * group, start = (task % blocks) * rows;
-      const int64_t count = std::min(group, sequences - first), height_rows = std::min(rows, tokens - start);
-      auto logits = logits_buffer.narrow(0, 0, count).narrow(1, 0, height_rows);
-      at::bmm_out(logits, q.narrow(0, first, count).narrow(1, start, height_rows), k_t.narrow(0, first, count));
-      float* data = logits.data_ptr<float>();
-      for (int64_t s = 0; s < count; ++s) {
-        const float* seq_rates = rates.data_ptr<float>() + (first + s) * tokens;
-        for (int64_t r = 0; r < height_rows; ++r) {
-          float* row = data + (s * rows + r) * tokens;
-          inverse_sums[s * rows + r] = 1.0f / softmax_row(row, seq_rates, start + r, height, width, indicator, scale);
-        }
-      }
-      auto out_block = out.narrow(0, first, count).narrow(1, start, height_rows);
-      at::bmm_out(out_block, logits, v.narrow(0, first, count));
-      for (int64_t s = 0; s < count; ++s) {
-        float* out_data = out_block.select(0, s).data_ptr<float>();
-        for (int64_t r = 0; r < height_rows; ++r) {
-          const float inverse = inverse_sums[s * rows + r];
-          for (int64_t c = 0; c < dim; ++c) out_data[r * dim + c] *= inverse;
-        }
-      }
-    }
-  });
-  return out;
-}
-
 TORCH_LIBRARY(sdt_fused, m) {
-  m.def("decay_attention_forward(Tensor q, Tensor k, Tensor v, Tensor rates, int height, int width, bool indicator, "
-        "int budget) -> Tensor");
-  m.impl("decay_attention_forward", c10::DispatchKey::CPU, TORCH_FN(decay_attention_forward));
+  m.def("forward(Tensor q, Tensor k, Tensor v, Tensor rates, int height, int width, bool indicator, int budget) "
+        "-> (Tensor, Tensor)");
+  m.def("backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor rates, Tensor lse, int height, "
+        "int width, bool indicator, int budget) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.impl("forward", c10::DispatchKey::CPU, TORCH_FN(decay_attention_forward));
+  m.impl("backward", c10::DispatchKey::CPU, TORCH_FN(decay_attention_backward));
 }
