@@ -22,7 +22,6 @@ MODELS: List[Tuple[str, str, dict]] = [
     ("sdt_h_tiny (reference)", "sdt_h_tiny", {"attn_backend": "reference"}),
     ("sdt_h_tiny (chunked)", "sdt_h_tiny", {"attn_backend": "chunked"}),
     ("sdt_h_tiny (fused)", "sdt_h_tiny", {"attn_backend": "fused"}),
-    ("rmt_tiny (fused)", "rmt_tiny", {"attn_backend": "fused"}),
     ("sdt_h_tiny_full2d (auto)", "sdt_h_tiny_full2d", {"attn_backend": "auto"}),
     ("sdt_h_tiny_full2d (reference)", "sdt_h_tiny_full2d", {"attn_backend": "reference"}),
     ("deit_small_patch16_224", "deit_small_patch16_224", {}),
@@ -58,8 +57,7 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], help="labels to leave out")
     parser.add_argument("--skip-train", nargs="*", default=["sdt_h_tiny_full2d (reference)"],
                         help="labels to time for inference only (default: the materialised full-2D "
-                             "reference, whose training step needs tens of GB at batch 16; the fused "
-                             "backend is inference-only and never trained)")
+                             "reference, whose training step needs tens of GB at batch 16)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(environment(), f"batch {args.batch}, {args.rounds} rounds", flush=True)
@@ -70,7 +68,7 @@ def main() -> None:
             continue
         infer, train = step_fns(timm.create_model(name, **kwargs), args.batch)
         fns["infer"][label] = infer
-        if label not in args.skip_train and "(fused)" not in label:
+        if label not in args.skip_train:
             fns["train"][label] = train
     results: Dict[str, Dict[str, float]] = {label: {} for label in fns["infer"]}
     for mode, cases in fns.items():
