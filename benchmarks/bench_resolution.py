@@ -19,8 +19,8 @@ import sdt  # noqa: F401  registers the models
 from _measure import environment, interleaved_medians, markdown_table, peak_memory_gib
 
 SIZES: List[Tuple[int, int]] = [(224, 224), (384, 384), (512, 512), (384, 768), (768, 768), (1024, 1024)]
-CASES = [("sdt_h_tiny", "reference"), ("sdt_h_tiny", "chunked"),
-         ("sdt_h_tiny_full2d", "reference"), ("sdt_h_tiny_full2d", "chunked")]
+CASES = [("sdt_h_tiny", "reference"), ("sdt_h_tiny", "chunked"), ("sdt_h_tiny", "fused"),
+         ("sdt_h_tiny_full2d", "reference"), ("sdt_h_tiny_full2d", "chunked"), ("sdt_h_tiny_full2d", "fused")]
 
 
 def largest_bias_gib(model: torch.nn.Module, size: Tuple[int, int]) -> float:
@@ -46,7 +46,7 @@ def save_plot(results: Dict[Tuple[str, str], Dict[Tuple[int, int], Tuple[float, 
     for (name, backend), points in results.items():
         sizes = sorted(points, key=lambda s: s[0] * s[1])
         megapixels = [s[0] * s[1] / 1e6 for s in sizes]
-        style = "-o" if backend == "chunked" else "--s"
+        style = {"chunked": "-o", "fused": "-^"}.get(backend, "--s")
         ax_time.plot(megapixels, [points[s][0] for s in sizes], style, label=f"{name} ({backend})")
         ax_mem.plot(megapixels, [points[s][1] for s in sizes], style, label=f"{name} ({backend})")
     ax_time.set(xlabel="input megapixels", ylabel="seconds per image (batch 1)", title="inference time",
