@@ -72,12 +72,14 @@ def main() -> None:
     parser.add_argument("--max-bias-gib", type=float, default=4.0,
                         help="skip the reference backend where one layer's bias alone would exceed this")
     parser.add_argument("--plot", default=None, help="write a PNG plot here")
+    parser.add_argument("--backends", nargs="+", default=sorted({b for _, b in CASES}), help="backends to time")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(environment(), flush=True)
     sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes]
-    models = {(name, backend): timm.create_model(name, attn_backend=backend).eval() for name, backend in CASES}
-    results: Dict[Tuple[str, str], Dict[Tuple[int, int], Tuple[float, float]]] = {case: {} for case in CASES}
+    cases = [(name, backend) for name, backend in CASES if backend in args.backends]
+    models = {case: timm.create_model(case[0], attn_backend=case[1]).eval() for case in cases}
+    results: Dict[Tuple[str, str], Dict[Tuple[int, int], Tuple[float, float]]] = {case: {} for case in cases}
     rows = []
     for size in sizes:
         image = torch.randn(1, 3, *size)
