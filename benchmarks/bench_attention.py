@@ -2,8 +2,8 @@
 
 Shapes: each SDT-H-T stage at 224x224 (batch 8) and a DiT shape (batch 32, 6 heads, d 64, 16x16).
 Cases: plain SDPA without decay (the ceiling), fixed (RMT) decay and CAG decay in the full 2D
-layout with each backend, and both decays in the decomposed layout (``fused`` is CPU-only). Times are medians over
-interleaved rounds; "x sdpa" is the ratio to plain SDPA in the same run.
+layout with each backend, and both decays in the decomposed layout (``fused`` is CPU-only).
+Times are medians over interleaved rounds; "x sdpa" is the ratio to plain SDPA in the same run.
 
     PYTHONPATH=src python benchmarks/bench_attention.py                # all shapes
     PYTHONPATH=src python benchmarks/bench_attention.py --shapes stage1 --flex

@@ -39,10 +39,10 @@ trained bias is (B, n, L, L) and sends SDPA to its math kernel. On the CPU the f
 the fastest or tied at every SDT-H-T stage shape and the DiT shape, in both layouts: inference
 about 1x plain SDPA's time at stages 1 and 2 where chunked takes about 2x, training on par with
 chunked at stage 1 and up to 1.5x faster at the smaller grids, where chunked pays Python
-overhead per chunk. Off the CPU, chunked is 1.3-5x faster than the reference for training from the
-14x14 grid up (SDT-H-T stage 3) and needs 0.13 GiB instead of 5 GiB at stage 1. In the decomposed layout a trained bias also sends
-SDPA to its math kernel and autograd through the bias construction, which the chunked Function
-avoids. The decomposed layout is never replaced by the full one (or back), even at 7x7 where one
+overhead per chunk. Off the CPU, chunked is 1.3-5x faster than the reference for training from
+the 14x14 grid up (SDT-H-T stage 3) and needs 0.13 GiB instead of 5 GiB at stage 1. In the
+decomposed layout a trained bias also sends SDPA to its math kernel and autograd through the bias
+construction, which the chunked Function avoids. The decomposed layout is never replaced by the full one (or back), even at 7x7 where one
 full attention is cheaper than two decomposed passes: they are different functions, and a
 model's layout is its own choice (``layouts=``, ``sdt_h_*_full2d``).
 
@@ -74,7 +74,7 @@ def check_backend(backend: str) -> str:
 
 
 def _needs_grad(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def choose_backend(q: Tensor, rates: Optional[Tensor], layout: str) -> str:
@@ -107,9 +107,6 @@ def _eager_attention(q: Tensor, k: Tensor, v: Tensor, rates: Optional[Tensor], g
     if backend == "auto":
         backend = "reference" if _tracing() else choose_backend(q, rates, layout)
     if backend in ("chunked", "fused"):
-        if backend == "fused" and q.device.type != "cpu":
-            raise RuntimeError(f"backend='fused' is a CPU kernel and the inputs are on {q.device.type}: "
-                               "use backend='chunked', 'flex' or 'auto' there")
         return chunked_attention(q, k, v, rates, grid, layout, distance, fused=backend == "fused")
     if backend == "flex":
         return flex_decay_attention(q, k, v, rates, grid, layout, distance)

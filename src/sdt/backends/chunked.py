@@ -261,5 +261,6 @@ def chunked_attention(
     row_rates, col_rates = _line_rates(rates, q.shape[0], grid)
     v_rows = from_rows(_attend(to_rows(q, grid), to_rows(k, grid), to_rows(v, grid), row_rates, (1, width),
                                distance, chunk, fused), grid)
-    out = _attend(to_cols(q, grid), to_cols(k, grid), to_cols(v_rows, grid), col_rates, (1, height), distance, chunk, fused)
+    out = _attend(to_cols(q, grid), to_cols(k, grid), to_cols(v_rows, grid), col_rates, (1, height), distance,
+                  chunk, fused)
     return from_cols(out, grid).to(q.dtype)

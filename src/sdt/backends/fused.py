@@ -62,8 +62,8 @@ def load():
         except Exception as error:  # no compiler, no headers, ...: fall back, once, loudly
             _failed = f"{type(error).__name__}: " + "\n".join(str(error).strip().splitlines()[-3:])
             if setting == "1":
-                raise RuntimeError("SDT_FUSED=1 but the fused CPU kernel failed to build: " + _failed
-                                   + " (install a C++ compiler, e.g. 'apt-get install g++', or unset SDT_FUSED)") from error
+                raise RuntimeError("SDT_FUSED=1 but the fused CPU kernel failed to build: " + _failed + " (install "
+                                   "a C++ compiler, e.g. 'apt-get install g++', or unset SDT_FUSED)") from error
             warnings.warn("sdt: the fused CPU attention kernel failed to build, using the slower chunked loop "
                           "(set SDT_FUSED=0 to silence this): " + _failed)
             return None
@@ -103,6 +103,9 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, rates: Tensor, grid: Tuple[
     Returns:
         (B, n, L, d) float32, or None.
     """
+    if q.device.type != "cpu":
+        raise RuntimeError(f"backend='fused' is a CPU kernel and the inputs are on {q.device.type}: "
+                           "use backend='chunked', 'flex' or 'auto' there")
     if load() is None:
         return None
     batch, heads, tokens, dim = q.shape
