@@ -302,7 +302,8 @@ def run_sample(args: argparse.Namespace) -> int:
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else cfg.sample.cfg_scale
     labels = class_labels(model.num_classes, args.per_class)
     start = time.perf_counter()
-    images = sample_images(model, cfg.model.objective, labels, args.seed, sampler, steps, cfg_scale, batch_size=args.batch_size)
+    images = sample_images(model, cfg.model.objective, labels, args.seed, sampler, steps, cfg_scale,
+                           batch_size=args.batch_size, progress=True)
     paths = save_samples(images, labels, args.out)
     print(f"{len(images)} samples ({cfg.model.objective}, sampler {sampler or 'default'}, {steps} steps, cfg scale "
           f"{cfg_scale}, {args.weights} weights, seed {args.seed}) in {time.perf_counter() - start:.0f}s -> {paths['npz']}, {paths['png']}")

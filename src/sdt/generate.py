@@ -13,6 +13,7 @@ The training loop, checkpoints, exact resume, progress bars and torchrun are the
 """
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,13 +246,16 @@ def load_generator(run_dir: str, weights: str = "ema") -> Tuple[DiT, GenConfig]:
 @torch.no_grad()
 def sample_images(model: DiT, objective_name: str, labels: Tensor, seed: int = 0, sampler: Optional[str] = None,
                   num_steps: int = 50, cfg_scale: float = 1.0, image_size: Optional[Tuple[int, int]] = None,
-                  batch_size: int = 250) -> Tensor:
+                  batch_size: int = 250, progress: bool = False) -> Tensor:
     """Class-conditional samples, uint8 (N, C, H, W), one per label; the same seed gives the same images.
 
     cfg_scale 1 is plain conditional sampling; > 1 uses classifier-free guidance. The starting noise of
     sample i depends only on (seed, i), so the deterministic samplers (ddim, heun, euler) give the same
     images for any ``batch_size``; the ancestral ddpm sampler's per-step noise depends on the batching too.
+    ``progress`` shows a progress bar (images/s, ETA) on stderr.
     """
+    from tqdm import tqdm
+
     objective = create_objective(objective_name, model.learn_sigma)
     sampler = sampler or SAMPLERS[objective_name][0]
     height, width = image_size or (model.x_embedder.img_size or (28, 28))
@@ -263,12 +267,16 @@ def sample_images(model: DiT, objective_name: str, labels: Tensor, seed: int = 0
     device = next(model.parameters()).device
     all_noise = torch.randn(len(labels), model.in_channels, height, width, generator=torch.Generator().manual_seed(seed))
     out = []
+    bar = tqdm(total=len(labels), unit="img", desc="sampling", disable=not progress, dynamic_ncols=True,
+               mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
     for first in range(0, len(labels), batch_size):
         y = labels[first:first + batch_size].to(device)
         noise = all_noise[first:first + batch_size].to(device)
         generator = torch.Generator(device).manual_seed(seed * 1_000_003 + first)  # ddpm's per-step noise
         samples = objective.sample(model_fn, noise, y, sampler, num_steps, generator, clip_denoised=True)  # pixels in [-1, 1]
         out.append(model_to_images(samples).cpu())
+        bar.update(len(y))
+    bar.close()
     return torch.cat(out)
 
 
