@@ -9,8 +9,10 @@ the study can be spread over several sessions. Then, per run, ``--per-class`` sa
 with the final EMA weights and the recipe's sampler (``<out>/<kind>/samples-<N>.npz``, the same seed
 for every kind), and against the Fashion-MNIST test set (10k images): the in-domain FID
 (``sdt_h_nano.fmnist`` pre-logit features) and the conditional accuracy (that classifier's
-agreement with the conditioning labels). Writes ``results.json`` and ``results.md`` (a table) to
-``<out>``; each run folder keeps its ``samples.png`` grid.
+agreement with the conditioning labels); the same two scores for 10k real training images (the floor
+at this sample count). Writes ``results.json`` and ``results.md`` (a table) to ``<out>``; each run
+folder keeps its ``samples.png`` grid. Training throughput is not in the table (the runs share the
+cores): ``benchmarks/dit_throughput.py`` measures it.
 """
 import argparse
 import json
@@ -52,32 +54,52 @@ def sample(out: Path, kind: str, per_class: int, threads: int) -> Path:
     return prefix.with_suffix(".npz")
 
 
-def score(npz: Path, threads: int) -> Dict[str, float]:
-    import numpy as np
+def score(images: "torch.Tensor", labels: "torch.Tensor", threads: int) -> Dict[str, float]:
+    """In-domain FID against the 10k test images and conditional accuracy of uint8 (N, 1, 28, 28) images."""
     import torch
 
     from sdt.data import fashion_mnist_tensors
     from sdt.fid import DEFAULT_EXTRACTOR, compute_fid, conditional_accuracy, in_domain_extractor
 
     torch.set_num_threads(threads)
-    with np.load(npz) as data:
-        fake = torch.from_numpy(data["arr_0"]).permute(0, 3, 1, 2).contiguous()
-        labels = torch.from_numpy(data["labels"]).long()
     real, _ = fashion_mnist_tensors("test")
     extractor = in_domain_extractor()
-    fid = compute_fid(fake, real, "Fashion-MNIST test", extractor, DEFAULT_EXTRACTOR)
-    return {"fid": fid.fid, "fid_text": str(fid), "conditional_accuracy": conditional_accuracy(extractor, fake, labels)}
+    fid = compute_fid(images, real, "Fashion-MNIST test", extractor, DEFAULT_EXTRACTOR)
+    return {"fid": fid.fid, "fid_text": str(fid), "conditional_accuracy": conditional_accuracy(extractor, images, labels)}
 
 
-def report(out: Path, rows: List[Dict]) -> str:
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
-    lines = ["| attn | params | steps | train img/s | final val loss (EMA) | FID (in-domain, 10k test) | conditional accuracy |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+def score_samples(npz: Path, threads: int) -> Dict[str, float]:
+    import numpy as np
+    import torch
+
+    with np.load(npz) as data:
+        images = torch.from_numpy(data["arr_0"]).permute(0, 3, 1, 2).contiguous()
+        labels = torch.from_numpy(data["labels"]).long()
+    return score(images, labels, threads)
+
+
+def score_real(per_class: int, threads: int) -> Dict[str, float]:
+    """The same scores for real images: the first ``per_class`` training images of each class. The floor
+    that a perfect generator would reach with this sample count (training and test images are different
+    draws from the same distribution), and the classifier's own accuracy on real images."""
+    import torch
+
+    from sdt.data import fashion_mnist_tensors
+
+    images, labels = fashion_mnist_tensors("train")
+    keep = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(10)])
+    return score(images[keep], labels[keep], threads)
+
+
+def report(out: Path, rows: List[Dict], real: Dict[str, float]) -> str:
+    (out / "results.json").write_text(json.dumps({"runs": rows, "real": real}, indent=2))
+    lines = ["| attn | params | steps | final val loss (EMA) | FID (in-domain, 10k test) | conditional accuracy |",
+             "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| `{r['attn']}` | {r['params']:,} | {r['steps']:,} | {r['train_images_per_s']:.0f} | "
-                     f"{r['val_loss_ema']:.4f} | {r['fid']:.2f} | {100 * r['conditional_accuracy']:.1f}% |")
-    if rows:
-        lines += ["", f"FID: {rows[0]['fid_text']}."]
+        lines.append(f"| `{r['attn']}` | {r['params']:,} | {r['steps']:,} | {r['val_loss_ema']:.4f} | {r['fid']:.2f} | "
+                     f"{100 * r['conditional_accuracy']:.1f}% |")
+    lines.append(f"| real training images | | | | {real['fid']:.2f} | {100 * real['conditional_accuracy']:.1f}% |")
+    lines += ["", f"FID: {real['fid_text']}."]
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     return text
@@ -110,12 +132,15 @@ def main() -> None:
         if not scores_path.is_file():
             if args.report_only:
                 continue
-            scores_path.write_text(json.dumps(score(sample(out, kind, args.per_class, os.cpu_count() or 1), os.cpu_count() or 1)))
+            scores_path.write_text(json.dumps(score_samples(sample(out, kind, args.per_class, os.cpu_count() or 1),
+                                                            os.cpu_count() or 1)))
         rows.append({"attn": kind, "params": summary["params"], "steps": summary["global_step"],
-                     "train_images_per_s": summary["train_images_per_s"],
                      "val_loss_ema": summary["final_val"].get("ema_loss", summary["final_val"]["loss"]),
                      **json.loads(scores_path.read_text())})
-    print(report(out, rows))
+    real_path = out / f"scores-real-{args.per_class * 10}.json"
+    if not real_path.is_file():
+        real_path.write_text(json.dumps(score_real(args.per_class, os.cpu_count() or 1)))
+    print(report(out, rows, json.loads(real_path.read_text())))
 
 
 if __name__ == "__main__":
