@@ -11,7 +11,7 @@ for every kind), and against the Fashion-MNIST test set (10k images): the in-dom
 (``sdt_h_nano.fmnist`` pre-logit features) and the conditional accuracy (that classifier's
 agreement with the conditioning labels); the same two scores for 10k real training images (the floor
 at this sample count). Writes ``results.json`` and ``results.md`` (a table) to ``<out>``; each run
-folder keeps its ``samples.png`` grid. Training throughput is not in the table (the runs share the
+folder keeps its ``samples.png`` grid, and ``<out>/samples.png`` shows the kinds side by side. Training throughput is not in the table (the runs share the
 cores): ``benchmarks/dit_throughput.py`` measures it.
 """
 import argparse
@@ -105,6 +105,28 @@ def report(out: Path, rows: List[Dict], real: Dict[str, float]) -> str:
     return text
 
 
+def sample_figure(out: Path, kinds: List[str], per_class: int) -> Path:
+    """The kinds' sample grids (first 10 of each class, a row per class) side by side: ``<out>/samples.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    grids = [(kind, out / kind / f"samples-{per_class * 10}.png") for kind in kinds]
+    grids = [(kind, path) for kind, path in grids if path.is_file()]
+    fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.5), squeeze=False)
+    for ax, (kind, path) in zip(axes[0], grids):
+        ax.imshow(Image.open(path), cmap="gray", vmin=0, vmax=255)
+        ax.set_title(kind)
+        ax.axis("off")
+    fig.tight_layout()
+    path = out / "samples.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="experiments/gen-runs")
@@ -141,6 +163,7 @@ def main() -> None:
     if not real_path.is_file():
         real_path.write_text(json.dumps(score_real(args.per_class, os.cpu_count() or 1)))
     print(report(out, rows, json.loads(real_path.read_text())))
+    print(f"sample grids: {sample_figure(out, args.kinds, args.per_class)}")
 
 
 if __name__ == "__main__":
