@@ -99,7 +99,7 @@ def report(out: Path, rows: List[Dict], real: Dict[str, float]) -> str:
         lines.append(f"| `{r['attn']}` | {r['params']:,} | {r['steps']:,} | {r['val_loss_ema']:.4f} | {r['fid']:.2f} | "
                      f"{100 * r['conditional_accuracy']:.1f}% |")
     lines.append(f"| real training images | | | | {real['fid']:.2f} | {100 * real['conditional_accuracy']:.1f}% |")
-    lines += ["", f"FID: {real['fid_text']}."]
+    lines += ["", f"{(rows[0] if rows else real)['fid_text']}."]
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     return text
