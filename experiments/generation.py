@@ -11,8 +11,9 @@ for every kind), and against the Fashion-MNIST test set (10k images): the in-dom
 (``sdt_h_nano.fmnist`` pre-logit features) and the conditional accuracy (that classifier's
 agreement with the conditioning labels); the same two scores for 10k real training images (the floor
 at this sample count). Writes ``results.json`` and ``results.md`` (a table) to ``<out>``; each run
-folder keeps its ``samples.png`` grid, and ``<out>/samples.png`` shows the kinds side by side. Training throughput is not in the table (the runs share the
-cores): ``benchmarks/dit_throughput.py`` measures it.
+folder keeps its ``samples.png`` grid, and ``<out>/samples.png`` shows the kinds side by side.
+Training throughput is not in the table (the runs share the cores): ``benchmarks/dit_throughput.py``
+measures it.
 """
 import argparse
 import json
@@ -22,9 +23,12 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List
+from typing import TYPE_CHECKING, Dict, List
 
 from sdt.engine import checkpoint_dirs
+
+if TYPE_CHECKING:
+    import torch
 
 KINDS = ("vanilla", "fixed", "cag")
 

@@ -367,6 +367,15 @@ def plot_curves(metrics_path: Path, out_path: Path, metric: str) -> None:
     os.replace(tmp, out_path)
 
 
+def progress_bar(total: int, desc: str, enabled: bool = True, initial: int = 0):
+    """A tqdm bar counting images on stderr (images/s, ETA); in a log file (not a terminal) it writes a
+    line every 30 s instead of every second."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="img", unit_scale=True, desc=desc, dynamic_ncols=True,
+                disable=not enabled, mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+
+
 def setup_logging(output_dir: Optional[Path], is_main: bool) -> None:
     """Log to stderr (and ``output_dir/train.log``) on the main process; warnings only elsewhere."""
     _logger.setLevel(logging.INFO if is_main else logging.WARNING)
@@ -551,8 +560,6 @@ class Trainer:
                              {"epoch": str(self.epoch), "source": source, self.task.metric: f"{value:.6f}"})
 
     def fit(self) -> Dict[str, Any]:
-        from tqdm import tqdm
-
         cfg, info = self.cfg, self.dist
         logger = MetricsLogger(self.output_dir, info.is_main, self.resume_step)
         sampler = ResumableSampler(self.train_set, info, cfg.seed, self.batch_size_per_rank, self.repeated_aug)
@@ -575,9 +582,8 @@ class Trainer:
             if hasattr(self.train_set, "set_epoch"):
                 self.train_set.set_epoch(self.epoch)
             self.train_model.train()
-            bar = tqdm(total=self.steps_per_epoch * images_per_step, initial=self.step_in_epoch * images_per_step,
-                       unit="img", unit_scale=True, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", dynamic_ncols=True,
-                       disable=not info.is_main, mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+            bar = progress_bar(self.steps_per_epoch * images_per_step, f"epoch {self.epoch + 1}/{cfg.epochs}",
+                               info.is_main, initial=self.step_in_epoch * images_per_step)
             loss_sum, loss_count, interval_start = torch.zeros((), device=info.device), 0, time.perf_counter()
             tick = time.perf_counter()
             for batch in loader:

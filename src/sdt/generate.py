@@ -13,7 +13,6 @@ The training loop, checkpoints, exact resume, progress bars and torchrun are the
 """
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from .config import ConfigError, atomic_write, load_config
 from .data import Batch, DataConfig, ImageSamples, check_images, raw_dataset
 from .diffusion import OBJECTIVES, SAMPLERS, create_objective
 from .engine import (DistInfo, EngineConfig, Trainer, all_reduce_sum, check_engine_config, checkpoint_dirs,
-                     final_val_metrics, load_into, load_weights, plot_curves, resolve_run, start_run)
+                     final_val_metrics, load_into, load_weights, plot_curves, progress_bar, resolve_run, start_run)
 from .models.dit import ATTN_DECAY, DiT, create_dit
 from .train import resolve_in_chans, resolve_num_classes
 
@@ -254,8 +253,6 @@ def sample_images(model: DiT, objective_name: str, labels: Tensor, seed: int = 0
     images for any ``batch_size``; the ancestral ddpm sampler's per-step noise depends on the batching too.
     ``progress`` shows a progress bar (images/s, ETA) on stderr.
     """
-    from tqdm import tqdm
-
     objective = create_objective(objective_name, model.learn_sigma)
     sampler = sampler or SAMPLERS[objective_name][0]
     height, width = image_size or (model.x_embedder.img_size or (28, 28))
@@ -267,8 +264,7 @@ def sample_images(model: DiT, objective_name: str, labels: Tensor, seed: int = 0
     device = next(model.parameters()).device
     all_noise = torch.randn(len(labels), model.in_channels, height, width, generator=torch.Generator().manual_seed(seed))
     out = []
-    bar = tqdm(total=len(labels), unit="img", desc="sampling", disable=not progress, dynamic_ncols=True,
-               mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+    bar = progress_bar(len(labels), "sampling", progress)
     for first in range(0, len(labels), batch_size):
         y = labels[first:first + batch_size].to(device)
         noise = all_noise[first:first + batch_size].to(device)

@@ -42,9 +42,10 @@ chunked at stage 1 and up to 1.5x faster at the smaller grids, where chunked pay
 overhead per chunk. Off the CPU, chunked is 1.3-5x faster than the reference for training from
 the 14x14 grid up (SDT-H-T stage 3) and needs 0.13 GiB instead of 5 GiB at stage 1. In the
 decomposed layout a trained bias also sends SDPA to its math kernel and autograd through the bias
-construction, which the chunked Function avoids. The decomposed layout is never replaced by the full one (or back), even at 7x7 where one
-full attention is cheaper than two decomposed passes: they are different functions, and a
-model's layout is its own choice (``layouts=``, ``sdt_h_*_full2d``).
+construction, which the chunked Function avoids. The decomposed layout is never replaced by the
+full one (or back), even at 7x7 where one full attention is cheaper than two decomposed passes:
+they are different functions, and a model's layout is its own choice (``layouts=``,
+``sdt_h_*_full2d``).
 
 ``flex`` is never chosen on CPU: it has no CPU backward (forcing it there with a gradient needed
 raises an error naming ``chunked``), and its forward compiles a kernel per new shape (about a
