@@ -1,6 +1,7 @@
 """One spatial-decay attention layer per backend: time and peak memory, forward and forward+backward.
 
-Shapes: each SDT-H-T stage at 224x224 (batch 8) and a DiT shape (batch 32, 6 heads, d 64, 16x16).
+Shapes: each SDT-H-T stage at 224x224 (batch 8), a DiT shape (batch 32, 6 heads, d 64, 16x16)
+and the first three nano stages on 28x28 images (batch 128; not run by default).
 Cases: plain SDPA without decay (the ceiling), fixed (RMT) decay and CAG decay in the full 2D
 layout with each backend, and both decays in the decomposed layout (``fused`` is CPU-only).
 Times are medians over interleaved rounds; "x sdpa" is the ratio to plain SDPA in the same run.
@@ -24,6 +25,10 @@ SHAPES: Dict[str, Tuple[int, int, int, int, int, float]] = {
     "stage3": (8, 8, 32, 14, 14, 6),
     "stage4": (8, 16, 32, 7, 7, 6),
     "dit": (32, 6, 64, 16, 16, 4),
+    # sdt_h_nano / rmt_nano on 28x28 Fashion-MNIST at the recipe's batch 128 (stage 4 is 2x2)
+    "nano1": (128, 2, 16, 14, 14, 4),
+    "nano2": (128, 4, 16, 7, 7, 4),
+    "nano3": (128, 8, 16, 4, 4, 6),
 }
 
 
@@ -97,7 +102,8 @@ def bench_shape(name: str, rounds: int, flex: bool, reference_full: bool, device
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", default=[s for s in SHAPES if not s.startswith("nano")],
+                        choices=list(SHAPES))
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per case (after one warm-up)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--flex", action="store_true", help="also time the compiled FlexAttention backend "

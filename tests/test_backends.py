@@ -148,30 +148,35 @@ def test_unknown_backend_is_rejected():
 
 def test_auto_dispatch_table():
     stage1, stage3, stage4 = (torch.zeros(8, n, l, 16) for n, l in ((4, 3136), (8, 196), (16, 49)))
+    grid1, grid3, grid4 = (56, 56), (14, 14), (7, 7)
     fixed = torch.zeros(1, 4, 1)
     cag = torch.zeros(8, 4, 3136)
     learned = torch.zeros(1, 4, 1, requires_grad=True)
     training = stage1.clone().requires_grad_()
     # CPU, per-token or trained rates: the fused kernel, any layout or size, training or not
-    assert choose_backend(stage1, cag, "full") == "fused"
-    assert choose_backend(stage1, cag, "decomposed") == "fused"
-    assert choose_backend(training, cag, "full") == "fused"
-    assert choose_backend(stage4, torch.zeros(8, 16, 49), "full") == "fused"
-    assert choose_backend(stage1, learned, "decomposed") == "fused"  # learned rates in training
-    assert choose_backend(torch.zeros(8, 4, 784, 32), learned, "full") == "fused"  # bias would need grad
+    assert choose_backend(stage1, cag, grid1, "full") == "fused"
+    assert choose_backend(stage1, cag, grid1, "decomposed") == "fused"
+    assert choose_backend(training, cag, grid1, "full") == "fused"
+    assert choose_backend(stage4, torch.zeros(8, 16, 49), grid4, "full") == "fused"
+    assert choose_backend(stage1, learned, grid1, "decomposed") == "fused"  # learned rates in training
+    assert choose_backend(torch.zeros(8, 4, 784, 32), learned, (28, 28), "full") == "fused"  # bias would need grad
     # untrained per-head rates: the reference while the (n, L, L) bias is small, and always decomposed
     with torch.no_grad():
-        assert choose_backend(stage1, learned, "decomposed") == "reference"  # frozen: a fixed (n, W, W) bias
-        assert choose_backend(torch.zeros(8, 4, 784, 32), learned, "full") == "reference"
-    assert choose_backend(stage1, fixed, "full") == "fused"  # (n, L, L) bias of 157 MB
-    assert choose_backend(stage3, torch.zeros(1, 8, 1), "full") == "reference"
-    assert choose_backend(stage1, fixed, "decomposed") == "reference"
-    assert choose_backend(stage1, None, "full") == "reference"
+        assert choose_backend(stage1, learned, grid1, "decomposed") == "reference"  # frozen: a fixed (n, W, W) bias
+        assert choose_backend(torch.zeros(8, 4, 784, 32), learned, (28, 28), "full") == "reference"
+    assert choose_backend(stage1, fixed, grid1, "full") == "fused"  # (n, L, L) bias of 157 MB
+    assert choose_backend(stage3, torch.zeros(1, 8, 1), grid3, "full") == "reference"
+    assert choose_backend(stage1, fixed, grid1, "decomposed") == "reference"  # 56x56: reference trains faster
+    # fixed and decomposed up to a 28-wide grid (stage 2, the nano stages): fused on the CPU only
+    assert choose_backend(torch.zeros(8, 4, 784, 32), fixed, (28, 28), "decomposed") == "fused"
+    assert choose_backend(torch.zeros(128, 2, 196, 16), torch.zeros(1, 2, 1), (14, 14), "decomposed") == "fused"
+    assert choose_backend(torch.zeros(8, 4, 784, 32, device="meta"), fixed, (28, 28), "decomposed") == "reference"
+    assert choose_backend(stage1, None, grid1, "full") == "reference"
     # other devices (meta stands in for CUDA's rules below flex)
     meta = torch.zeros(8, 4, 3136, 16, device="meta")
-    assert choose_backend(meta, cag, "full") == "chunked"
-    assert choose_backend(meta, cag, "decomposed") == "chunked"
-    assert choose_backend(torch.zeros(8, 16, 49, 16, device="meta"), torch.zeros(8, 16, 49), "full") == "reference"
+    assert choose_backend(meta, cag, grid1, "full") == "chunked"
+    assert choose_backend(meta, cag, grid1, "decomposed") == "chunked"
+    assert choose_backend(torch.zeros(8, 16, 49, 16, device="meta"), torch.zeros(8, 16, 49), grid4, "full") == "reference"
 
 
 @pytest.fixture(scope="module")

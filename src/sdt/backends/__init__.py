@@ -26,7 +26,8 @@ that need no gradient (RMT's decay, or any frozen per-head rates):
 |--------------------------------------------------------------------|-----------|
 | TorchScript scripting or tracing, fx tracing, torch.compile        | reference |
 | no decay (``rates is None``)                                       | reference |
-| fixed, decomposed layout or bias elements <= 2^25 (128 MiB)        | reference |
+| fixed, full layout, bias elements <= 2^25 (128 MiB)                | reference |
+| fixed, decomposed layout, off the CPU or a grid side longer than 28 | reference |
 | CPU, training or inference                                         | fused     |
 | decomposed layout                                                  | chunked   |
 | bias elements <= 2^20 (4 MiB)                                      | reference |
@@ -47,6 +48,12 @@ full one (or back), even at 7x7 where one full attention is cheaper than two dec
 they are different functions, and a model's layout is its own choice (``layouts=``,
 ``sdt_h_*_full2d``).
 
+Fixed rates in the decomposed layout make a bias of only (n, W, W) per row pass, so the
+reference pays for SDPA's separate passes rather than for the bias. On the CPU the fused kernel
+is 1.05-1.7x faster there at grid sides 7 to 28 (SDT-H-T stages 2 and 4 at batch 8, the nano
+stages on 28x28 images at batch 128, forward and forward+backward), while at 56 (SDT-H-T stage
+1) the reference trains 1.3x faster; hence the side limit of 28.
+
 ``flex`` is never chosen on CPU: it has no CPU backward (forcing it there with a gradient needed
 raises an error naming ``chunked``), and its forward compiles a kernel per new shape (about a
 minute on a 2-core CPU). Its CUDA choice is by design, not measured: no GPU was available while
@@ -65,6 +72,9 @@ LAYOUTS = ("full", "decomposed")
 # for untrained per-head rates, and for everything else (see the table above).
 REFERENCE_MAX_FIXED_ELEMENTS = 1 << 25
 REFERENCE_MAX_ELEMENTS = 1 << 20
+# Longest grid side up to which the fused CPU kernel beats the reference for fixed rates in the
+# decomposed layout (1.05-1.7x at sides 7-28; at 56 the reference trains 1.3x faster).
+FUSED_MAX_FIXED_DECOMPOSED_SIDE = 28
 
 
 def check_backend(backend: str) -> str:
@@ -78,15 +88,18 @@ def _needs_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def choose_backend(q: Tensor, rates: Optional[Tensor], layout: str) -> str:
+def choose_backend(q: Tensor, rates: Optional[Tensor], grid: Tuple[int, int], layout: str) -> str:
     """The backend ``auto`` runs for these inputs (see the table in the module docstring)."""
     if rates is None:
         return "reference"
     _, heads, tokens, _ = q.shape
-    fixed = rates.shape[-1] == 1 and not _needs_grad(rates)
-    if fixed and (layout != "full" or rates.shape[0] * heads * tokens * tokens <= REFERENCE_MAX_FIXED_ELEMENTS):
-        return "reference"
-    if q.device.type == "cpu":
+    on_cpu = q.device.type == "cpu"
+    if rates.shape[-1] == 1 and not _needs_grad(rates):  # fixed
+        if layout == "full" and rates.shape[0] * heads * tokens * tokens <= REFERENCE_MAX_FIXED_ELEMENTS:
+            return "reference"
+        if layout != "full" and not (on_cpu and max(grid) <= FUSED_MAX_FIXED_DECOMPOSED_SIDE):
+            return "reference"
+    if on_cpu:
         return "fused"
     if layout != "full":
         return "chunked"
@@ -106,7 +119,7 @@ def _eager_attention(q: Tensor, k: Tensor, v: Tensor, rates: Optional[Tensor], g
     from .flex import flex_decay_attention
 
     if backend == "auto":
-        backend = "reference" if _tracing() else choose_backend(q, rates, layout)
+        backend = "reference" if _tracing() else choose_backend(q, rates, grid, layout)
     if backend in ("chunked", "fused"):
         return chunked_attention(q, k, v, rates, grid, layout, distance, fused=backend == "fused")
     if backend == "flex":
