@@ -8,9 +8,8 @@ top-1 (``summary.json``). Solid lines are the model's weights, dashed ones the E
 """
 import argparse
 import json
-import os
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 import matplotlib
 
@@ -18,18 +17,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
-from sdt.engine import read_metrics  # noqa: E402
+from sdt.engine import read_metrics, save_figure  # noqa: E402
 
 
-def model_name(run: Path) -> str:
-    return yaml.safe_load((run / "config.yaml").read_text())["model"]["name"]
-
-
-def label(run: Path) -> str:
+def names(run: Path) -> Tuple[str, str]:
+    """(model name, legend label: the name and, once the run has finished, its test top-1)."""
+    name = yaml.safe_load((run / "config.yaml").read_text())["model"]["name"]
     summary = run / "summary.json"
     if not summary.exists():
-        return model_name(run)
-    return f"{model_name(run)} (test top-1 {json.loads(summary.read_text())['test']['top1']:.2f}%)"
+        return name, name
+    return name, f"{name} (test top-1 {json.loads(summary.read_text())['test']['top1']:.2f}%)"
 
 
 def plot(runs: List[Path], out: Path, first_epoch: int) -> None:
@@ -38,11 +35,11 @@ def plot(runs: List[Path], out: Path, first_epoch: int) -> None:
         records = read_metrics(run / "metrics.jsonl")
         evals = [r for r in records if r["kind"] == "val" and r["epoch"] >= first_epoch]
         train = [r for r in records if r["kind"] == "train"]
-        name = label(run)
-        acc.plot([r["epoch"] for r in evals], [r["top1"] for r in evals], "-", color=color, label=name)
+        name, label = names(run)
+        acc.plot([r["epoch"] for r in evals], [r["top1"] for r in evals], "-", color=color, label=label)
         if evals and "ema_top1" in evals[0]:
-            acc.plot([r["epoch"] for r in evals], [r["ema_top1"] for r in evals], "--", color=color, label=f"{model_name(run)}, EMA")
-        loss.plot([r["epoch"] for r in train], [r["loss"] for r in train], color=color, alpha=0.8, label=name)
+            acc.plot([r["epoch"] for r in evals], [r["ema_top1"] for r in evals], "--", color=color, label=f"{name}, EMA")
+        loss.plot([r["epoch"] for r in train], [r["loss"] for r in train], color=color, alpha=0.8, label=label)
     for ax, title in ((acc, f"validation top-1 (%), from epoch {first_epoch}"), (loss, "training loss (on augmented batches)")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
@@ -50,10 +47,7 @@ def plot(runs: List[Path], out: Path, first_epoch: int) -> None:
         ax.legend()
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
+    save_figure(fig, out, dpi=100)
 
 
 def main() -> None:

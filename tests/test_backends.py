@@ -160,7 +160,7 @@ def test_auto_dispatch_table():
     assert choose_backend(stage4, torch.zeros(8, 16, 49), grid4, "full") == "fused"
     assert choose_backend(stage1, learned, grid1, "decomposed") == "fused"  # learned rates in training
     assert choose_backend(torch.zeros(8, 4, 784, 32), learned, (28, 28), "full") == "fused"  # bias would need grad
-    # untrained per-head rates: the reference while the (n, L, L) bias is small, and always decomposed
+    # untrained per-head rates: the reference while the (n, L, L) bias is small, and decomposed beyond 28x28
     with torch.no_grad():
         assert choose_backend(stage1, learned, grid1, "decomposed") == "reference"  # frozen: a fixed (n, W, W) bias
         assert choose_backend(torch.zeros(8, 4, 784, 32), learned, (28, 28), "full") == "reference"

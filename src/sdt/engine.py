@@ -361,10 +361,17 @@ def plot_curves(metrics_path: Path, out_path: Path, metric: str) -> None:
     axes[0].legend()
     axes[2].legend()
     fig.tight_layout()
-    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
+    save_figure(fig, out_path, dpi=100)
+
+
+def save_figure(fig: "matplotlib.figure.Figure", path: Path, dpi: int) -> None:
+    """Write a matplotlib figure as PNG atomically (temp file + rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
-    os.replace(tmp, out_path)
+    os.replace(tmp, path)
 
 
 def progress_bar(total: int, desc: str, enabled: bool = True, initial: int = 0):

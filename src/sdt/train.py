@@ -7,7 +7,6 @@
 """
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from .config import ConfigError, atomic_write, load_config
 from .data import (AugConfig, Batch, DataConfig, DataError, ImageSamples, build_transform, check_images,
                    num_channels, raw_dataset)
 from .engine import (DistInfo, EngineConfig, Trainer, all_reduce_sum, check_engine_config, eval_loader, final_val_metrics,
-                     load_into, load_weights, plot_curves, resolve_run, setup_distributed, start_run)
+                     load_into, load_weights, plot_curves, resolve_run, save_figure, setup_distributed, start_run)
 
 _logger = logging.getLogger("sdt")
 
@@ -344,10 +343,7 @@ def plot_confusion(confusion: Tensor, classes: List[str], path: Path, title: str
     ax.set_title(title)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)
 
 
 def format_eval(result: Dict[str, Any]) -> str:

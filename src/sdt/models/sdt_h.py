@@ -563,7 +563,8 @@ SIZES: Dict[str, Dict[str, Any]] = {
                   rmt_layouts=("decomposed", "decomposed", "decomposed", "full")),
     # Ours, for 28-64 px images on a CPU: RMT-T's shape at half the width (head size 16 as in
     # RMT-T's early stages), depth 6 in stage 3 and a 512-wide head; stem stride 2 so that a
-    # 28x28 image keeps a 14x14 grid in stage 1 and a 2x2 grid in stage 4. 3.58M parameters (1000 classes).
+    # 28x28 image keeps a 14x14 grid in stage 1 and a 2x2 grid in stage 4. 3.58M parameters
+    # (1000 classes).
     "nano": dict(embed_dims=(32, 64, 128, 256), depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16),
                  heads_ranges=(4, 4, 6, 6), mlp_ratios=(3, 3, 3, 3), drop_path_rate=0.05,
                  projection_dim=512, stem_stride=2,
