@@ -8,6 +8,7 @@
 // elementwise passes of a block never touch main memory for anything of size L^2.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -124,8 +125,13 @@ std::tuple<Tensor, Tensor> decay_attention_forward(const Tensor& q, const Tensor
   float* lse_data = lse.data_ptr<float>();
   const float* rates_data = rates.data_ptr<float>();
 
+  // Grad mode and InferenceMode are thread-local and OpenMP workers do not inherit them: without the
+  // caller's state a worker writing into an inference tensor (any output made under
+  // torch.inference_mode) raises "Inplace update to inference tensor outside InferenceMode".
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, split.groups * split.blocks, 1, [&](int64_t begin, int64_t end) {
-    at::NoGradGuard no_grad;  // grad mode is thread-local: OpenMP workers do not inherit the caller's
+    at::ThreadLocalStateGuard caller_state_guard(caller_state);
+    at::NoGradGuard no_grad;  // out= GEMMs must not record autograd history
     auto buffer = at::empty({split.group, split.rows, tokens}, q.options());
     for (int64_t task = begin; task < end; ++task) {
       const int64_t first = (task / split.blocks) * split.group, start = (task % split.blocks) * split.rows;
@@ -166,7 +172,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> decay_attention_backward(
   float* grad_rates_data = grad_rates.data_ptr<float>();
   const float scale = layout.scale;
 
+  const at::ThreadLocalState caller_state;  // as in the forward
   at::parallel_for(0, split.groups, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard caller_state_guard(caller_state);
     at::NoGradGuard no_grad;
     auto probs_buffer = at::empty({split.group, split.rows, tokens}, q.options());
     auto grad_buffer = at::empty({split.group, split.rows, tokens}, q.options());
