@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from conftest import tiny_overrides
 from sdt.cli import main
 from sdt.config import ConfigError
-from sdt.engine import (CheckpointError, DistInfo, EngineConfig, check_engine_config, checkpoint_dirs,
-                        load_train_state, load_weights)
+from sdt.checkpoints import CheckpointError, checkpoint_dirs, load_train_state, load_weights
+from sdt.engine import DistInfo, EngineConfig, check_engine_config
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 

@@ -8,18 +8,20 @@ keys and values of the wrong type are errors that name the key, so a typo never 
 with a default.
 """
 import dataclasses
-import os
 import typing
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar, Union
 
 import yaml
 
+from .checkpoints import atomic_write
+from .errors import SdtError
+
 T = TypeVar("T")
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"  # shipped inside the package
 
 
-class ConfigError(ValueError):
+class ConfigError(SdtError, ValueError):
     """A recipe or override that does not fit the config schema."""
 
 
@@ -124,17 +126,6 @@ def config_to_dict(cfg: Any) -> Dict[str, Any]:
             return [plain(x) for x in v]
         return v
     return plain(dataclasses.asdict(cfg))
-
-
-def atomic_write(path: Union[str, Path], data: Union[bytes, str]) -> None:
-    """Write a file so that readers see the old content or the new, never a partial one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_config(cfg: Any, path: Union[str, Path]) -> None:

@@ -23,6 +23,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
+from .errors import SdtError
+
 _logger = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -33,7 +35,7 @@ FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-class DataError(ValueError):
+class DataError(SdtError, ValueError):
     """Data that cannot be trained on: missing files, wrong channels or sizes, bad labels."""
 
 

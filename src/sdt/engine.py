@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -36,16 +35,16 @@ from typing import Any, Dict, Iterator, List, Optional, Protocol, Tuple
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .config import ConfigError, atomic_write
+from .checkpoints import (CheckpointError, atomic_path, atomic_write, find_last_checkpoint, load_into, load_train_state,
+                          load_weights, prune_checkpoints, save_weights, write_checkpoint)
+from .checkpoints import checkpoint_dirs  # noqa: F401  (still imported from here by generate.py and experiments/)
+from .config import ConfigError
 from .data import Batch, collate
 
 _logger = logging.getLogger("sdt")
-STATE_FORMAT = "sdt.engine.train_state/1"
 
 
 @dataclass
@@ -93,10 +92,6 @@ class Task(Protocol):
 
     def evaluate(self, model: nn.Module, loader: DataLoader, dist_info: "DistInfo") -> Dict[str, float]:
         """Metrics over the whole loader, reduced across processes."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, truncated, or not from this kind of run."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,74 +193,7 @@ def eval_loader(dataset: Dataset, batch_size: int, workers: int, dist_info: Dist
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def load_weights(path: Path) -> Dict[str, Tensor]:
-    """A safetensors state dict, with a clear error for a missing, truncated or foreign file."""
-    if not Path(path).is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or not a checkpoint?): {e}") from e
-
-
-def load_into(model: nn.Module, state_dict: Dict[str, Tensor], path: Path) -> None:
-    """Load weights strictly; a mismatch names the file and the first differing keys."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    wrong_shape = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
-    if missing or unexpected or wrong_shape:
-        raise CheckpointError(
-            f"{path} does not fit this model ({type(model).__name__}): {len(missing)} missing keys {missing[:3]}, "
-            f"{len(unexpected)} unexpected keys {unexpected[:3]}, {len(wrong_shape)} shape mismatches {wrong_shape[:3]}. "
-            f"Was it trained with another model, num_classes or in_chans?")
-    model.load_state_dict(state_dict)
-
-
-def _contiguous_cpu(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    return {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-
-
-def save_weights(path: Path, state_dict: Dict[str, Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
-    """Write a safetensors file atomically (temp file + fsync + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(_contiguous_cpu(state_dict), str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def checkpoint_dirs(output_dir: Path) -> List[Path]:
-    """Complete step checkpoints of a run, oldest first (temp folders of a killed save are ignored)."""
-    root = Path(output_dir) / "checkpoints"
-    return sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
-
-
-def find_last_checkpoint(output_dir: Path) -> Path:
-    found = checkpoint_dirs(output_dir)
-    if not found:
-        raise CheckpointError(f"no checkpoint to resume from in {Path(output_dir) / 'checkpoints'}; "
-                              f"start a new run (without --resume) or pass --output of an earlier run")
-    return found[-1]
-
-
-def load_train_state(ckpt_dir: Path) -> Dict[str, Any]:
-    """The training state of a checkpoint folder, loaded with ``weights_only=True`` (no pickled code runs)."""
-    path = Path(ckpt_dir) / "state.pt"
-    if not path.is_file():
-        raise CheckpointError(f"{ckpt_dir} is not a checkpoint folder: {path.name} is missing")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... for bad files
-        raise CheckpointError(f"cannot load training state {path} (truncated, or not written by sdt?): {e}") from e
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise CheckpointError(f"{path} is not an sdt training state (format "
-                              f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}, "
-                              f"expected {STATE_FORMAT!r})")
-    return state
+# RNG state (saved in checkpoints)
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -368,10 +296,11 @@ def save_figure(fig: "matplotlib.figure.Figure", path: Path, dpi: int) -> None:
     """Write a matplotlib figure as PNG atomically (temp file + rename) and close it."""
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
 
 
 def progress_bar(total: int, desc: str, enabled: bool = True, initial: int = 0):
@@ -495,32 +424,19 @@ class Trainer:
             rng = gathered
         if not self.dist.is_main:
             return
-        root = self.output_dir / "checkpoints"
-        root.mkdir(exist_ok=True)
-        final = root / f"step-{self.global_step:08d}"
-        if final.exists():
-            return
-        tmp = root / f".tmp-step-{self.global_step:08d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        meta = {"global_step": str(self.global_step), "epoch": str(self.epoch)}
-        save_weights(tmp / "model.safetensors", self.model.state_dict(), meta)
+        weights = {"model": self.model.state_dict()}
         if self.ema is not None:
-            save_weights(tmp / "ema.safetensors", self.ema.module.state_dict(), meta)
+            weights["ema"] = self.ema.module.state_dict()
         state = {
-            "format": STATE_FORMAT,
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
             "world_size": self.dist.world_size,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "rng": rng, "best": self.best,
             "train_seconds": self.train_seconds, "train_images": self.train_images,
         }
-        torch.save(state, tmp / "state.pt")
-        with open(tmp / "state.pt", "rb") as f:
-            os.fsync(f.fileno())
-        os.rename(tmp, final)
-        for old in checkpoint_dirs(self.output_dir)[:-max(self.cfg.keep_checkpoints, 1)]:
-            shutil.rmtree(old)
+        write_checkpoint(self.output_dir, self.global_step, weights, state,
+                         {"global_step": str(self.global_step), "epoch": str(self.epoch)})
+        prune_checkpoints(self.output_dir, self.cfg.keep_checkpoints)
 
     # -- loop -----------------------------------------------------------------------------------
 

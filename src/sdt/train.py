@@ -21,11 +21,12 @@ from torch.utils.data import DataLoader
 
 from . import models  # noqa: F401  (registers the models with timm)
 from .complexity import count_flops, count_params
-from .config import ConfigError, atomic_write, load_config
+from .checkpoints import atomic_write, load_into, load_weights
+from .config import ConfigError, load_config
 from .data import (AugConfig, Batch, DataConfig, DataError, ImageSamples, build_transform, check_images,
                    num_channels, raw_dataset)
 from .engine import (DistInfo, EngineConfig, Trainer, all_reduce_sum, check_engine_config, eval_loader, final_val_metrics,
-                     load_into, load_weights, plot_curves, resolve_run, save_figure, setup_distributed, start_run)
+                     plot_curves, resolve_run, save_figure, setup_distributed, start_run)
 
 _logger = logging.getLogger("sdt")
 

@@ -1,0 +1,213 @@
+"""Checkpoint and weights files: the one place sdt writes and reads them.
+
+    save_weights(path, model.state_dict())            # safetensors, atomically
+    load_into(model, load_weights(path), path)         # .safetensors or a torch file, checked, strict
+
+- Every file is written atomically (``atomic_path`` / ``atomic_write``): into a temp name in the
+  target folder, fsynced, renamed over the target, and the folder fsynced, so a reader (or a
+  crash) sees the old file or the new one, never a partial one.
+- Weights are read without running code: safetensors, or ``torch.load(weights_only=True)``.
+  Anything that is not a state dict of tensors (a truncated file, another format, a pickle
+  with objects) is a ``CheckpointError`` that names the file and the fix.
+- A training checkpoint is a folder ``checkpoints/step-N`` (model.safetensors, ema.safetensors,
+  state.pt) written as a whole: a temp folder ``.tmp-step-N-<pid>``, then one rename.
+"""
+import argparse
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .errors import SdtError
+
+STATE_FORMAT = "sdt.engine.train_state/1"
+TEMP_CHECKPOINT_PREFIX = ".tmp-step-"
+PathLike = Union[str, Path]
+
+
+class CheckpointError(SdtError, ValueError):
+    """A weights or checkpoint file that is missing, truncated, or not from this kind of model or run."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+def fsync_dir(folder: PathLike) -> None:
+    """Make a rename or a new file in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """A temp path next to ``path`` (same suffix, so writers that infer the format from it work);
+    when the block succeeds the temp file is fsynced and renamed over ``path``; when it fails the
+    temp file is removed and ``path`` is untouched.
+
+        with atomic_path("model.onnx") as tmp:
+            torch.onnx.export(model, x, tmp)
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_dir(path.parent)
+
+
+def atomic_write(path: PathLike, data: Union[bytes, str]) -> None:
+    """Write ``data`` (str as UTF-8) to ``path`` atomically: readers see the old content or the new."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+
+
+def save_weights(path: PathLike, state_dict: Dict[str, Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write a state dict as safetensors (on the CPU, contiguous), atomically."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_weights(path: PathLike) -> Dict[str, Tensor]:
+    """The state dict in a weights file, on the CPU, without running any code from it.
+
+    ``.safetensors`` files are read with safetensors; anything else with
+    ``torch.load(weights_only=True)`` (``argparse.Namespace``, which RMT's released checkpoints
+    hold, is allowed). A ``{"model": ...}`` or ``{"state_dict": ...}`` wrapper is unwrapped.
+    Raises ``CheckpointError`` for a missing, truncated or foreign file and for non-tensor entries.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file (truncated, or not a weights file?): {e}. "
+                                  f"Copy or download it again, or pass the model.safetensors / best.safetensors of a run") from e
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad or unsafe files
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated, not a state dict, or it holds "
+                              f"objects that loading would have to execute): {e}. Save weights with "
+                              f"torch.save(model.state_dict(), ...) or as .safetensors") from e
+    for wrapper in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict (a mapping of names to tensors)")
+    not_tensors = [k for k, v in state.items() if not isinstance(v, Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"{path} is not a state dict: {len(not_tensors)} entries are not tensors "
+                              f"(e.g. {not_tensors[:3]}); save model.state_dict() only")
+    return state
+
+
+def load_into(model: nn.Module, state_dict: Dict[str, Tensor], path: PathLike) -> None:
+    """Load weights strictly; a mismatch names the file and the first missing, unexpected and
+    wrongly shaped keys (``CheckpointError``)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong_shape = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                   if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or unexpected or wrong_shape:
+        raise CheckpointError(
+            f"{path} does not fit this model ({type(model).__name__}): {len(missing)} missing keys {missing[:3]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:3]}, {len(wrong_shape)} shape mismatches "
+            f"(file vs model) {wrong_shape[:3]}. Was it trained with another model, num_classes or in_chans?")
+    model.load_state_dict(state_dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training checkpoints: checkpoints/step-N folders
+
+
+def checkpoint_dirs(output_dir: PathLike) -> List[Path]:
+    """Complete step checkpoints of a run, oldest first (temp folders of a killed save are ignored)."""
+    root = Path(output_dir) / "checkpoints"
+    return sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
+
+
+def find_last_checkpoint(output_dir: PathLike) -> Path:
+    found = checkpoint_dirs(output_dir)
+    if not found:
+        raise CheckpointError(f"no checkpoint to resume from in {Path(output_dir) / 'checkpoints'}; "
+                              f"start a new run (without --resume) or pass --output of an earlier run")
+    return found[-1]
+
+
+def write_checkpoint(output_dir: PathLike, step: int, weights: Dict[str, Dict[str, Tensor]], state: Dict[str, Any],
+                     metadata: Optional[Dict[str, str]] = None) -> Path:
+    """Write ``checkpoints/step-<step>`` as a whole: ``weights`` (file stem -> state dict) as
+    safetensors and ``state`` as state.pt, into a temp folder that is renamed when complete.
+    An existing ``step-<step>`` is kept as it is. Returns the folder."""
+    root = Path(output_dir) / "checkpoints"
+    root.mkdir(exist_ok=True)
+    final = root / f"step-{step:08d}"
+    if final.exists():
+        return final
+    tmp = root / f"{TEMP_CHECKPOINT_PREFIX}{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for stem, state_dict in weights.items():
+        save_weights(tmp / f"{stem}.safetensors", state_dict, metadata)
+    with atomic_path(tmp / "state.pt") as state_tmp:
+        torch.save({"format": STATE_FORMAT, **state}, state_tmp)
+    os.rename(tmp, final)
+    fsync_dir(root)
+    return final
+
+
+def prune_checkpoints(output_dir: PathLike, keep: int) -> None:
+    """Delete all but the newest ``keep`` (at least 1) step checkpoints."""
+    for old in checkpoint_dirs(output_dir)[:-max(keep, 1)]:
+        shutil.rmtree(old)
+
+
+def remove_temp_checkpoints(output_dir: PathLike) -> List[Path]:
+    """Delete the temp folders that saves killed mid-way left behind; returns them. Call it only
+    while holding the run's lock (``sdt.engine.RunLock``), so no live save is removed."""
+    root = Path(output_dir) / "checkpoints"
+    orphans = sorted(root.glob(TEMP_CHECKPOINT_PREFIX + "*")) if root.is_dir() else []
+    for tmp in orphans:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return orphans
+
+
+def load_train_state(ckpt_dir: PathLike) -> Dict[str, Any]:
+    """The training state of a checkpoint folder, loaded with ``weights_only=True`` (no pickled code runs)."""
+    path = Path(ckpt_dir) / "state.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt_dir} is not a checkpoint folder: {path.name} is missing")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... for bad files
+        raise CheckpointError(f"cannot load training state {path} (truncated, or not written by sdt?): {e}") from e
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path} is not an sdt training state (format "
+                              f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}, "
+                              f"expected {STATE_FORMAT!r})")
+    return state
