@@ -16,7 +16,10 @@ from sdt.config import ConfigError, load_config
 from sdt.data import fashion_mnist_tensors
 from sdt.engine import checkpoint_dirs
 from sdt.fid import ClassifierFeatures, compute_fid, conditional_accuracy, in_domain_extractor, inception_fid
-from sdt.generate import GenConfig, class_labels, load_generator, sample_images, save_samples, train_generator
+from sdt.data import DataConfig, DataError
+from sdt.generate import (UNCONDITIONAL, GenConfig, class_labels, generation_transform, load_generator, sample_images,
+                          save_samples, train_generator)
+from sdt.models.dit import create_dit
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -72,6 +75,13 @@ def test_gen_train_writes_a_run_and_resume_is_exact(trained_run: Path, fake_fmni
     ({"model.attn": "linear"}, ConfigError, "model.attn must be one of"),
     ({"sample.sampler": "ddim"}, ConfigError, "does not fit model.objective=flow"),
     ({"model.in_chans": "3"}, Exception, "set model.in_chans=1"),
+    # keys generation_transform used to ignore silently
+    ({"data.test_subset": "5"}, ConfigError, "data.test_subset has no effect"),
+    ({"data.interpolation": "cubic"}, ConfigError, "data.interpolation must be one of"),
+    ({"data.crop_pct": "0"}, ConfigError, "data.crop_pct must be in"),
+    ({"sample.steps": "0"}, ConfigError, "sample.steps must be an integer from 1"),
+    ({"sample.cfg_scale": ".nan"}, ConfigError, "sample.cfg_scale must be a finite number"),
+    ({"sample.preview_per_class": "-1"}, ConfigError, "sample.preview_per_class must be >= 0"),
 ])
 def test_bad_gen_configs_fail_before_writing(fake_fmnist: Path, tmp_path: Path, change, error, message):
     with pytest.raises(error, match=message):
@@ -156,3 +166,89 @@ def test_cli_gen_train_sample_fid(fake_fmnist: Path, tmp_path: Path, capsys):
     out = capsys.readouterr().out
     assert "flow, sampler default, 2 steps, cfg scale 1.5" in out  # the run's sample section
     assert "FID" in out and "20 samples vs 200 images of Fashion-MNIST test[:200]" in out and "conditional accuracy" in out
+
+
+def test_generation_transform_applies_interpolation_and_crop_pct():
+    from PIL import Image
+
+    gradient = Image.fromarray(np.add.outer(np.arange(8) * 30, np.arange(8) * 2).astype(np.uint8))  # 8x8, rows differ
+    def pixels(**data):
+        return generation_transform(DataConfig(input_size=16, **data), hflip=0.0, training=False)(gradient)
+    bicubic, nearest = pixels(), pixels(interpolation="nearest")
+    assert bicubic.shape == nearest.shape == (1, 16, 16) and not torch.equal(bicubic, nearest)
+    assert torch.equal(nearest[0, ::2, ::2], nearest[0, 1::2, 1::2])  # nearest doubles each pixel
+    cropped = pixels(crop_pct=0.5, interpolation="nearest")  # resize to 32, keep the central 16x16
+    assert torch.equal(cropped[0, ::4, ::4], nearest[0, 4:12:2, 4:12:2])
+
+
+def _tiny_dit(dropout: float = 0.1):
+    torch.manual_seed(0)
+    model = create_dit("dit_n_4", num_classes=10, in_channels=1, input_size=28, hidden_size=32, depth=1, num_heads=2,
+                       class_dropout_prob=dropout).eval()
+    with torch.no_grad():  # away from adaLN-Zero's initialisation, where the label has no effect
+        for param in model.parameters():
+            param.normal_(std=0.2)
+    return model
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(cfg_scale=float("nan")), "cfg_scale must be a finite number"),
+    (dict(cfg_scale=float("inf")), "cfg_scale must be a finite number"),
+    (dict(num_steps=0), "steps must be an integer from 1"),
+    (dict(num_steps=-3), "steps must be an integer from 1"),
+    (dict(batch_size=0), "batch_size must be a positive integer"),
+    (dict(labels=torch.tensor([0, 10])), r"labels must be class indices 0..9 or sdt.generate.UNCONDITIONAL \(-1\); got \[10\]"),
+    (dict(labels=torch.tensor([11])), r"got \[11\]"),
+    (dict(labels=torch.tensor([-2])), r"got \[-2\]"),
+    (dict(labels=torch.tensor([0.0])), "1-D integer tensor"),
+    (dict(sampler="ddim"), "does not fit the flow objective"),
+])
+def test_sample_images_rejects_bad_arguments(kwargs, message):
+    model = _tiny_dit()
+    args = dict(labels=torch.tensor([0, 1]), num_steps=1)
+    args.update(kwargs)
+    with pytest.raises((ConfigError, DataError), match=message):
+        sample_images(model, "flow", **args)
+
+
+def test_unconditional_sampling_is_explicit():
+    model = _tiny_dit()
+    null = sample_images(model, "flow", torch.tensor([UNCONDITIONAL, 3]), num_steps=2)
+    assert null.shape == (2, 1, 28, 28)
+    # sample i depends only on its own label and (seed, i)
+    direct = sample_images(model, "flow", torch.tensor([0, 3]), num_steps=2)
+    assert torch.equal(null[1], direct[1]) and not torch.equal(null[0], direct[0])
+    no_null = _tiny_dit(dropout=0.0)
+    with pytest.raises(DataError, match="no null class"):
+        sample_images(no_null, "flow", torch.tensor([UNCONDITIONAL]), num_steps=1)
+    with pytest.raises(DataError, match=r"class indices 0..9; got \[10\]"):
+        sample_images(no_null, "flow", torch.tensor([10]), num_steps=1)
+    with pytest.raises(ConfigError, match="needs a model trained with label dropout"):
+        sample_images(no_null, "flow", torch.tensor([1]), num_steps=1, cfg_scale=2.0)
+
+
+def test_class_labels_checks_its_arguments():
+    assert class_labels(10, 2, [3, 7]).tolist() == [3, 3, 7, 7]
+    assert class_labels(3, 1).tolist() == [0, 1, 2]
+    for per_class in (0, -1):
+        with pytest.raises(ConfigError, match="per_class"):
+            class_labels(10, per_class)
+    with pytest.raises(ConfigError, match=r"classes must be in 0..9"):
+        class_labels(10, 1, [3, 10])
+
+
+def test_cli_sample_validates_and_picks_classes(trained_run: Path, tmp_path: Path, capsys):
+    base = ["sample", str(trained_run), "--out", str(tmp_path / "s"), "--threads", "1", "--steps", "1"]
+    for bad, message in ((["--cfg-scale", "nan"], "cfg_scale must be a finite number"),
+                         (["--steps", "0"], "steps must be an integer from 1"),
+                         (["--steps", "-3"], "steps must be an integer from 1"),
+                         (["--per-class", "-1"], "per_class"), (["--per-class", "0"], "per_class"),
+                         (["--batch-size", "0"], "batch_size must be a positive integer"),
+                         (["--classes", "0,10"], "classes must be in 0..9"),
+                         (["--classes", "zero"], "--classes must be comma-separated")):
+        assert main(base + bad) == 2, bad
+        assert message in capsys.readouterr().err, bad
+        assert not (tmp_path / "s.npz").exists()
+    assert main(base + ["--classes", "0,3,-1", "--per-class", "2"]) == 0
+    with np.load(tmp_path / "s.npz") as data:
+        assert data["labels"].tolist() == [0, 0, 3, 3, -1, -1] and data["arr_0"].shape == (6, 28, 28, 1)

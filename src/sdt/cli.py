@@ -278,6 +278,9 @@ def add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="run folder of 'sdt gen-train'")
     p.add_argument("--out", required=True, help="output prefix (writes <out>.npz and <out>.png)")
     p.add_argument("--per-class", type=int, default=10, help="samples per class")
+    p.add_argument("--classes", default=None, metavar="C0,C1,...",
+                   help="comma-separated class indices to sample (default: every class); -1: unconditional "
+                        "(needs a model trained with label dropout)")
     p.add_argument("--sampler", default=None, help="ddim | ddpm (DDPM objective), heun | euler (flow)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (DDPM: respaced)")
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (1: none)")
@@ -293,14 +296,20 @@ def run_sample(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .generate import class_labels, load_generator, sample_images, save_samples
+    from .config import ConfigError
+    from .generate import check_sampling, class_labels, load_generator, sample_images, save_samples
 
+    try:
+        classes = None if args.classes is None else [int(c) for c in args.classes.split(",")]
+    except ValueError:
+        raise ConfigError(f"--classes must be comma-separated class indices such as 0,3,7, got {args.classes!r}") from None
     torch.set_num_threads(args.threads)
     model, cfg = load_generator(args.run, args.weights)
     sampler = args.sampler or cfg.sample.sampler
     steps = args.steps if args.steps is not None else cfg.sample.steps
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else cfg.sample.cfg_scale
-    labels = class_labels(model.num_classes, args.per_class)
+    check_sampling(steps, cfg_scale, cfg.model.objective, args.batch_size)
+    labels = class_labels(model.num_classes, args.per_class, classes)
     start = time.perf_counter()
     images = sample_images(model, cfg.model.objective, labels, args.seed, sampler, steps, cfg_scale,
                            batch_size=args.batch_size, progress=True)

@@ -13,22 +13,25 @@ The training loop, checkpoints, exact resume, progress bars and torchrun are the
 """
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+from torchvision.transforms import InterpolationMode
 
 from .complexity import count_flops, count_params
-from .config import ConfigError, atomic_write, load_config
-from .data import Batch, DataConfig, ImageSamples, check_images, raw_dataset
+from .checkpoints import atomic_path, atomic_write, checkpoint_dirs, load_into, load_weights
+from .config import ConfigError, load_config
+from .data import Batch, DataConfig, DataError, ImageSamples, check_images, raw_dataset
 from .diffusion import OBJECTIVES, SAMPLERS, create_objective
-from .engine import (DistInfo, EngineConfig, Trainer, all_reduce_sum, check_engine_config, checkpoint_dirs,
-                     final_val_metrics, load_into, load_weights, plot_curves, progress_bar, resolve_run, start_run)
+from .engine import (DistInfo, EngineConfig, Trainer, all_reduce_sum, check_engine_config, final_val_metrics,
+                     plot_curves, progress_bar, resolve_run, start_run)
 from .models.dit import ATTN_DECAY, DiT, create_dit
 from .train import resolve_in_chans, resolve_num_classes
 
@@ -80,13 +83,14 @@ def model_to_images(x: Tensor) -> Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def generation_transform(input_size: int, hflip: float, training: bool) -> Any:
-    """PIL image -> (C, input_size, input_size) float in [-1, 1]: resize the short side, centre crop,
-    random horizontal flip when ``training``."""
+def generation_transform(data: DataConfig, hflip: float, training: bool) -> Any:
+    """PIL image -> (C, input_size, input_size) float in [-1, 1]: resize the short side to
+    ``input_size / crop_pct`` with ``data.interpolation``, centre crop, random horizontal flip when ``training``."""
     from torchvision import transforms
 
-    steps = [transforms.Resize(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
-             transforms.CenterCrop(input_size)]
+    size = data.input_size
+    steps = [transforms.Resize(int(round(size / data.crop_pct)), interpolation=transforms.InterpolationMode(data.interpolation)),
+             transforms.CenterCrop(size)]
     if training and hflip > 0:
         steps.append(transforms.RandomHorizontalFlip(hflip))
     steps += [transforms.PILToTensor(), transforms.Lambda(images_to_model)]
@@ -104,6 +108,31 @@ def check_gen_config(cfg: GenConfig) -> None:
     if cfg.sample.sampler is not None and cfg.sample.sampler not in SAMPLERS[cfg.model.objective]:
         raise ConfigError(f"sample.sampler={cfg.sample.sampler!r} does not fit model.objective={cfg.model.objective}; "
                           f"choose one of {SAMPLERS[cfg.model.objective]}")
+    interpolations = tuple(mode.value for mode in InterpolationMode)
+    if cfg.data.interpolation not in interpolations:
+        raise ConfigError(f"data.interpolation must be one of {interpolations}, got {cfg.data.interpolation!r}")
+    if not 0 < cfg.data.crop_pct <= 1:
+        raise ConfigError(f"data.crop_pct must be in (0, 1] (resize to input_size / crop_pct, centre crop), got {cfg.data.crop_pct}")
+    if cfg.data.test_subset is not None:
+        raise ConfigError("data.test_subset has no effect: gen-train uses the train and val splits only; "
+                          "drop it (limit the data with data.train_subset / data.val_subset)")
+    try:
+        check_sampling(cfg.sample.steps, cfg.sample.cfg_scale, cfg.model.objective)
+    except ConfigError as e:
+        raise ConfigError(f"sample.{e}") from e
+    if cfg.sample.preview_per_class < 0:
+        raise ConfigError(f"sample.preview_per_class must be >= 0 (0: no samples.png), got {cfg.sample.preview_per_class}")
+
+
+def check_sampling(num_steps: int, cfg_scale: float, objective_name: str, batch_size: int = 1) -> None:
+    """Sampling settings that cannot work, as a ``ConfigError`` naming the setting (``sample_images`` checks them)."""
+    max_steps = 1000 if objective_name == "ddpm" else math.inf  # DDPM respaces its T = 1000 training steps
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= max_steps:
+        raise ConfigError(f"steps must be an integer from 1 to {max_steps} for the {objective_name} objective, got {num_steps!r}")
+    if not math.isfinite(cfg_scale) or cfg_scale < 0:
+        raise ConfigError(f"cfg_scale must be a finite number >= 0 (1: no guidance), got {cfg_scale}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
 def build_model(cfg: GenModelConfig, input_size: int) -> DiT:
@@ -148,7 +177,7 @@ class DiffusionTask:
 
 def _datasets(cfg: GenConfig, in_chans: int) -> Dict[str, ImageSamples]:
     return {split: ImageSamples(raw_dataset(cfg.data, split, in_chans),
-                                generation_transform(cfg.data.input_size, cfg.aug.hflip, split == "train"),
+                                generation_transform(cfg.data, cfg.aug.hflip, split == "train"),
                                 seed=cfg.engine.seed if split == "train" else None, strict=cfg.data.strict_images)
             for split in ("train", "val")}
 
@@ -227,7 +256,7 @@ def load_generator(run_dir: str, weights: str = "ema") -> Tuple[DiT, GenConfig]:
         raise FileNotFoundError(f"{run_dir} is not a generation run (no config.yaml); give the --output of 'sdt gen-train'")
     cfg = load_config(GenConfig, str(run / "config.yaml"))
     if weights not in ("ema", "model", "best"):
-        raise ValueError(f"weights must be 'ema', 'model' or 'best', got {weights!r}")
+        raise ConfigError(f"weights must be 'ema', 'model' or 'best', got {weights!r}")
     if weights == "best":
         path = run / "best.safetensors"
     else:
@@ -242,22 +271,49 @@ def load_generator(run_dir: str, weights: str = "ema") -> Tuple[DiT, GenConfig]:
     return model.eval(), cfg
 
 
+UNCONDITIONAL = -1  # the label of an unconditional sample (the null class of a model trained with label dropout)
+
+
+def _model_labels(model: DiT, labels: Tensor) -> Tensor:
+    """Checked sampling labels (N,): class indices in [0, num_classes), or ``UNCONDITIONAL`` -> the null class."""
+    has_null = model.y_embedder.dropout_prob > 0
+    allowed = f"class indices 0..{model.num_classes - 1}" + (" or sdt.generate.UNCONDITIONAL (-1)" if has_null else "")
+    if labels.ndim != 1 or len(labels) == 0 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise DataError(f"labels must be a non-empty 1-D integer tensor of {allowed}, got {labels.dtype} {tuple(labels.shape)}")
+    bad = labels[(labels >= model.num_classes) | ((labels < 0) & (labels != UNCONDITIONAL))]
+    if len(bad):
+        raise DataError(f"labels must be {allowed}; got {bad.unique()[:5].tolist()}")
+    unconditional = labels == UNCONDITIONAL
+    if unconditional.any() and not has_null:
+        raise DataError("this model was trained without label dropout (class_dropout_prob=0), so it has no null class "
+                         "and cannot sample unconditionally; give class labels")
+    return torch.where(unconditional, model.num_classes, labels.long())
+
+
 @torch.no_grad()
 def sample_images(model: DiT, objective_name: str, labels: Tensor, seed: int = 0, sampler: Optional[str] = None,
                   num_steps: int = 50, cfg_scale: float = 1.0, image_size: Optional[Tuple[int, int]] = None,
                   batch_size: int = 250, progress: bool = False) -> Tensor:
     """Class-conditional samples, uint8 (N, C, H, W), one per label; the same seed gives the same images.
 
-    cfg_scale 1 is plain conditional sampling; > 1 uses classifier-free guidance. The starting noise of
-    sample i depends only on (seed, i), so the deterministic samplers (ddim, heun, euler) give the same
-    images for any ``batch_size``; the ancestral ddpm sampler's per-step noise depends on the batching too.
-    ``progress`` shows a progress bar (images/s, ETA) on stderr.
+    ``labels`` (N,): class indices in [0, num_classes), or ``UNCONDITIONAL`` for an unconditional sample
+    (models trained with label dropout). cfg_scale 1 is plain conditional sampling; otherwise classifier-free
+    guidance. The starting noise of sample i depends only on (seed, i), so the deterministic samplers (ddim,
+    heun, euler) give the same images for any ``batch_size``; the ancestral ddpm sampler's per-step noise
+    depends on the batching too. ``progress`` shows a progress bar (images/s, ETA) on stderr.
     """
+    check_sampling(num_steps, cfg_scale, objective_name, batch_size)
+    labels = _model_labels(model, labels)
     objective = create_objective(objective_name, model.learn_sigma)
     sampler = sampler or SAMPLERS[objective_name][0]
+    if sampler not in SAMPLERS[objective_name]:
+        raise ConfigError(f"sampler {sampler!r} does not fit the {objective_name} objective; choose one of {SAMPLERS[objective_name]}")
     height, width = image_size or (model.x_embedder.img_size or (28, 28))
     if cfg_scale == 1.0:
         model_fn = model
+    elif model.y_embedder.dropout_prob <= 0:
+        raise ConfigError("classifier-free guidance (cfg_scale != 1) needs a model trained with label dropout "
+                         "(class_dropout_prob > 0); use cfg_scale 1")
     else:
         def model_fn(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
             return model.forward_with_cfg(x, t, y, cfg_scale)
@@ -276,9 +332,17 @@ def sample_images(model: DiT, objective_name: str, labels: Tensor, seed: int = 0
     return torch.cat(out)
 
 
-def class_labels(num_classes: int, per_class: int) -> Tensor:
-    """[0]*per_class + [1]*per_class + ...: (num_classes * per_class,)"""
-    return torch.arange(num_classes).repeat_interleave(per_class)
+def class_labels(num_classes: int, per_class: int, classes: Optional[Sequence[int]] = None) -> Tensor:
+    """[c0]*per_class + [c1]*per_class + ... for ``classes`` (default: all of 0..num_classes-1): (len * per_class,)."""
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise ConfigError(f"per_class (samples per class) must be a positive integer, got {per_class!r}")
+    chosen = list(range(num_classes)) if classes is None else list(classes)
+    if not chosen:
+        raise ConfigError("no classes given")
+    bad = [c for c in chosen if not (c == UNCONDITIONAL or 0 <= c < num_classes)]
+    if bad:
+        raise ConfigError(f"classes must be in 0..{num_classes - 1} (or {UNCONDITIONAL}: unconditional), got {bad}")
+    return torch.tensor(chosen, dtype=torch.long).repeat_interleave(per_class)
 
 
 def image_grid(images: Tensor, rows: int) -> np.ndarray:
@@ -303,17 +367,14 @@ def save_samples(images: Tensor, labels: Tensor, out_prefix: str, grid_per_class
     from PIL import Image
 
     os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
+    images, labels = images.cpu(), labels.cpu()
     paths = {"png": out_prefix + ".png"}
     if npz:
         paths["npz"] = out_prefix + ".npz"
-        tmp = paths["npz"] + ".tmp.npz"
-        np.savez(tmp, arr_0=images.permute(0, 2, 3, 1).cpu().numpy(), labels=labels.cpu().numpy())
-        os.replace(tmp, paths["npz"])
-    images, labels = images.cpu(), labels.cpu()
-    png_path = paths["png"]
+        with atomic_path(paths["npz"]) as tmp:
+            np.savez(tmp, arr_0=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
     classes = labels.unique()
     rows = torch.cat([images[labels == c][:grid_per_class] for c in classes])
-    tmp = png_path + ".tmp.png"
-    Image.fromarray(image_grid(rows, len(classes))).save(tmp)
-    os.replace(tmp, png_path)
+    with atomic_path(paths["png"]) as tmp:
+        Image.fromarray(image_grid(rows, len(classes))).save(tmp)
     return paths
