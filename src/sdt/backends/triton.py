@@ -29,7 +29,7 @@ runs its row and column passes as batches of 1 x W and 1 x H sequences through t
 Block sizes: ``triton.autotune`` over the small tables below, keyed on (L, d), with configs whose
 blocks exceed the (padded) sequence pruned. Under Triton's interpreter (``TRITON_INTERPRET=1``
 set before this module is imported; it runs the kernels on CPU tensors, for tests) one fixed
-configuration, ``INTERPRETER_BLOCKS``, is used instead: autotuning there would run every config.
+configuration, ``FIXED_CONFIG``, is used instead: autotuning there would run every config.
 The tables are educated guesses (FlashAttention-2's Triton tutorial uses 128 x 64 forward tiles,
 and 32 x 128 / 128 x 32 for the two backward passes) and have not been measured on a GPU yet.
 """
@@ -43,6 +43,7 @@ from torch import Tensor
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.autotuner import Autotuner
 except ImportError as error:  # CPU-only installs of torch come without triton
     raise ImportError("sdt.backends.triton needs the 'triton' package, which CUDA builds of torch install "
                       "('pip install triton'); on CPU use backend='fused' or 'chunked'") from error
@@ -57,8 +58,10 @@ def _interpreting() -> bool:
 
 # Fixed when the kernels below are decorated: triton.jit reads TRITON_INTERPRET at that moment.
 INTERPRET = _interpreting()
-# (BLOCK_M, BLOCK_N) under the interpreter: small enough that test grids have partial blocks.
-INTERPRETER_BLOCKS = (32, 32)
+# (BLOCK_M, BLOCK_N, warps, stages) for every kernel instead of autotuning, or None to autotune.
+# Set under the interpreter (where autotuning would run every config; 32 x 32 gives the test
+# grids partial blocks) and by the tests that check each table entry on a GPU.
+FIXED_CONFIG: Optional[Tuple[int, int, int, int]] = (32, 32, 4, 1) if INTERPRET else None
 PRECISIONS = ("tf32", "ieee")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 128
@@ -93,8 +96,9 @@ def _tuned(table):
 
 
 @triton.jit
-def _decay_tile(index_a, index_b, rate_a, rate_b, width, INDICATOR: tl.constexpr):
-    """dist and pair = (s_a + s_b) / 2 * dist for a (len(a), len(b)) tile; symmetric in a and b."""
+def _decay_tile(index_a, index_b, rate_a, rate_b, width, INDICATOR: tl.constexpr, RATES_GRAD: tl.constexpr):
+    """|pair| = |(s_a + s_b) / 2 * dist| for a (len(a), len(b)) tile (symmetric in a and b), and with
+    RATES_GRAD sign(pair) * dist (sign(0) = 0): d(bias)/d(s_a) = d(bias)/d(s_b) = -1/2 of it."""
     if INDICATOR:
         dist = (index_a[:, None] != index_b[None, :]).to(tl.float32)
     else:
@@ -102,21 +106,22 @@ def _decay_tile(index_a, index_b, rate_a, rate_b, width, INDICATOR: tl.constexpr
         row_b, col_b = index_b // width, index_b % width
         dist = (tl.abs(row_a[:, None] - row_b[None, :]) + tl.abs(col_a[:, None] - col_b[None, :])).to(tl.float32)
     pair = (rate_a[:, None] + rate_b[None, :]) * 0.5 * dist
-    return dist, pair
+    factor = dist
+    if RATES_GRAD:
+        factor = ((pair > 0).to(tl.float32) - (pair < 0).to(tl.float32)) * dist
+    return tl.abs(pair), factor
 
 
 @triton.jit
-def _rate_factor(dist, pair):
-    """sign(pair) * dist with sign(0) = 0; d(bias)/d(rate) is -1/2 of it."""
-    return ((pair > 0).to(tl.float32) - (pair < 0).to(tl.float32)) * dist
-
-
-@triton.jit
-def _load_rows(ptr, offs, mask, offs_d, mask_d, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
-    tile = tl.load(ptr + offs[:, None] * HEAD_DIM + offs_d[None, :], mask=mask[:, None] & mask_d[None, :], other=0.0)
+def _load_rows(A, B, offs, mask, offs_d, mask_d, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """Rows ``offs`` of two (L, d) matrices, zero-padded to (len(offs), D_PAD)."""
+    offsets = offs[:, None] * HEAD_DIM + offs_d[None, :]
+    tile_mask = mask[:, None] & mask_d[None, :]
+    a = tl.load(A + offsets, mask=tile_mask, other=0.0)
+    b = tl.load(B + offsets, mask=tile_mask, other=0.0)
     if UPCAST:  # the interpreter's bf16/fp16 dots are wrong: compute in float32 there
-        tile = tile.to(tl.float32)
-    return tile
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return a, b
 
 
 @_tuned(FORWARD_TABLE)
@@ -131,7 +136,10 @@ def _forward_kernel(Q, K, V, R, Out, Lse, stride_r0, stride_r1, stride_rl, rate_
     base = seq.to(tl.int64) * seq_len * HEAD_DIM
     rates = R + (seq // rate_inner).to(tl.int64) * stride_r0 + (seq % rate_inner).to(tl.int64) * stride_r1
 
-    q = _load_rows(Q + base, offs_m, mask_m, offs_d, mask_d, HEAD_DIM, UPCAST)
+    q = tl.load(Q + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :],
+                other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
     rate_m = tl.load(rates + offs_m * stride_rl, mask=mask_m, other=0.0)
     scale_log2 = scale * LOG2E
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -140,12 +148,11 @@ def _forward_kernel(Q, K, V, R, Out, Lse, stride_r0, stride_r1, stride_rl, rate_
     for start_n in range(0, seq_len, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < seq_len
-        k = _load_rows(K + base, offs_n, mask_n, offs_d, mask_d, HEAD_DIM, UPCAST)
-        v = _load_rows(V + base, offs_n, mask_n, offs_d, mask_d, HEAD_DIM, UPCAST)
+        k, v = _load_rows(K + base, V + base, offs_n, mask_n, offs_d, mask_d, HEAD_DIM, UPCAST)
         rate_n = tl.load(rates + offs_n * stride_rl, mask=mask_n, other=0.0)
-        dist, pair = _decay_tile(offs_m, offs_n, rate_m, rate_n, width, INDICATOR)
+        abs_pair, _ = _decay_tile(offs_m, offs_n, rate_m, rate_n, width, INDICATOR, False)
         # logits in log2 units, so that exp2 serves as exp
-        logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2 - tl.abs(pair) * LOG2E
+        logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2 - abs_pair * LOG2E
         logits = tl.where(mask_n[None, :], logits, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(logits, 1))  # finite: every key block has a valid key
         correction = tl.exp2(row_max - new_max)
@@ -167,8 +174,7 @@ def _delta_kernel(Out, DO, Delta, seq_len, HEAD_DIM: tl.constexpr, D_PAD: tl.con
     offs_d = tl.arange(0, D_PAD)
     mask, mask_d = offs < seq_len, offs_d < HEAD_DIM
     base = seq.to(tl.int64) * seq_len * HEAD_DIM
-    out = _load_rows(Out + base, offs, mask, offs_d, mask_d, HEAD_DIM, True)
-    grad_out = _load_rows(DO + base, offs, mask, offs_d, mask_d, HEAD_DIM, True)
+    out, grad_out = _load_rows(Out + base, DO + base, offs, mask, offs_d, mask_d, HEAD_DIM, True)
     tl.store(Delta + seq.to(tl.int64) * seq_len + offs, tl.sum(out * grad_out, 1), mask=mask)
 
 
@@ -188,8 +194,7 @@ def _backward_key_kernel(Q, K, V, R, DO, Lse, Delta, DK, DV, DRateCols, stride_r
     row_base = seq.to(tl.int64) * seq_len
     rates = R + (seq // rate_inner).to(tl.int64) * stride_r0 + (seq % rate_inner).to(tl.int64) * stride_r1
 
-    k = _load_rows(K + base, offs_n, mask_n, offs_d, mask_d, HEAD_DIM, UPCAST)
-    v = _load_rows(V + base, offs_n, mask_n, offs_d, mask_d, HEAD_DIM, UPCAST)
+    k, v = _load_rows(K + base, V + base, offs_n, mask_n, offs_d, mask_d, HEAD_DIM, UPCAST)
     rate_n = tl.load(rates + offs_n * stride_rl, mask=mask_n, other=0.0)
     scale_log2 = scale * LOG2E
     grad_k = tl.zeros([BLOCK_N, D_PAD], tl.float32)
@@ -198,20 +203,19 @@ def _backward_key_kernel(Q, K, V, R, DO, Lse, Delta, DK, DV, DRateCols, stride_r
     for start_m in range(0, seq_len, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < seq_len
-        q = _load_rows(Q + base, offs_m, mask_m, offs_d, mask_d, HEAD_DIM, UPCAST)
-        grad_out = _load_rows(DO + base, offs_m, mask_m, offs_d, mask_d, HEAD_DIM, UPCAST)
+        q, grad_out = _load_rows(Q + base, DO + base, offs_m, mask_m, offs_d, mask_d, HEAD_DIM, UPCAST)
         rate_m = tl.load(rates + offs_m * stride_rl, mask=mask_m, other=0.0)
         lse_m = tl.load(Lse + row_base + offs_m, mask=mask_m, other=0.0) * LOG2E
         delta_m = tl.load(Delta + row_base + offs_m, mask=mask_m, other=0.0)
-        dist, pair = _decay_tile(offs_n, offs_m, rate_n, rate_m, width, INDICATOR)
-        logits = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2 - tl.abs(pair) * LOG2E
+        abs_pair, factor = _decay_tile(offs_n, offs_m, rate_n, rate_m, width, INDICATOR, RATES_GRAD)
+        logits = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2 - abs_pair * LOG2E
         p = tl.where(mask_m[None, :], tl.exp2(logits - lse_m[None, :]), 0.0)  # P^T: (keys, queries)
         grad_v += tl.dot(p.to(grad_out.dtype), grad_out, input_precision=PRECISION)
         grad_p = tl.dot(v, tl.trans(grad_out), input_precision=PRECISION)
         grad_s = p * (grad_p - delta_m[None, :])
         grad_k += tl.dot(grad_s.to(q.dtype), q, input_precision=PRECISION)
         if RATES_GRAD:
-            grad_rate += tl.sum(grad_s * _rate_factor(dist, pair), 1)
+            grad_rate += tl.sum(grad_s * factor, 1)
     out_offsets = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + base + out_offsets, (grad_k * scale).to(DK.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
     tl.store(DV + base + out_offsets, grad_v.to(DV.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
@@ -235,8 +239,7 @@ def _backward_query_kernel(Q, K, V, R, DO, Lse, Delta, DQ, DRateCols, DRates, st
     row_base = seq.to(tl.int64) * seq_len
     rates = R + (seq // rate_inner).to(tl.int64) * stride_r0 + (seq % rate_inner).to(tl.int64) * stride_r1
 
-    q = _load_rows(Q + base, offs_m, mask_m, offs_d, mask_d, HEAD_DIM, UPCAST)
-    grad_out = _load_rows(DO + base, offs_m, mask_m, offs_d, mask_d, HEAD_DIM, UPCAST)
+    q, grad_out = _load_rows(Q + base, DO + base, offs_m, mask_m, offs_d, mask_d, HEAD_DIM, UPCAST)
     rate_m = tl.load(rates + offs_m * stride_rl, mask=mask_m, other=0.0)
     lse_m = tl.load(Lse + row_base + offs_m, mask=mask_m, other=0.0) * LOG2E
     delta_m = tl.load(Delta + row_base + offs_m, mask=mask_m, other=0.0)
@@ -246,18 +249,17 @@ def _backward_query_kernel(Q, K, V, R, DO, Lse, Delta, DQ, DRateCols, DRates, st
     for start_n in range(0, seq_len, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < seq_len
-        k = _load_rows(K + base, offs_n, mask_n, offs_d, mask_d, HEAD_DIM, UPCAST)
-        v = _load_rows(V + base, offs_n, mask_n, offs_d, mask_d, HEAD_DIM, UPCAST)
+        k, v = _load_rows(K + base, V + base, offs_n, mask_n, offs_d, mask_d, HEAD_DIM, UPCAST)
         rate_n = tl.load(rates + offs_n * stride_rl, mask=mask_n, other=0.0)
-        dist, pair = _decay_tile(offs_m, offs_n, rate_m, rate_n, width, INDICATOR)
-        logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2 - tl.abs(pair) * LOG2E
+        abs_pair, factor = _decay_tile(offs_m, offs_n, rate_m, rate_n, width, INDICATOR, RATES_GRAD)
+        logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2 - abs_pair * LOG2E
         # padded keys have k = 0, so exp2 could overflow there: mask P, not only the logits
         p = tl.where(mask_n[None, :], tl.exp2(logits - lse_m[:, None]), 0.0)
         grad_p = tl.dot(grad_out, tl.trans(v), input_precision=PRECISION)
         grad_s = p * (grad_p - delta_m[:, None])
         grad_q += tl.dot(grad_s.to(k.dtype), k, input_precision=PRECISION)
         if RATES_GRAD:
-            grad_rate += tl.sum(grad_s * _rate_factor(dist, pair), 1)
+            grad_rate += tl.sum(grad_s * factor, 1)
     tl.store(DQ + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], (grad_q * scale).to(DQ.dtype.element_ty),
              mask=mask_m[:, None] & mask_d[None, :])
     if RATES_GRAD:
@@ -272,9 +274,13 @@ def _grid(sequences: int, tokens: int, block: str):
 
 
 def _launch(kernel, grid, *args, **constexprs) -> None:
-    if INTERPRET:
-        constexprs.update(BLOCK_M=INTERPRETER_BLOCKS[0], BLOCK_N=INTERPRETER_BLOCKS[1])
-    kernel[grid](*args, **constexprs)
+    if FIXED_CONFIG is None:
+        kernel[grid](*args, **constexprs)
+        return
+    block_m, block_n, warps, stages = FIXED_CONFIG
+    if isinstance(kernel, Autotuner):
+        kernel = kernel.fn
+    kernel[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **constexprs)
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, rates: Tensor, height: int, width: int,
