@@ -6,6 +6,14 @@
 // indicator i != j). One task is a block of query rows of one sequence, or a group of whole short
 // sequences, sized so that its (rows, L) logits stay in the core's cache: the GEMMs and the
 // elementwise passes of a block never touch main memory for anything of size L^2.
+//
+// q, k, v (and grad_out, out) are float32 or bfloat16, all of one dtype; rates, lse and the rate
+// gradient are always float32, and out, dq, dk, dv come back in q's dtype. bfloat16 forward: each task
+// widens its q rows and its sequences' k to float32 in cache, so the logits, the bias and the softmax
+// are exactly the float32 kernel's; the probabilities are rounded to bfloat16 for the P v GEMM
+// (bf16 x bf16 with float32 accumulation, as flash-attention does), which writes the bf16 output
+// directly. bfloat16 backward: the inputs are widened to float32 once (O(S L d), against the
+// O(S L^2 d) work), the float32 backward runs, and dq, dk, dv are rounded once at the end.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -16,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -39,6 +48,15 @@ inline float exp_nonpositive(float x) {
   float power;
   std::memcpy(&power, &bits, sizeof(power));
   return p * power;
+}
+
+// Round-to-nearest-even float32 -> bfloat16 on the bits, written out so that the loops vectorise
+// (the values are finite probabilities, so NaN needs no case).
+inline at::BFloat16 to_bfloat16(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return at::BFloat16(static_cast<uint16_t>(bits >> 16), at::BFloat16::from_bits());
 }
 
 struct Layout {
@@ -66,8 +84,10 @@ inline void for_each_key(const Layout& layout, const float* rates, int64_t query
   }
 }
 
-// Rows of q k^T in `row` become softmax probabilities; returns the row's log-sum-exp.
-inline float softmax_row(float* row, const float* rates, int64_t query, const Layout& layout) {
+// The row of q k^T in `row` becomes softmax probabilities in `probs` (float32: `row` itself, bf16: its
+// own buffer); `row` is scratch. Returns the row's log-sum-exp.
+template <typename prob_t>
+inline float softmax_row(float* row, prob_t* probs, const float* rates, int64_t query, const Layout& layout) {
   float row_max = -3.0e38f;
   const float scale = layout.scale;
   for_each_key(layout, rates, query, [&](int64_t j, float, float pair) {
@@ -84,8 +104,13 @@ inline float softmax_row(float* row, const float* rates, int64_t query, const La
     total += e;
   }
   const float inverse = 1.0f / total;
+  if constexpr (std::is_same_v<prob_t, float>) {
 #pragma omp simd
-  for (int64_t j = 0; j < tokens; ++j) row[j] *= inverse;
+    for (int64_t j = 0; j < tokens; ++j) probs[j] = row[j] * inverse;
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < tokens; ++j) probs[j] = to_bfloat16(row[j] * inverse);
+  }
   return row_max + std::log(total);
 }
 
@@ -103,7 +128,11 @@ struct Split {
 
 void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& rates, int64_t height,
                   int64_t width) {
-  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q must be (S, L, d) float32");
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be a contiguous (S, L, d) tensor");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
+              "q, k, v must be float32 or bfloat16, got ", q.scalar_type(), " (cast them, e.g. q.float())");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "q, k, v must have one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
   TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "q, k, v must have the same shape");
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && rates.is_contiguous(), "inputs must be contiguous");
   TORCH_CHECK(q.size(1) == height * width, "L must equal height * width");
@@ -111,17 +140,16 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
               rates.scalar_type() == at::kFloat, "rates must be (S, L) float32");
 }
 
-// softmax(q k^T / sqrt(d) + bias) v and the log-sum-exp of each row: ((S, L, d), (S, L)).
-std::tuple<Tensor, Tensor> decay_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
-                                                   const Tensor& rates, int64_t height, int64_t width,
-                                                   bool indicator, int64_t budget) {
-  check_inputs(q, k, v, rates, height, width);
-  const int64_t sequences = q.size(0), tokens = q.size(1);
-  const Layout layout{height, width, indicator, 1.0f / std::sqrt(static_cast<float>(q.size(2)))};
+// softmax(q k^T / sqrt(d) + bias) v and the log-sum-exp of each row: ((S, L, d) in q's dtype, (S, L) float32).
+template <typename scalar_t>
+std::tuple<Tensor, Tensor> forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& rates,
+                                        const Layout& layout, int64_t budget) {
+  constexpr bool widen = !std::is_same_v<scalar_t, float>;  // bf16: q, k to float32 per task
+  const int64_t sequences = q.size(0), tokens = q.size(1), dim = q.size(2);
   const Split split(sequences, tokens, budget);
+  const auto f32 = q.options().dtype(at::kFloat);
   auto out = at::empty_like(q);
-  auto lse = at::empty({sequences, tokens}, q.options());
-  auto k_t = k.transpose(1, 2);
+  auto lse = at::empty({sequences, tokens}, f32);
   float* lse_data = lse.data_ptr<float>();
   const float* rates_data = rates.data_ptr<float>();
 
@@ -132,24 +160,47 @@ std::tuple<Tensor, Tensor> decay_attention_forward(const Tensor& q, const Tensor
   at::parallel_for(0, split.groups * split.blocks, 1, [&](int64_t begin, int64_t end) {
     at::ThreadLocalStateGuard caller_state_guard(caller_state);
     at::NoGradGuard no_grad;  // out= GEMMs must not record autograd history
-    auto buffer = at::empty({split.group, split.rows, tokens}, q.options());
+    auto logits_buffer = at::empty({split.group, split.rows, tokens}, f32);
+    // bf16 only: float32 copies of the task's q rows and k, and the probabilities rounded for P v
+    Tensor q_wide, k_wide, probs_buffer = logits_buffer;
+    if constexpr (widen) {
+      q_wide = at::empty({split.group, split.rows, dim}, f32);
+      k_wide = at::empty({split.group, tokens, dim}, f32);
+      probs_buffer = at::empty({split.group, split.rows, tokens}, q.options());
+    }
     for (int64_t task = begin; task < end; ++task) {
       const int64_t first = (task / split.blocks) * split.group, start = (task % split.blocks) * split.rows;
       const int64_t count = std::min(split.group, sequences - first), rows = std::min(split.rows, tokens - start);
-      auto probs = buffer.narrow(0, 0, count).narrow(1, 0, rows);
-      at::bmm_out(probs, q.narrow(0, first, count).narrow(1, start, rows), k_t.narrow(0, first, count));
+      auto logits = logits_buffer.narrow(0, 0, count).narrow(1, 0, rows);
+      auto q_block = q.narrow(0, first, count).narrow(1, start, rows);
+      auto k_group = k.narrow(0, first, count);
+      if constexpr (widen) {
+        q_block = q_wide.narrow(0, 0, count).narrow(1, 0, rows).copy_(q_block);
+        k_group = k_wide.narrow(0, 0, count).copy_(k_group);
+      }
+      at::bmm_out(logits, q_block, k_group.transpose(1, 2));
       for (int64_t s = 0; s < count; ++s) {
         for (int64_t r = 0; r < rows; ++r) {
-          float* row = buffer.data_ptr<float>() + (s * split.rows + r) * tokens;
-          const int64_t seq = first + s, query = start + r;
-          lse_data[seq * tokens + query] = softmax_row(row, rates_data + seq * tokens, query, layout);
+          const int64_t offset = (s * split.rows + r) * tokens, seq = first + s, query = start + r;
+          lse_data[seq * tokens + query] = softmax_row(logits_buffer.data_ptr<float>() + offset,
+                                                       probs_buffer.data_ptr<scalar_t>() + offset,
+                                                       rates_data + seq * tokens, query, layout);
         }
       }
       auto out_block = out.narrow(0, first, count).narrow(1, start, rows);
-      at::bmm_out(out_block, probs, v.narrow(0, first, count));
+      at::bmm_out(out_block, probs_buffer.narrow(0, 0, count).narrow(1, 0, rows), v.narrow(0, first, count));
     }
   });
   return {out, lse};
+}
+
+std::tuple<Tensor, Tensor> decay_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                   const Tensor& rates, int64_t height, int64_t width,
+                                                   bool indicator, int64_t budget) {
+  check_inputs(q, k, v, rates, height, width);
+  const Layout layout{height, width, indicator, 1.0f / std::sqrt(static_cast<float>(q.size(2)))};
+  if (q.scalar_type() == at::kBFloat16) return forward_impl<at::BFloat16>(q, k, v, rates, layout, budget);
+  return forward_impl<float>(q, k, v, rates, layout, budget);
 }
 
 // Gradients of q, k, v and the rates (S, L) given grad_out and the forward's out and lse.
@@ -158,6 +209,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> decay_attention_backward(
     const Tensor& grad_out_in, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
     const Tensor& rates, const Tensor& lse, int64_t height, int64_t width, bool indicator, int64_t budget) {
   check_inputs(q, k, v, rates, height, width);
+  TORCH_CHECK(grad_out_in.sizes() == q.sizes() && out.sizes() == q.sizes() && grad_out_in.scalar_type() == q.scalar_type() &&
+              out.scalar_type() == q.scalar_type(), "grad_out and out must have q's shape and dtype");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.sizes() == rates.sizes(),
+              "lse must be the forward's contiguous (S, L) float32 log-sum-exp");
+  if (q.scalar_type() == at::kBFloat16) {  // float32 throughout, rounded once at the end
+    auto wide = [](const Tensor& t) { return t.to(at::kFloat).contiguous(); };
+    auto [grad_q, grad_k, grad_v, grad_rates] = decay_attention_backward(
+        wide(grad_out_in), wide(q), wide(k), wide(v), wide(out), rates, lse, height, width, indicator, budget);
+    return {grad_q.to(q.scalar_type()), grad_k.to(q.scalar_type()), grad_v.to(q.scalar_type()), grad_rates};
+  }
   const int64_t sequences = q.size(0), tokens = q.size(1);
   const Layout layout{height, width, indicator, 1.0f / std::sqrt(static_cast<float>(q.size(2)))};
   const Split split(sequences, tokens, budget);
