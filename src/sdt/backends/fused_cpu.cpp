@@ -67,19 +67,26 @@ struct Layout {
 };
 
 // Calls body(j, dist(query, j), pair(query, j)) for every key j, pair = (s_i + s_j) / 2 * dist:
-// the bias is -|pair|. Written as a loop over grid rows and columns so that it vectorises.
+// the bias is -|pair|. A loop over grid rows and columns, one per distance, so that it vectorises
+// (bodies that only write row j; a sum across j in the body keeps the compiler from vectorising).
 template <typename Body>
 inline void for_each_key(const Layout& layout, const float* rates, int64_t query, Body body) {
   const int64_t q_row = query / layout.width, q_col = query % layout.width;
   const float half_rate_i = 0.5f * rates[query];
   for (int64_t r = 0; r < layout.height; ++r) {
     const float* line_rates = rates + r * layout.width;
-    const float row_dist = static_cast<float>(std::abs(q_row - r));
     const int64_t offset = r * layout.width;
-    for (int64_t c = 0; c < layout.width; ++c) {
-      const float dist = layout.indicator ? ((r == q_row && c == q_col) ? 0.0f : 1.0f)
-                                          : row_dist + std::fabs(static_cast<float>(q_col - c));
-      body(offset + c, dist, (half_rate_i + 0.5f * line_rates[c]) * dist);
+    if (layout.indicator) {
+      for (int64_t c = 0; c < layout.width; ++c) {
+        const float dist = (r == q_row && c == q_col) ? 0.0f : 1.0f;
+        body(offset + c, dist, (half_rate_i + 0.5f * line_rates[c]) * dist);
+      }
+    } else {
+      const float row_dist = static_cast<float>(std::abs(q_row - r)), q_col_f = static_cast<float>(q_col);
+      for (int64_t c = 0; c < layout.width; ++c) {
+        const float dist = row_dist + std::fabs(q_col_f - static_cast<float>(c));
+        body(offset + c, dist, (half_rate_i + 0.5f * line_rates[c]) * dist);
+      }
     }
   }
 }
@@ -88,15 +95,13 @@ inline void for_each_key(const Layout& layout, const float* rates, int64_t query
 // own buffer); `row` is scratch. Returns the row's log-sum-exp.
 template <typename prob_t>
 inline float softmax_row(float* row, prob_t* probs, const float* rates, int64_t query, const Layout& layout) {
-  float row_max = -3.0e38f;
   const float scale = layout.scale;
-  for_each_key(layout, rates, query, [&](int64_t j, float, float pair) {
-    const float value = row[j] * scale - std::fabs(pair);
-    row[j] = value;
-    row_max = std::max(row_max, value);
-  });
-  float total = 0.0f;
+  for_each_key(layout, rates, query, [&](int64_t j, float, float pair) { row[j] = row[j] * scale - std::fabs(pair); });
   const int64_t tokens = layout.tokens();
+  float row_max = -3.0e38f;
+#pragma omp simd reduction(max : row_max)
+  for (int64_t j = 0; j < tokens; ++j) row_max = std::max(row_max, row[j]);
+  float total = 0.0f;
 #pragma omp simd reduction(+ : total)
   for (int64_t j = 0; j < tokens; ++j) {
     const float e = exp_nonpositive(row[j] - row_max);
@@ -168,6 +173,8 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& q, const Tensor& k, const 
       k_wide = at::empty({split.group, tokens, dim}, f32);
       probs_buffer = at::empty({split.group, split.rows, tokens}, q.options());
     }
+    float* logits_data = logits_buffer.data_ptr<float>();
+    scalar_t* probs_data = probs_buffer.data_ptr<scalar_t>();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t first = (task / split.blocks) * split.group, start = (task % split.blocks) * split.rows;
       const int64_t count = std::min(split.group, sequences - first), rows = std::min(split.rows, tokens - start);
@@ -182,8 +189,7 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& q, const Tensor& k, const 
       for (int64_t s = 0; s < count; ++s) {
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t offset = (s * split.rows + r) * tokens, seq = first + s, query = start + r;
-          lse_data[seq * tokens + query] = softmax_row(logits_buffer.data_ptr<float>() + offset,
-                                                       probs_buffer.data_ptr<scalar_t>() + offset,
+          lse_data[seq * tokens + query] = softmax_row(logits_data + offset, probs_data + offset,
                                                        rates_data + seq * tokens, query, layout);
         }
       }
