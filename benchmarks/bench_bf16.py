@@ -1,0 +1,90 @@
+"""bf16 autocast on the CPU: inference images/s against float32, and top-1 agreement of the shipped weights.
+
+For each model, float32 inference and inference under ``torch.autocast("cpu", torch.bfloat16)``
+run in interleaved rounds (median per case, ``_measure.interleaved_medians``), so that load from
+other processes hits both alike; ``x fp32`` is the ratio of images/s in the same run. Then the
+shipped Fashion-MNIST classifier (``sdt_h_nano.fmnist``) classifies the test set in float32 and
+under bf16 autocast, and the script prints how often the two top-1 predictions agree.
+
+    PYTHONPATH=src python benchmarks/bench_bf16.py                          # batch 8, 224x224, 5 rounds
+    PYTHONPATH=src python benchmarks/bench_bf16.py --batch 1 --size 64 --rounds 1 --images 200   # smoke test
+"""
+import argparse
+from typing import Callable, Dict, List
+
+import timm
+import torch
+
+import sdt  # noqa: F401  registers the models
+from _measure import environment, interleaved_medians, markdown_table
+
+MODELS = ["sdt_h_tiny", "rmt_tiny", "deit_small_patch16_224"]
+
+
+def inference(model: torch.nn.Module, images: torch.Tensor, bf16: bool) -> Callable[[], None]:
+    def run():
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            model(images)
+
+    return run
+
+
+def throughput(names: List[str], batch: int, size: int, rounds: int) -> str:
+    cases: Dict[str, Callable[[], None]] = {}
+    for name in names:
+        kwargs = {"img_size": size} if name.startswith("deit") else {}
+        model = timm.create_model(name, **kwargs).eval()
+        images = torch.randn(batch, 3, size, size)
+        cases[f"{name} fp32"] = inference(model, images, bf16=False)
+        cases[f"{name} bf16"] = inference(model, images, bf16=True)
+    seconds = interleaved_medians(cases, rounds)
+    rows = []
+    for name in names:
+        fp32, bf16 = seconds[f"{name} fp32"], seconds[f"{name} bf16"]
+        rows.append([name, f"{batch / fp32:.1f}", f"{batch / bf16:.1f}", f"{fp32 / bf16:.2f}"])
+    return markdown_table(["model", "fp32 img/s", "bf16 autocast img/s", "x fp32"], rows)
+
+
+def agreement(images_count: int, batch: int = 500) -> str:
+    """Top-1 agreement of the shipped sdt_h_nano.fmnist between float32 and bf16 autocast on the test set."""
+    from sdt.data import fashion_mnist_tensors
+    from sdt.fid import in_domain_extractor
+
+    classifier = in_domain_extractor()
+    images, labels = fashion_mnist_tensors("test")
+    images, labels = images[:images_count], labels[:images_count]
+    predictions = {False: [], True: []}
+    with torch.inference_mode():
+        for start in range(0, len(images), batch):
+            chunk = images[start:start + batch]
+            for bf16 in (False, True):
+                with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                    predictions[bf16].append(classifier.logits(chunk).argmax(-1))
+    fp32, bf16 = torch.cat(predictions[False]), torch.cat(predictions[True])
+    agree = (fp32 == bf16).float().mean().item()
+    return (f"sdt_h_nano.fmnist on {len(images)} Fashion-MNIST test images: top-1 agreement fp32 vs bf16 autocast "
+            f"{100 * agree:.2f}% ({int((fp32 != bf16).sum())} differ); accuracy fp32 "
+            f"{100 * (fp32 == labels).float().mean().item():.2f}%, bf16 {100 * (bf16 == labels).float().mean().item():.2f}%")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", default=MODELS)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=224, help="input height and width")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--images", type=int, default=10000, help="Fashion-MNIST test images for the agreement "
+                                                                    "check (0: skip it)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(environment())
+    print(f"batch {args.batch}, {args.size}x{args.size}, {args.rounds} rounds (median)\n")
+    if args.models:
+        print(throughput(args.models, args.batch, args.size, args.rounds))
+    if args.images:
+        print("\n" + agreement(args.images))
+
+
+if __name__ == "__main__":
+    main()
