@@ -11,6 +11,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
+from sdt.checkpoints import CheckpointError
 from sdt.cli import main
 from sdt.config import ConfigError, load_config
 from sdt.data import fashion_mnist_tensors
@@ -65,7 +66,7 @@ def test_gen_train_writes_a_run_and_resume_is_exact(trained_run: Path, fake_fmni
         assert all(torch.equal(a[k], b[k]) for k in a), name
     model, cfg = load_generator(str(copy))
     assert cfg.model.objective == "flow" and cfg.model.num_classes == 10 and model.in_channels == 1
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(ConfigError, match="--resume"):
         train_generator(_config(fake_fmnist), str(trained_run))
 
 
@@ -150,9 +151,9 @@ def test_fid_separates_data_from_noise():
 
 
 def test_inception_needs_a_local_file():
-    with pytest.raises(FileNotFoundError, match="never downloads"):
+    with pytest.raises(CheckpointError, match="never downloads"):
         inception_fid(None)
-    with pytest.raises(FileNotFoundError, match="--inception-weights"):
+    with pytest.raises(CheckpointError, match="--inception-weights"):
         inception_fid("/nonexistent/pt_inception.pth")
 
 

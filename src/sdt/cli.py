@@ -329,37 +329,45 @@ def add_fid_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reference", default="test", choices=("test", "train"), help="Fashion-MNIST split (default test, 10k)")
     p.add_argument("--num-reference", type=int, default=0, help="use the first N reference images (default: all)")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX .gz files")
-    p.add_argument("--extractor", default="sdt_h_nano.fmnist", help="timm model[.tag] giving pre-logit features")
-    p.add_argument("--extractor-checkpoint", default=None, help="safetensors weights for --extractor (e.g. from 'sdt train')")
-    p.add_argument("--inception-weights", default=None, help="local Inception-v3 FID weights file: use Inception features")
+    p.add_argument("--extractor", default=None,
+                   help="timm model[.tag] with local weights giving pre-logit features (default: sdt_h_nano.fmnist; "
+                        "with --extractor-checkpoint: the model of its run)")
+    p.add_argument("--extractor-checkpoint", default=None,
+                   help="a classifier from 'sdt train': its run folder, a checkpoint folder or a weights file in it "
+                        "(a weights file elsewhere needs --extractor)")
+    p.add_argument("--inception-weights", default=None,
+                   help="local torch-fidelity Inception-v3 FID weights file (weights-inception-2015-12-05-6726825d.pth): "
+                        "use Inception features")
+    p.add_argument("--no-accuracy", action="store_true", help="skip the conditional accuracy even if the .npz has labels")
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=run_fid)
 
 
 def run_fid(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
 
-    from .data import fashion_mnist_tensors
-    from .fid import compute_fid, conditional_accuracy, in_domain_extractor
+    from .config import ConfigError
+    from .data import FASHION_MNIST_CLASSES, fashion_mnist_tensors
+    from .fid import compute_fid, conditional_accuracy, in_domain_extractor, load_samples
 
     torch.set_num_threads(args.threads)
-    with np.load(args.samples) as data:
-        if "arr_0" not in data:
-            raise SystemExit(f"{args.samples} has no arr_0 array; write it with 'sdt sample'")
-        fake = torch.from_numpy(data["arr_0"]).permute(0, 3, 1, 2).contiguous()
-        labels = torch.from_numpy(data["labels"]).long() if "labels" in data else None
+    fake, labels = load_samples(args.samples)
     real, _ = fashion_mnist_tensors(args.reference, args.data_dir)
     reference = f"Fashion-MNIST {args.reference}"
     if args.num_reference:
         real, reference = real[:args.num_reference], f"{reference}[:{args.num_reference}]"
     extractor = in_domain_extractor(args.extractor, args.extractor_checkpoint)
-    result = compute_fid(fake, real, reference, extractor, args.extractor,
-                         args.inception_weights)
-    print(result)
-    if labels is not None:
-        print(f"conditional accuracy {conditional_accuracy(extractor, fake, labels):.4f} "
-              f"({len(fake)} samples, classifier {args.extractor})")
+    accuracy = None
+    if labels is not None and not args.no_accuracy:
+        if extractor.num_classes != len(FASHION_MNIST_CLASSES):
+            raise ConfigError(f"the samples have labels, but extractor {extractor.name} classifies {extractor.num_classes} "
+                              f"classes, not Fashion-MNIST's {len(FASHION_MNIST_CLASSES)}: use a Fashion-MNIST classifier "
+                              "or pass --no-accuracy")
+        conditional = labels >= 0  # unconditional samples (label -1) have no class to check
+        accuracy = conditional_accuracy(extractor, fake[conditional], labels[conditional]), int(conditional.sum())
+    print(compute_fid(fake, real, reference, extractor, inception_weights=args.inception_weights))
+    if accuracy is not None:
+        print(f"conditional accuracy {accuracy[0]:.4f} ({accuracy[1]} samples, classifier {extractor.name})")
     return 0
 
 
