@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 import sdt
 from sdt.backends import spatial_decay_attention
-from sdt.export import check_onnx, convert_rmt_checkpoint, export_onnx, load_checkpoint_file
+from sdt.cli import main
+from sdt.export import check_onnx, convert_rmt_checkpoint, export_onnx
 from sdt.models.sdt_h import SpatialDecayTransformer, rmt_config_to_kwargs
 from sdt.viz import attention_maps, plot_attention_maps
 
@@ -55,14 +56,29 @@ def test_convert_rmt_checkpoint_reproduces_logits(decay, tmp_path):
             assert torch.allclose(fresh(io[f"input_{size}"]), io[f"logits_{size}"], atol=1e-4)
 
 
-def test_truncated_checkpoint_gives_clear_error(tmp_path):
+@pytest.mark.parametrize("command", ["convert", "viz", "export"])
+def test_truncated_or_foreign_weights_are_one_line_errors(command, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    ten_classes = tmp_path / "rmt10.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("rmt_nano", num_classes=10).state_dict().items()}, ten_classes)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(ten_classes.read_bytes()[:1000])
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(3)}, foreign)
     torch.save({"model": {"w": torch.zeros(1000)}}, tmp_path / "good.pth")
-    data = (tmp_path / "good.pth").read_bytes()
-    (tmp_path / "bad.pth").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
-        load_checkpoint_file(str(tmp_path / "bad.pth"))
-    with pytest.raises(FileNotFoundError):
-        load_checkpoint_file(str(tmp_path / "missing.pth"))
+    (tmp_path / "truncated.pth").write_bytes((tmp_path / "good.pth").read_bytes()[:700])
+    out = tmp_path / "out"
+    for weights, message in ((truncated, "is not a readable safetensors file"), (foreign, "does not fit this model"),
+                             (ten_classes, "2 shape mismatches"), (tmp_path / "truncated.pth", "not a readable PyTorch checkpoint"),
+                             (tmp_path / "missing.safetensors", "does not exist")):
+        args = {"convert": ["convert", str(weights), "--model", "sdt_h_nano", "-o", str(out)],
+                "viz": ["viz", "--model", "sdt_h_nano", "--weights", str(weights), "--size", "32", "32", "-o", str(out)],
+                "export": ["export", "sdt_h_nano", "--weights", str(weights), "-o", str(out)]}[command]
+        assert main(args) == 2, weights
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (weights, err)
+        assert not out.exists()
 
 
 def test_script_model_matches_eager():
@@ -167,6 +183,12 @@ def test_cli_models_export_convert_viz(tmp_path, capsys):
                  "--size", "28", "28", "-o", str(tmp_path / "viz_fmnist")]) == 0
     assert len(list((tmp_path / "viz_fmnist").glob("stage*.png"))) == 4
     assert main(["viz", "--model", "sdt_h_nano", "--image", "missing.png"]) == 2
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    assert main(["viz", "--model", "sdt_h_nano", "--image", str(tmp_path / "broken.png")]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+    assert main(["export", "rmt_nano", "--format", "torchscript", "-o", str(tmp_path / "m.pt")]) == 0
+    assert torch.jit.load(str(tmp_path / "m.pt"))(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
 
 
 def test_create_model_from_weights_reads_torch_checkpoints_safely(tmp_path):

@@ -13,7 +13,6 @@
 Each subcommand is one ``add_*_parser`` function (its arguments) and one ``run_*`` function.
 """
 import argparse
-import os
 import sys
 from typing import Any, Dict, List, Optional
 
@@ -52,17 +51,14 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from .export import check_onnx, create_model_from_weights, export_onnx, script_model
+    from .export import check_onnx, create_model_from_weights, export_onnx, save_torchscript
 
     kwargs = {k: v for k, v in (("num_classes", args.num_classes), ("in_chans", args.in_chans)) if v is not None}
     model = create_model_from_weights(args.model, args.weights, **kwargs).eval()
     chans = model.in_chans
     height, width = args.input_size or model.pretrained_cfg["input_size"][1:]
     if args.format == "torchscript":
-        tmp = args.output + ".tmp"
-        script_model(model).save(tmp)
-        os.replace(tmp, args.output)
-        print(f"wrote {args.output} (TorchScript)")
+        print(f"wrote {save_torchscript(model, args.output)} (TorchScript)")
         return 0
     path = export_onnx(model, args.output, (chans, height, width))
     print(f"wrote {path} (ONNX opset 17, dynamic batch/height/width)")

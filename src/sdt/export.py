@@ -6,8 +6,6 @@ so one file serves every resolution. (The dynamo exporter in torch 2.14 fails on
 its decomposition turns a reshape of a transposed tensor with symbolic sizes into an invalid view.)
 Export always runs the ``reference`` attention backend, the one made of standard ops.
 """
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
@@ -16,28 +14,39 @@ import torch
 from torch import nn
 
 from .attention import reference_backend
+from .checkpoints import CheckpointError, atomic_path, load_into, load_weights, save_weights
 
 ONNX_OPSET = 17
 
 
 def create_model_from_weights(name: str, weights: str = "", **kwargs) -> nn.Module:
-    """``timm.create_model`` with weights from a local file: safetensors, or a torch checkpoint read
-    with ``weights_only=True`` (no pickled code runs). RMT's released checkpoints work too: SDT-H/RMT
-    models pass them through ``checkpoint_filter_fn``. No network access."""
+    """``timm.create_model`` with weights from a local file (``sdt.checkpoints.load_weights``:
+    safetensors, or a torch checkpoint read with ``weights_only=True``, so no pickled code runs).
+    RMT's released checkpoints work too: SDT-H/RMT models pass them through ``checkpoint_filter_fn``.
+    No network access. A file that does not fit is a ``CheckpointError`` naming the fix."""
     model = timm.create_model(name, **kwargs)
-    if not weights:
-        return model
+    if weights:
+        try:
+            load_rmt_or_own_weights(model, weights)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e} (model {name} with {kwargs or 'its default arguments'}: check the model "
+                                  f"name, --num-classes and --in-chans)") from e
+    return model
+
+
+def load_rmt_or_own_weights(model: nn.Module, path: str) -> Dict[str, torch.Tensor]:
+    """Load a weights file strictly into ``model``, RMT's key names converted for SDT-H/RMT models
+    (gates absent from RMT's checkpoints start at RMT's decay). Returns the state dict loaded."""
     from .models.sdt_h import SpatialDecayTransformer, checkpoint_filter_fn
 
-    state = load_checkpoint_file(weights)
+    state = load_weights(path)
     if isinstance(model, SpatialDecayTransformer):
-        state = checkpoint_filter_fn(state, model)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"weights {weights!r} do not fit {name} with {kwargs or 'its default arguments'}: "
-                         f"check the model name, --num-classes and --in-chans ({str(e).splitlines()[0]})") from e
-    return model
+        try:
+            state = checkpoint_filter_fn(state, model)
+        except ValueError as e:  # RMT decay buffers that do not match the model's config
+            raise CheckpointError(f"{path} does not fit this model: {e}") from e
+    load_into(model, state, path)
+    return state
 
 
 def export_onnx(model: nn.Module, path: str, input_size: Tuple[int, int, int] = (3, 224, 224),
@@ -50,19 +59,12 @@ def export_onnx(model: nn.Module, path: str, input_size: Tuple[int, int, int] = 
     path.parent.mkdir(parents=True, exist_ok=True)
     model.eval()
     example = torch.randn(2, *input_size)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with reference_backend(model), torch.no_grad():
-            torch.onnx.export(
-                model, (example,), tmp, dynamo=False, opset_version=opset,
-                input_names=["image"], output_names=["logits"],
-                dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}},
-            )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp, reference_backend(model), torch.no_grad():
+        torch.onnx.export(
+            model, (example,), str(tmp), dynamo=False, opset_version=opset,
+            input_names=["image"], output_names=["logits"],
+            dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}},
+        )
     return path
 
 
@@ -95,25 +97,14 @@ def script_model(model: nn.Module) -> torch.jit.ScriptModule:
         return torch.jit.script(model)
 
 
-def load_checkpoint_file(path: str) -> Dict[str, torch.Tensor]:
-    """Read a state dict from safetensors, or from a torch checkpoint without running pickled code
-    (``weights_only=True``; RMT's checkpoints also hold an ``argparse.Namespace``, allowed here)."""
-    import argparse
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path!r} is not a readable PyTorch checkpoint (truncated, or not a state dict): {e}") from e
-    if not isinstance(state, dict):
-        raise ValueError(f"{path!r} holds a {type(state).__name__}, not a state dict")
-    return state
+def save_torchscript(model: nn.Module, path: str) -> Path:
+    """TorchScript-compile ``model`` (``script_model``) and save it atomically. Returns the path written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scripted = script_model(model)
+    with atomic_path(path) as tmp:
+        scripted.save(str(tmp))
+    return path
 
 
 def convert_rmt_checkpoint(src: str, model: nn.Module, out: str) -> Dict[str, int]:
@@ -123,17 +114,7 @@ def convert_rmt_checkpoint(src: str, model: nn.Module, out: str) -> Dict[str, in
     Works for ``rmt_*`` (exact) and ``sdt_h_*`` (gates start at RMT's decay). Returns counts of
     the loaded and gate-initialised tensors.
     """
-    from safetensors.torch import save_file
-
-    from .models.sdt_h import checkpoint_filter_fn
-
-    state = checkpoint_filter_fn(load_checkpoint_file(src), model)
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{src!r} does not fit this model: missing {result.missing_keys[:5]}, "
-                         f"unexpected {result.unexpected_keys[:5]}; check the model size")
-    tmp = f"{out}.tmp"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, out)
+    state = load_rmt_or_own_weights(model, src)
+    save_weights(out, model.state_dict())
     gates = sum(1 for k in state if ".attn.gate." in k)
     return dict(tensors=len(state), gate_tensors=gates)

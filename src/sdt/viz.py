@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from .attention import SpatialDecayAttention, apply_rotary, rotary_tables
+from .config import ConfigError
+from .data import DataError
 from .decay import decomposed_biases, full_2d_bias
 
 IMAGE_NAMES = ("astronaut", "chelsea", "coffee")
@@ -45,16 +47,16 @@ def load_image(source: str, size: Tuple[int, int], in_chans: int, mean, std) -> 
         images, _ = fashion_mnist_tensors("test")
         index = source.split(":", 1)[1]
         if not index.isdigit() or int(index) >= len(images):
-            raise ValueError(f"{source!r}: give a Fashion-MNIST test image index 0..{len(images) - 1}, e.g. fmnist:7")
+            raise DataError(f"{source!r}: give a Fashion-MNIST test image index 0..{len(images) - 1}, e.g. fmnist:7")
         pil = Image.fromarray(images[int(index), 0].numpy())
     else:
         if not Path(source).is_file():
-            raise FileNotFoundError(f"image {source!r} not found; give an image path, fmnist:<index> or one of {IMAGE_NAMES}")
+            raise DataError(f"image {source!r} not found; give an image path, fmnist:<index> or one of {IMAGE_NAMES}")
         try:
             pil = Image.open(source)
             pil.load()
         except Exception as e:
-            raise ValueError(f"cannot read image {source!r}: {e}") from e
+            raise DataError(f"cannot read image {source!r} (not an image, or truncated?): {e}") from e
     pil = pil.convert("L" if in_chans == 1 else "RGB").resize((size[1], size[0]), Image.BICUBIC)
     array = np.asarray(pil, dtype=np.float32) / 255.0
     display = np.stack([array] * 3, -1) if in_chans == 1 else array
@@ -63,10 +65,6 @@ def load_image(source: str, size: Tuple[int, int], in_chans: int, mean, std) -> 
     mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
     return ((tensor - mean_t) / std_t)[None], torch.from_numpy(display)
-
-
-def _softmax_rows(logits: Tensor) -> Tensor:
-    return torch.softmax(logits, dim=-1)
 
 
 def _query_maps(attn: SpatialDecayAttention, x: Tensor, query: Tuple[int, int]) -> Dict[str, Tensor]:
@@ -89,8 +87,8 @@ def _query_maps(attn: SpatialDecayAttention, x: Tensor, query: Tuple[int, int]) 
             return torch.zeros_like(logits) if s is None else full_2d_bias(s, height, width, attn.distance)[0]
         index = r * width + c
         bias, bias_fixed = bias_of(rates), bias_of(fixed)
-        out["attn_plain"] = _softmax_rows(logits[:, index])
-        out["attn"] = _softmax_rows(logits[:, index] + bias[:, index])
+        out["attn_plain"] = torch.softmax(logits[:, index], dim=-1)
+        out["attn"] = torch.softmax(logits[:, index] + bias[:, index], dim=-1)
         out["decay"] = bias[:, index].exp()
         out["decay_fixed"] = bias_fixed[:, index].exp()
     else:
@@ -105,8 +103,8 @@ def _query_maps(attn: SpatialDecayAttention, x: Tensor, query: Tuple[int, int]) 
             return row_bias[0].transpose(0, 1).expand_as(row_logits), col_bias[0].transpose(0, 1).expand_as(col_logits)
 
         def effective(row_bias: Tensor, col_bias: Tensor) -> Tuple[Tensor, Tensor]:
-            a_col = _softmax_rows(col_logits[:, c, r] + col_bias[:, c, r])  # (n, H): query -> (r', c)
-            a_row = _softmax_rows(row_logits[:, :, c] + row_bias[:, :, c])  # (n, H, W): (r', c) -> (r', c')
+            a_col = torch.softmax(col_logits[:, c, r] + col_bias[:, c, r], dim=-1)  # (n, H): query -> (r', c)
+            a_row = torch.softmax(row_logits[:, :, c] + row_bias[:, :, c], dim=-1)  # (n, H, W): (r', c) -> (r', c')
             decay = (col_bias[:, c, r][:, :, None] + row_bias[:, :, c]).exp()
             return a_col[:, :, None] * a_row, decay
 
@@ -128,14 +126,14 @@ def attention_maps(model: nn.Module, image: Tensor, query_xy: Tuple[float, float
     ``query`` (row, col) on that stage's grid and ``stage``.
     """
     if image.ndim != 4 or image.shape[0] != 1:
-        raise ValueError(f"image must be (1, C, H, W), got {tuple(image.shape)}")
+        raise DataError(f"image must be (1, C, H, W), got {tuple(image.shape)}")
     img_h, img_w = image.shape[-2:]
     qx, qy = query_xy
     if not (0 <= qx < img_w and 0 <= qy < img_h):
-        raise ValueError(f"query ({qx}, {qy}) lies outside the {img_w}x{img_h} image; give x in [0, {img_w}) and y in [0, {img_h})")
+        raise ConfigError(f"query ({qx}, {qy}) lies outside the {img_w}x{img_h} image; give x in [0, {img_w}) and y in [0, {img_h})")
     stages = getattr(model, "stages", None)
     if stages is None:
-        raise ValueError("attention_maps needs an SDT-H/RMT model (with .stages)")
+        raise ConfigError("attention_maps needs an SDT-H/RMT model (with .stages)")
     inputs: List[Tensor] = []
     hooks = [stage.blocks[block].attn.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
              for stage in stages]
@@ -167,6 +165,8 @@ def plot_attention_maps(maps: List[Dict[str, Tensor]], display: Tensor, query_xy
     import matplotlib.pyplot as plt
     import torch.nn.functional as F
 
+    from .engine import save_figure
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     img_h, img_w = display.shape[:2]
@@ -196,8 +196,7 @@ def plot_attention_maps(maps: List[Dict[str, Tensor]], display: Tensor, query_xy
                      f"query at pixel {tuple(query_xy)} -> cell {stage_maps['query']}")
         fig.tight_layout()
         path = out / f"stage{stage_maps['stage'] + 1}.png"
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
+        save_figure(fig, path, dpi=80)
         paths.append(path)
     return paths
 
