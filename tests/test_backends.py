@@ -60,6 +60,10 @@ def chunked(chunk):
     return lambda *args: chunked_attention(*args, chunk=chunk)
 
 
+def using(backend):
+    return lambda *args: spatial_decay_attention(*args, backend=backend)
+
+
 RATE_SHAPES = {  # (B', n, L') given B, n, L
     "per-token": lambda b, n, l: (b, n, l),
     "per-token shared": lambda b, n, l: (1, n, l),
@@ -93,7 +97,7 @@ def test_dispatch_forward_matches_reference(layout, backend):
     grid = (4, 6)
     q, k, v, rates = make_inputs(2, 2, grid, 8, (2, 2, 24))
     for r in (None, rates):
-        if backend == "flex" and layout == "full" and r is not None:
+        if backend == "flex" and r is not None:
             continue  # compiles a kernel: see test_flex_compiled_forward_matches_reference (slow)
         with torch.no_grad():
             out = spatial_decay_attention(q, k, v, r, grid, layout, "manhattan", backend)
@@ -115,12 +119,13 @@ def test_chunked_reduced_precision(dtype):
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("distance", ["manhattan", "indicator"])
 @pytest.mark.parametrize("rate_kind", ["per-token", "per-head"])
-def test_flex_forward_matches_reference(distance, rate_kind):
+@pytest.mark.parametrize("layout", ["full", "decomposed"])
+def test_flex_forward_matches_reference(distance, rate_kind, layout):
     """The score_mod itself, run by FlexAttention's eager path (the compiled kernel: the slow test below)."""
     grid = (7, 9)
     q, k, v, rates = make_inputs(2, 2, grid, 8, RATE_SHAPES[rate_kind](2, 2, 63))
-    out = flex_decay_attention(q, k, v, rates, grid, "full", distance, compiled=False)
-    assert relative_error(out, reference_attention(q, k, v, rates, grid, "full", distance)) < F32_TOL
+    out = flex_decay_attention(q, k, v, rates, grid, layout, distance, compiled=False)
+    assert relative_error(out, reference_attention(q, k, v, rates, grid, layout, distance)) < F32_TOL
 
 
 @pytest.mark.slow
@@ -192,7 +197,7 @@ def fused_kernel():
 def test_fused_matches_reference(fused_kernel, rate_kind, distance, sign, layout):
     grid = (5, 7)
     q, k, v, rates = make_inputs(2, 3, grid, 8, RATE_SHAPES[rate_kind](2, 3, 35), sign)
-    assert_matches_reference(lambda *args: chunked_attention(*args, fused=True), q, k, v, rates, grid, layout, distance)
+    assert_matches_reference(using("fused"), q, k, v, rates, grid, layout, distance)
     with torch.no_grad():
         out = spatial_decay_attention(q, k, v, rates, grid, layout, distance, "fused")
     assert relative_error(out, reference_attention(q, k, v, rates, grid, layout, distance)) < F32_TOL
@@ -200,16 +205,13 @@ def test_fused_matches_reference(fused_kernel, rate_kind, distance, sign, layout
 
 @pytest.mark.parametrize("grid", [(7, 9), (1, 13), (11, 1), (1, 1), (3, 3), (16, 16)])
 @pytest.mark.parametrize("task_elements", [1, 40, 200, 1 << 17])
-def test_fused_tasks_odd_grids_batch_one(fused_kernel, grid, task_elements):
+def test_fused_tasks_odd_grids_batch_one(fused_kernel, monkeypatch, grid, task_elements):
     """Task sizes that cut sequences into row blocks with a partial last one, or group whole sequences."""
     tokens = grid[0] * grid[1]
-
-    def fused(q, k, v, rates, grid, layout, distance):
-        return fused_module.fused_attention(q, k, v, rates, grid, distance, task_elements)
-
+    monkeypatch.setattr(fused_module, "TASK_ELEMENTS", task_elements)  # read by the custom op on every call
     for batch in (1, 3):
         q, k, v, rates = make_inputs(batch, 2, grid, 4, (batch, 2, tokens), "mixed", seed=batch)
-        assert_matches_reference(fused, q, k, v, rates, grid)
+        assert_matches_reference(using("fused"), q, k, v, rates, grid)
 
 
 def test_fused_bfloat16_and_long_distances(fused_kernel):

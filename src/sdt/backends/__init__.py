@@ -1,72 +1,58 @@
 """Attention backends for spatial-decay attention, behind one function.
 
-``spatial_decay_attention`` is the only entry point the model code calls. Each backend takes the
-same arguments (see ``reference.reference_attention``) and computes the same result; they differ
-in speed, memory and where they run.
+``spatial_decay_attention`` is the only entry point the model code calls. Every backend is a
+full-layout kernel with one signature, ``kernel(q, k, v, rates, grid, distance)``, run in the
+full or the decomposed layout by ``_layout.attend`` (the row and column passes are batches of
+1 x W and 1 x H sequences through the same kernel); they compute the same result and differ in
+speed, memory and where they run.
 
-| backend     | where                                  | memory (full layout)      | notes                                  |
-|-------------|----------------------------------------|---------------------------|----------------------------------------|
-| reference   | everywhere; TorchScript, fx, ONNX      | O(B n L^2) bias (+ grads) | materialised bias + SDPA; ground truth |
-| chunked     | CPU and GPU, forward and backward      | O(B n chunk L)            | exact; custom autograd, query chunks   |
-| fused       | CPU, forward and backward              | O(threads * 2^17)         | C++ kernel built on first use          |
-| flex        | forward CPU/GPU, backward GPU only     | O(B n L d)                | FlexAttention score_mod, compiled      |
+| backend     | where                                  | memory (full layout)      | notes                                    |
+|-------------|----------------------------------------|---------------------------|------------------------------------------|
+| reference   | everywhere; TorchScript, fx, ONNX      | O(B n L^2) bias (+ grads) | materialised bias + SDPA; ground truth   |
+| chunked     | CPU and GPU, forward and backward      | O(B n chunk L)            | exact; custom autograd, query chunks     |
+| fused       | CPU, forward and backward              | O(threads * 2^17)         | C++ kernel built on first use            |
+| triton      | CUDA, forward and backward             | O(B n L)                  | Triton kernels (``triton.py``)           |
+| flex        | forward CPU/GPU, backward GPU only     | O(B n L d)                | FlexAttention score_mod, compiled        |
 
-``rates=None`` uses plain SDPA in every backend. The decomposed layout's biases are only (W, W)
-and (H, H) per row and column; ``chunked`` and ``fused`` run its two passes as attention over
-1 x W and 1 x H grids, ``flex`` hands it to the reference. ``fused`` (``fused.py``) does the
-whole attention, forward and backward, per cache-sized block of query rows; when the kernel cannot
-be built (no C++ compiler) it warns once and runs the chunked Function instead.
+``fused`` and ``triton`` are one custom op, ``sdt::spatial_decay_attention`` (``ops.py``), with
+its autograd and a fake implementation: ``torch.compile`` traces models through it with no graph
+break and nothing of size L^2. ``fused`` falls back to ``chunked`` (with a warning) where the C++
+kernel cannot be built. ``rates=None`` is plain SDPA (the reference backend) everywhere.
 
-``backend="auto"`` decides per call, from the measurements in docs/benchmarks.md (2-core CPU).
-"Bias elements" is the size the reference would materialise, B' * n * L^2 (B' = 1 for rates
-shared by the batch, as fixed and learned per-head rates are); "fixed" means per-head rates
-that need no gradient (RMT's decay, or any frozen per-head rates):
+``backend="auto"`` decides per call. "Bias elements" is the size the reference would materialise,
+B' * n * L^2 (B' = 1 for rates shared by the batch, as fixed and learned per-head rates are);
+"fixed" means per-head rates that need no gradient (RMT's decay, or frozen per-head rates). The
+CPU thresholds are measured on a 2-core CPU (docs/benchmarks.md, "Why the dispatch"); **the
+CUDA rules are by design and unmeasured**: no GPU was available while this was built.
 
-| condition (first match)                                            | backend   |
-|--------------------------------------------------------------------|-----------|
-| TorchScript scripting or tracing, fx tracing, torch.compile        | reference |
-| no decay (``rates is None``)                                       | reference |
-| fixed, full layout, bias elements <= 2^25 (128 MiB)                | reference |
+| condition (first match)                                             | backend   |
+|---------------------------------------------------------------------|-----------|
+| TorchScript scripting or tracing, fx symbolic tracing, ONNX export  | reference |
+| no decay (``rates is None``)                                        | reference |
+| CUDA, Triton importable                                             | triton    |
+| fixed, full layout, bias elements <= 2^25 (128 MiB)                 | reference |
 | fixed, decomposed layout, off the CPU or a grid side longer than 28 | reference |
-| CPU, training or inference                                         | fused     |
-| decomposed layout                                                  | chunked   |
-| bias elements <= 2^20 (4 MiB)                                      | reference |
-| CUDA                                                               | flex      |
-| otherwise                                                          | chunked   |
+| CPU, training or inference                                          | fused     |
+| decomposed layout                                                   | chunked   |
+| bias elements <= 2^20 (4 MiB)                                       | reference |
+| CUDA (no Triton)                                                    | flex      |
+| otherwise                                                           | chunked   |
 
-Why: a fixed per-head bias is one (n, L, L) tensor that SDPA adds cheaply (reference is 1.2-1.7x
-faster than chunked at the stage-2, stage-3 and DiT shapes, on par with fused). A per-token or
-trained bias is (B, n, L, L) and sends SDPA to its math kernel. On the CPU the fused kernel is
-the fastest or tied at every SDT-H-T stage shape and the DiT shape, in both layouts: inference
-about 1x plain SDPA's time at stages 1 and 2 where chunked takes about 2x, training on par with
-chunked at stage 1 and up to 1.5x faster at the smaller grids, where chunked pays Python
-overhead per chunk. Off the CPU, chunked is 1.3-5x faster than the reference for training from
-the 14x14 grid up (SDT-H-T stage 3) and needs 0.13 GiB instead of 5 GiB at stage 1. In the
-decomposed layout a trained bias also sends SDPA to its math kernel and autograd through the bias
-construction, which the chunked Function avoids. The decomposed layout is never replaced by the
-full one (or back), even at 7x7 where one full attention is cheaper than two decomposed passes:
-they are different functions, and a model's layout is its own choice (``layouts=``,
-``sdt_h_*_full2d``).
-
-Fixed rates in the decomposed layout make a bias of only (n, W, W) per row pass, so the
-reference pays for SDPA's separate passes rather than for the bias. On the CPU the fused kernel
-is 1.05-1.7x faster there at grid sides 7 to 28 (SDT-H-T stages 2 and 4 at batch 8, the nano
-stages on 28x28 images at batch 128, forward and forward+backward), while at 56 (SDT-H-T stage
-1) the reference trains 1.3x faster; hence the side limit of 28.
-
-``flex`` is never chosen on CPU: it has no CPU backward (forcing it there with a gradient needed
-raises an error naming ``chunked``), and its forward compiles a kernel per new shape (about a
-minute on a 2-core CPU). Its CUDA choice is by design, not measured: no GPU was available while
-this was built (``chunked`` also runs on CUDA, equally untested there).
+``torch.compile`` follows the same table: on CPU it traces the fused custom op (or the chunked
+Function where the C++ kernel is unavailable), on CUDA the Triton one.
 """
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .reference import reference_attention
+from . import fused
+from ._layout import attend
+from .chunked import chunked_kernel
+from .ops import op_kernel
+from .reference import reference_attention, reference_kernel
 
-BACKENDS = ("auto", "reference", "chunked", "fused", "flex")
+BACKENDS = ("auto", "reference", "chunked", "fused", "triton", "flex")
 LAYOUTS = ("full", "decomposed")
 # Largest materialised bias (B' * n * L^2 elements) for which "auto" keeps the reference backend:
 # for untrained per-head rates, and for everything else (see the table above).
@@ -88,43 +74,75 @@ def _needs_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+@torch.compiler.assume_constant_result  # a constant for torch.compile, checked once at trace time
+def triton_available() -> bool:
+    """Whether the Triton backend imports (the ``triton`` package, which CUDA builds of torch bring)."""
+    try:
+        from . import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def choose_backend(q: Tensor, rates: Optional[Tensor], grid: Tuple[int, int], layout: str) -> str:
     """The backend ``auto`` runs for these inputs (see the table in the module docstring)."""
     if rates is None:
         return "reference"
+    device = q.device.type
+    if device == "cuda" and triton_available():
+        return "triton"
     _, heads, tokens, _ = q.shape
-    on_cpu = q.device.type == "cpu"
     if rates.shape[-1] == 1 and not _needs_grad(rates):  # fixed
         if layout == "full" and rates.shape[0] * heads * tokens * tokens <= REFERENCE_MAX_FIXED_ELEMENTS:
             return "reference"
-        if layout != "full" and not (on_cpu and max(grid) <= FUSED_MAX_FIXED_DECOMPOSED_SIDE):
+        if layout != "full" and not (device == "cpu" and max(grid) <= FUSED_MAX_FIXED_DECOMPOSED_SIDE):
             return "reference"
-    if on_cpu:
+    if device == "cpu":
         return "fused"
     if layout != "full":
         return "chunked"
     if rates.shape[0] * heads * tokens * tokens <= REFERENCE_MAX_ELEMENTS:
         return "reference"
-    return "flex" if q.device.type == "cuda" else "chunked"
+    return "flex" if device == "cuda" else "chunked"
 
 
-def _tracing() -> bool:
-    return torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_symbolic_tracing() or torch.compiler.is_compiling()
+def _portable_trace() -> bool:
+    """Tracing that must record plain torch ops (no custom op, no autograd.Function): reference only."""
+    return (torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+            or torch.onnx.is_in_onnx_export())
+
+
+def triton_kernel(q: Tensor, k: Tensor, v: Tensor, rates: Tensor, grid: Tuple[int, int], distance: str) -> Tensor:
+    """The full-layout kernel of the ``triton`` backend: the custom op on CUDA tensors (``ops.py``)."""
+    if q.device.type != "cuda":
+        raise RuntimeError(f"backend='triton' runs on CUDA and the inputs are on {q.device.type}: "
+                           "use backend='fused' (CPU), 'chunked' or 'auto' there")
+    return op_kernel(q, k, v, rates, grid, distance)
+
+
+def _flex_kernel(q: Tensor, k: Tensor, v: Tensor, rates: Tensor, grid: Tuple[int, int], distance: str) -> Tensor:
+    from .flex import flex_kernel  # imports FlexAttention only when asked for
+
+    return flex_kernel(q, k, v, rates, grid, distance)
+
+
+KERNELS = {
+    "reference": reference_kernel,
+    "chunked": chunked_kernel,
+    "fused": fused.fused_kernel,
+    "triton": triton_kernel,
+    "flex": _flex_kernel,
+}
 
 
 @torch.jit.unused
 def _eager_attention(q: Tensor, k: Tensor, v: Tensor, rates: Optional[Tensor], grid: Tuple[int, int],
                      layout: str, distance: str, backend: str) -> Tensor:
-    from .chunked import chunked_attention
-    from .flex import flex_decay_attention
-
     if backend == "auto":
-        backend = "reference" if _tracing() else choose_backend(q, rates, grid, layout)
-    if backend in ("chunked", "fused"):
-        return chunked_attention(q, k, v, rates, grid, layout, distance, fused=backend == "fused")
-    if backend == "flex":
-        return flex_decay_attention(q, k, v, rates, grid, layout, distance)
-    return reference_attention(q, k, v, rates, grid, layout, distance)
+        backend = "reference" if _portable_trace() else choose_backend(q, rates, grid, layout)
+    if rates is None or backend == "reference":
+        return reference_attention(q, k, v, rates, grid, layout, distance)
+    return attend(KERNELS[backend], q, k, v, rates, grid, layout, distance)
 
 
 def spatial_decay_attention(

@@ -10,16 +10,16 @@ forward's) rather than saving a logsumexp: nothing of size L^2 is saved.
 
 Passes over chunk-sized memory, forward: the half-distance tile (one broadcast add of two small
 per-line tables, shared by every image and head), the bias (a broadcast add of the rates and one
-multiply by the tile, plus an ``abs`` only if some rate is >= 0), one in-place GEMM adding
+multiply by the tile, plus an ``abs``), one in-place GEMM adding
 scale * q k^T onto it, one softmax, one GEMM with v. Backward: the same, then dP (GEMM), dS (two
 passes), dq/dk/dv (GEMMs), and one multiply plus a row and a column sum for d(rates) (a single
-matrix-vector product for per-head rates). All chunk-sized results go into preallocated buffers.
+matrix-vector product for per-head rates) after a ``sign`` pass. All chunk-sized results go into preallocated buffers.
 
-The bias is ``-|(s_i + s_j) / 2 * dist_ij|`` (``sdt.decay``). When every rate is < 0 (in the
-models rates are alpha * logsigmoid(.), negative unless alpha or the gate moves far) this equals
-``(s_i + s_j) * dist_ij / 2`` exactly, and its gradient is ``dist_ij / 2`` for both rates; the
-general form with ``abs`` and ``sign`` (one more pass each way) is used otherwise, with torch's
-convention sign(0) = 0, so values and gradients match the reference for any rates.
+The bias is ``-|(s_i + s_j) / 2 * dist_ij|`` (``sdt.decay``), with ``abs`` in the forward and
+``-sign(s_i + s_j) * dist_ij / 2`` as its gradient (torch's convention sign(0) = 0), so values and
+gradients match the reference for rates of any sign. (A shortcut for all-negative rates, which
+skips those two passes, would need to look at the rates on the host: a GPU sync per call and a
+graph break under torch.compile.)
 
 Everything is computed in float32 (logits, softmax, accumulation); outputs and gradients are
 cast back to the input dtypes.
@@ -31,14 +31,14 @@ CPU at the SDT-H-T stage-1 shape (docs/benchmarks.md): 2^22 and 2^24 are equally
 thread, and 2^24 is 2x faster than 2^22 when the cores are shared (fewer, larger ops mean fewer
 OpenMP barriers to wait on); 2^20 (cache-sized) is 1.5x slower, 2^25 slower again.
 """
+from functools import partial
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ..decay import line_distance
-from .fused import fused_attention
-from .reference import from_cols, from_rows, reference_attention, to_cols, to_rows
+from ._layout import attend
 
 CHUNK_ELEMENTS = 1 << 24
 
@@ -63,9 +63,6 @@ class _Tiles:
         self.scale = dim ** -0.5
         self.distance = distance
         self.per_token = rates.shape[-1] > 1
-        # -|x| == x for x < 0: skip the abs pass (and use +dist / 2 as the gradient) when every rate is
-        # negative. A zero rate takes the general path: torch's abs has gradient sign(0) = 0 there.
-        self.negative = bool((rates < 0).all())
         height, width = grid
         index = torch.arange(tokens, device=q.device)
         self.grid_rows, self.grid_cols = index // width, index % width
@@ -106,11 +103,10 @@ class _Tiles:
         bias = flat.view(self.batch, self.heads, rows, self.tokens)
         pair = self.pair_rates(start, stop, bias)
         if self.per_token:
-            if not self.negative:
-                pair.abs_().neg_()
+            pair.abs_().neg_()
             bias.mul_(half_dist)
         else:
-            torch.mul(pair if self.negative else -pair.abs(), half_dist, out=bias)
+            torch.mul(-pair.abs(), half_dist, out=bias)
         q_chunk = self.q[:, :, start:stop].reshape(-1, rows, self.dim)
         k_t = self.k.view(-1, self.tokens, self.dim).transpose(1, 2)
         return flat.baddbmm_(q_chunk, k_t, alpha=self.scale)
@@ -178,18 +174,17 @@ class ChunkedDecayAttention(torch.autograd.Function):
                 grad_k.view(flat, tokens, dim).baddbmm_(grad_logits.transpose(1, 2), q_flat[:, start:stop],
                                                         alpha=tiles.scale)
             if need_rates:
-                # d bias / d(s_i + s_j) = -sign(s_i + s_j) * dist / 2, = dist / 2 when all rates <= 0
+                # d bias / d(s_i + s_j) = -sign(s_i + s_j) * dist / 2
                 grad_bias = grad_logits.view(batch, heads, -1, tokens)
                 if tiles.per_token:
-                    if not tiles.negative:
-                        sign = tiles.pair_rates(start, stop, probs.view(batch, heads, -1, tokens)).sign_()
-                        grad_bias.mul_(sign).neg_()
+                    sign = tiles.pair_rates(start, stop, probs.view(batch, heads, -1, tokens)).sign_()
+                    grad_bias.mul_(sign).neg_()
                     grad_bias.mul_(half_dist)
                     grad_pair[:, :, start:stop] += grad_bias.sum(-1)
                     grad_pair += grad_bias.sum(-2)
                 else:
                     summed = torch.mv(grad_logits.view(flat, -1), half_dist.reshape(-1)).view(batch, heads, 1)
-                    grad_pair += summed if tiles.negative else -summed * torch.sign(rates)
+                    grad_pair -= summed * torch.sign(rates)
 
         grad_rates = None
         if need_rates:
@@ -200,67 +195,29 @@ class ChunkedDecayAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_rates, None, None, None
 
 
-def _line_rates(rates: Tensor, batch: int, grid: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
-    """Rates of the row and column passes of the decomposed layout.
+def chunked_kernel(q: Tensor, k: Tensor, v: Tensor, rates: Tensor, grid: Tuple[int, int], distance: str,
+                   chunk: Optional[int] = None) -> Tensor:
+    """The full-layout kernel (``sdt.backends._layout``) through ``ChunkedDecayAttention``.
 
-    Shared per-head rates (1, n, 1) serve both passes as they are; any other (B', n, L') becomes
-    per-token: row rates (B*H, n, W) and column rates (B*W, n, H).
+    Computes in float32; ``chunk`` overrides ``chunk_rows``. Returns (B, n, L, d) in q's dtype.
     """
-    if rates.shape[0] == 1 and rates.shape[-1] == 1:
-        return rates, rates
-    height, width = grid
-    heads = rates.shape[1]
-    grid_rates = rates.expand(batch, heads, height * width).reshape(batch, heads, height, width)
-    return (grid_rates.transpose(1, 2).reshape(batch * height, heads, width),
-            grid_rates.permute(0, 3, 1, 2).reshape(batch * width, heads, height))
-
-
-def _attend(q: Tensor, k: Tensor, v: Tensor, rates: Tensor, grid: Tuple[int, int], distance: str,
-            chunk: Optional[int], fused: bool) -> Tensor:
-    """(B, n, L, d) -> (B, n, L, d) float32: the fused C++ kernel if asked and built, else ChunkedDecayAttention."""
-    q32, k32, v32, rates32 = (t.float() for t in (q, k, v, rates))
-    if fused:
-        out = fused_attention(q32, k32, v32, rates32, grid, distance)
-        if out is not None:
-            return out
-    batch, heads, tokens, dim = q.shape
+    batch, heads, tokens, _ = q.shape
     chunk = chunk or chunk_rows(batch, heads, tokens)
-    return ChunkedDecayAttention.apply(q32.contiguous(), k32.contiguous(), v32.contiguous(), rates32, tuple(grid),
-                                       distance, chunk)
+    q32, k32, v32 = (t.float().contiguous() for t in (q, k, v))
+    out = ChunkedDecayAttention.apply(q32, k32, v32, rates.float(), tuple(grid), distance, chunk)
+    return out.to(q.dtype)
 
 
-def chunked_attention(
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        rates: Optional[Tensor],
-        grid: Tuple[int, int],
-        layout: str,
-        distance: str,
-        chunk: Optional[int] = None,
-        fused: bool = False,
-) -> Tensor:
+def chunked_attention(q: Tensor, k: Tensor, v: Tensor, rates: Tensor, grid: Tuple[int, int], layout: str,
+                      distance: str, chunk: Optional[int] = None) -> Tensor:
     """Spatial-decay attention, exact, without materialising the (L, L) bias of the full layout.
 
-    Same arguments and result as ``reference_attention``; ``chunk`` overrides ``chunk_rows``.
-    ``fused=True`` (the ``fused`` backend, CPU) runs the C++ kernel of ``fused.py`` instead of the
-    Function, when it is built.
-    The decomposed layout runs its row and column passes through the same Function, as
-    attention over 1 x W and 1 x H grids (the 1D distance is the Manhattan distance on a line):
-    this keeps the gradient of trained rates out of autograd's bias graph and SDPA's math kernel.
-    ``rates=None`` goes to the reference backend (plain SDPA).
+    Same arguments and result as ``reference_attention`` (rates not None); ``chunk`` overrides
+    ``chunk_rows``. The decomposed layout runs its row and column passes through the same
+    Function (``sdt.backends._layout``): this keeps the gradient of trained rates out of
+    autograd's bias graph and SDPA's math kernel.
 
     Returns:
         (B, n, L, d) in q's dtype.
     """
-    if rates is None:
-        return reference_attention(q, k, v, rates, grid, layout, distance)
-    if layout == "full":
-        return _attend(q, k, v, rates, grid, distance, chunk, fused).to(q.dtype)
-    height, width = grid
-    row_rates, col_rates = _line_rates(rates, q.shape[0], grid)
-    v_rows = from_rows(_attend(to_rows(q, grid), to_rows(k, grid), to_rows(v, grid), row_rates, (1, width),
-                               distance, chunk, fused), grid)
-    out = _attend(to_cols(q, grid), to_cols(k, grid), to_cols(v_rows, grid), col_rates, (1, height), distance,
-                  chunk, fused)
-    return from_cols(out, grid).to(q.dtype)
+    return attend(partial(chunked_kernel, chunk=chunk), q, k, v, rates, grid, layout, distance)

@@ -11,9 +11,10 @@ O(threads * TASK_ELEMENTS) plus an (S, L) log-sum-exp.
 
 The kernel is compiled on first use with ``torch.utils.cpp_extension.load`` (20-60 s on 2 cores;
 cached under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), with
-``-march=native``: the build is for the machine it runs on. ``SDT_FUSED=0`` disables it (callers
-fall back to the chunked Function); ``SDT_FUSED=1`` makes a failed build an error instead of a
-warning.
+``-march=native``: the build is for the machine it runs on. ``SDT_FUSED=0`` disables it (the
+backend falls back to the chunked Function); ``SDT_FUSED=1`` makes a failed build an error instead
+of a warning. The kernel is called through the custom op ``sdt::spatial_decay_attention``
+(``ops.py``), which gives it autograd and a fake implementation for ``torch.compile``.
 """
 import logging
 import os
@@ -23,6 +24,8 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from .ops import op_kernel
 
 log = logging.getLogger(__name__)
 
@@ -71,45 +74,28 @@ def load():
     return _ops
 
 
-class FusedDecayAttention(torch.autograd.Function):
-    """forward(q, k, v, rates, grid, indicator, task_elements) with q, k, v (S, L, d) and rates (S, L),
-    float32 contiguous -> (S, L, d) float32."""
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, rates: Tensor, grid: Tuple[int, int], indicator: bool,
-                task_elements: int) -> Tensor:
-        out, lse = _ops.forward(q, k, v, rates, grid[0], grid[1], indicator, task_elements)
-        ctx.save_for_backward(q, k, v, rates, out, lse)
-        ctx.grid, ctx.indicator, ctx.task_elements = grid, indicator, task_elements
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        q, k, v, rates, out, lse = ctx.saved_tensors
-        grad_q, grad_k, grad_v, grad_rates = _ops.backward(grad_out, q, k, v, out, rates, lse, ctx.grid[0],
-                                                           ctx.grid[1], ctx.indicator, ctx.task_elements)
-        return grad_q, grad_k, grad_v, grad_rates if ctx.needs_input_grad[3] else None, None, None, None
+@torch.compiler.assume_constant_result  # a constant for torch.compile: checked (and built) once, at trace time
+def available() -> bool:
+    """Whether the C++ kernel is built (building it on first use), see ``load``."""
+    return load() is not None
 
 
-def fused_attention(q: Tensor, k: Tensor, v: Tensor, rates: Tensor, grid: Tuple[int, int], distance: str,
-                    task_elements: int = TASK_ELEMENTS) -> Optional[Tensor]:
-    """softmax(q k^T / sqrt(d) + bias) v with the fused kernel, or None when it is unavailable.
+def fused_kernel(q: Tensor, k: Tensor, v: Tensor, rates: Tensor, grid: Tuple[int, int], distance: str) -> Tensor:
+    """The full-layout kernel (``sdt.backends._layout``) of this backend: the custom op ``sdt::spatial_decay_attention``
+    (``ops.py``) on the C++ kernel, or ``chunked_kernel`` when the kernel is unavailable.
 
     Args:
-        q, k, v: (B, n, L, d) float32 on the CPU.
-        rates: (B', n, L') float32 with B' in {1, B}, L' in {1, L}; broadcast here, so autograd
-            sums the per-token gradient back to the rates' shape.
+        q, k, v: (B, n, L, d) on the CPU.
+        rates: (B', n, L') float32 with B' in {1, B}, L' in {1, L}.
 
     Returns:
-        (B, n, L, d) float32, or None.
+        (B, n, L, d) in q's dtype.
     """
     if q.device.type != "cpu":
         raise RuntimeError(f"backend='fused' is a CPU kernel and the inputs are on {q.device.type}: "
-                           "use backend='chunked', 'flex' or 'auto' there")
-    if load() is None:
-        return None
-    batch, heads, tokens, dim = q.shape
-    flat_rates = rates.expand(batch, heads, tokens).reshape(batch * heads, tokens).contiguous()
-    q, k, v = (t.reshape(batch * heads, tokens, dim).contiguous() for t in (q, k, v))
-    out = FusedDecayAttention.apply(q, k, v, flat_rates, tuple(grid), distance == "indicator", task_elements)
-    return out.view(batch, heads, tokens, dim)
+                           "use backend='triton' (CUDA), 'chunked', 'flex' or 'auto' there")
+    if not available():
+        from .chunked import chunked_kernel
+
+        return chunked_kernel(q, k, v, rates, grid, distance)
+    return op_kernel(q, k, v, rates, grid, distance)

@@ -8,11 +8,11 @@ float32 bias is added to float32 logits (an fp16/bf16 mask would round away long
 """
 from typing import Optional, Tuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..decay import decomposed_biases, full_2d_bias
+from ..decay import full_2d_bias
+from ._layout import from_cols, from_rows, line_rates, to_cols, to_rows
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -24,24 +24,11 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor]) -> Tensor:
     return out.to(out_dtype)
 
 
-def to_rows(t: Tensor, grid: Tuple[int, int]) -> Tensor:
-    """(B, n, H*W, d) -> (B*H, n, W, d): one sequence per grid row."""
-    return t.unflatten(2, grid).transpose(1, 2).flatten(0, 1)
-
-
-def to_cols(t: Tensor, grid: Tuple[int, int]) -> Tensor:
-    """(B, n, H*W, d) -> (B*W, n, H, d): one sequence per grid column."""
-    return t.unflatten(2, grid).permute(0, 3, 1, 2, 4).flatten(0, 1)
-
-
-def from_rows(t: Tensor, grid: Tuple[int, int]) -> Tensor:
-    """(B*H, n, W, d) -> (B, n, H*W, d), the inverse of ``to_rows``."""
-    return t.unflatten(0, (-1, grid[0])).transpose(1, 2).flatten(2, 3)
-
-
-def from_cols(t: Tensor, grid: Tuple[int, int]) -> Tensor:
-    """(B*W, n, H, d) -> (B, n, H*W, d), the inverse of ``to_cols``."""
-    return t.unflatten(0, (-1, grid[1])).permute(0, 2, 3, 1, 4).flatten(2, 3)
+def reference_kernel(q: Tensor, k: Tensor, v: Tensor, rates: Optional[Tensor], grid: Tuple[int, int],
+                     distance: str) -> Tensor:
+    """The full-layout kernel (``sdt.backends._layout``): SDPA with the (B', n, L, L) bias of ``full_2d_bias``."""
+    bias = None if rates is None else full_2d_bias(rates, grid[0], grid[1], distance)
+    return _sdpa(q, k, v, bias)
 
 
 def reference_attention(
@@ -65,19 +52,15 @@ def reference_attention(
     Returns:
         (B, n, L, d)
     """
-    height, width = grid
     if layout == "full":
-        bias = None if rates is None else full_2d_bias(rates, height, width, distance)
-        return _sdpa(q, k, v, bias)
-
-    row_bias: Optional[Tensor] = None
-    col_bias: Optional[Tensor] = None
+        return reference_kernel(q, k, v, rates, grid, distance)
+    # the decomposed passes of sdt.backends._layout.attend, spelled out: TorchScript takes no kernel argument
+    row_rates: Optional[Tensor] = None
+    col_rates: Optional[Tensor] = None
     if rates is not None:
-        if rates.shape[0] != 1 or rates.shape[-1] != 1:  # anything but shared per-head rates: one per token
-            rates = rates.expand(q.shape[0], q.shape[1], q.shape[2])
-        row_bias, col_bias = decomposed_biases(rates, height, width, distance)
-        row_bias = row_bias.flatten(0, 1)  # (B'*H', n, W, W)
-        col_bias = col_bias.flatten(0, 1)  # (B'*W', n, H, H)
-
-    v_rows = from_rows(_sdpa(to_rows(q, grid), to_rows(k, grid), to_rows(v, grid), row_bias), grid)
-    return from_cols(_sdpa(to_cols(q, grid), to_cols(k, grid), to_cols(v_rows, grid), col_bias), grid)
+        row_rates, col_rates = line_rates(rates, q.shape[0], grid)
+    v_rows = from_rows(reference_kernel(to_rows(q, grid), to_rows(k, grid), to_rows(v, grid), row_rates,
+                                        (1, grid[1]), distance), grid)
+    out = reference_kernel(to_cols(q, grid), to_cols(k, grid), to_cols(v_rows, grid), col_rates, (1, grid[0]),
+                           distance)
+    return from_cols(out, grid)

@@ -1,0 +1,130 @@
+"""The memory-lean spatial-decay attention as ``torch.library`` custom ops: C++ on CPU, Triton on CUDA.
+
+softmax(q k^T * d^-0.5 + bias) v over S flat sequences of L = height * width tokens, with
+bias(i, j) = -|(s_i + s_j) / 2 * dist(i, j)| (``sdt.decay``) computed inside the kernel:
+
+- ``torch.ops.sdt.spatial_decay_attention(q, k, v, rates, height, width, indicator) -> (out, lse)``
+- ``torch.ops.sdt.spatial_decay_attention_backward(grad_out, q, k, v, out, rates, lse, height,
+  width, indicator, rates_grad) -> (dq, dk, dv, drates)``
+
+q, k, v, out: (S, L, d) of one dtype; rates: (S, L) float32 (any strides); lse, drates: (S, L)
+float32 (drates is empty when ``rates_grad`` is False). The forward op carries its autograd
+(``register_autograd``: the backward op, with the rate gradient only when the rates need one)
+and a fake implementation (``register_fake``), so ``torch.compile`` traces it as one opaque node
+in the forward and one in the backward graph: no graph break, and nothing of size L^2 anywhere.
+``lse`` is saved for the backward and is not differentiable.
+
+Kernels: on CPU the fused C++ kernel (``fused.py``; float32, other dtypes are computed in float32
+and cast back), on CUDA the Triton kernels (``triton.py``, imported on first CUDA use), whose
+float32 dots follow ``torch.get_float32_matmul_precision()`` ("highest": exact "ieee" dots, else TF32).
+"""
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from ._layout import flat_rates
+
+# q/k/v dtypes the C++ kernel takes as they are; anything else is computed in float32 and cast back.
+CPU_KERNEL_DTYPES = (torch.float32,)
+
+
+def _cpu_ops():
+    from .fused import load
+
+    ops = load()
+    if ops is None:
+        raise RuntimeError("the fused CPU attention kernel is not built (SDT_FUSED=0 or a failed build): "
+                           "use backend='chunked' or 'auto', which falls back to it")
+    return ops
+
+
+def _cpu_inputs(*tensors: Tensor) -> Tuple[Tensor, ...]:
+    dtype = tensors[0].dtype if tensors[0].dtype in CPU_KERNEL_DTYPES else torch.float32
+    return tuple(t.to(dtype).contiguous() for t in tensors)
+
+
+def _triton_precision() -> str:
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+@torch.library.custom_op("sdt::spatial_decay_attention", mutates_args=())
+def spatial_decay_attention_op(q: Tensor, k: Tensor, v: Tensor, rates: Tensor, height: int, width: int,
+                               indicator: bool) -> Tuple[Tensor, Tensor]:
+    """(S, L, d) q, k, v and (S, L) float32 rates -> out (S, L, d) in q's dtype, lse (S, L) float32."""
+    if q.device.type == "cuda":
+        from .triton import triton_forward
+
+        return triton_forward(q, k, v, rates, height, width, indicator, input_precision=_triton_precision())
+    if q.device.type != "cpu":
+        raise RuntimeError(f"sdt::spatial_decay_attention runs on CPU and CUDA, not {q.device.type}")
+    from .fused import TASK_ELEMENTS
+
+    q_, k_, v_ = _cpu_inputs(q, k, v)
+    out, lse = _cpu_ops().forward(q_, k_, v_, rates.float().contiguous(), height, width, indicator, TASK_ELEMENTS)
+    return out.to(q.dtype), lse
+
+
+@spatial_decay_attention_op.register_fake
+def _(q, k, v, rates, height, width, indicator):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+@torch.library.custom_op("sdt::spatial_decay_attention_backward", mutates_args=())
+def spatial_decay_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, rates: Tensor,
+                                        lse: Tensor, height: int, width: int, indicator: bool,
+                                        rates_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``spatial_decay_attention_op``: dq, dk, dv (S, L, d) in q's dtype, drates (S, L) float32."""
+    if q.device.type == "cuda":
+        from .triton import triton_backward
+
+        dq, dk, dv, drates = triton_backward(grad_out, q, k, v, out, rates, lse, height, width, indicator,
+                                             input_precision=_triton_precision(), rates_grad=rates_grad)
+        return dq, dk, dv, drates if rates_grad else rates.new_empty(0)
+    if q.device.type != "cpu":
+        raise RuntimeError(f"sdt::spatial_decay_attention_backward runs on CPU and CUDA, not {q.device.type}")
+    from .fused import TASK_ELEMENTS
+
+    # the C++ kernel forms the rate gradient in the same pass as dq, so it always returns one
+    args = _cpu_inputs(grad_out, q, k, v, out)
+    dq, dk, dv, drates = _cpu_ops().backward(*args, rates.float().contiguous(), lse.contiguous(), height, width,
+                                             indicator, TASK_ELEMENTS)
+    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), drates if rates_grad else rates.new_empty(0)
+
+
+@spatial_decay_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, rates, lse, height, width, indicator, rates_grad):
+    grads = [torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3)]
+    return (*grads, q.new_empty(q.shape[:2] if rates_grad else (0,), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, rates, height, width, indicator = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, rates, lse)
+    ctx.height, ctx.width, ctx.indicator = height, width, indicator
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out: Tensor, _grad_lse: Tensor):
+    q, k, v, out, rates, lse = ctx.saved_tensors
+    rates_grad = ctx.needs_input_grad[3]
+    dq, dk, dv, drates = spatial_decay_attention_backward_op(grad_out, q, k, v, out, rates, lse, ctx.height, ctx.width,
+                                                             ctx.indicator, rates_grad)
+    return dq, dk, dv, drates if rates_grad else None, None, None, None
+
+
+spatial_decay_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def op_kernel(q: Tensor, k: Tensor, v: Tensor, rates: Tensor, grid: Tuple[int, int], distance: str) -> Tensor:
+    """The full-layout kernel (``sdt.backends._layout``) over the custom op: (B, n, L, d) -> (B, n, L, d).
+
+    rates (B', n, L') are broadcast to one row per sequence here, so autograd sums their
+    per-token gradient back to their shape; k and v are cast to q's dtype.
+    """
+    batch, heads, tokens, dim = q.shape
+    flat = [t.to(q.dtype).reshape(batch * heads, tokens, dim) for t in (q, k, v)]
+    out, _ = spatial_decay_attention_op(*flat, flat_rates(rates, batch, heads, tokens), grid[0], grid[1],
+                                        distance == "indicator")
+    return out.view(batch, heads, tokens, dim)
