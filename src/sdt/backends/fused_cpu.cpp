@@ -59,6 +59,8 @@ inline at::BFloat16 to_bfloat16(float x) {
   return at::BFloat16(static_cast<uint16_t>(bits >> 16), at::BFloat16::from_bits());
 }
 
+constexpr int64_t kLanes = 16;  // floats per AVX-512 register
+
 struct Layout {
   int64_t height, width;
   bool indicator;
@@ -97,17 +99,39 @@ template <typename prob_t>
 inline float softmax_row(float* row, prob_t* probs, const float* rates, int64_t query, const Layout& layout) {
   const float scale = layout.scale;
   for_each_key(layout, rates, query, [&](int64_t j, float, float pair) { row[j] = row[j] * scale - std::fabs(pair); });
-  const int64_t tokens = layout.tokens();
-  float row_max = -3.0e38f;
-#pragma omp simd reduction(max : row_max)
-  for (int64_t j = 0; j < tokens; ++j) row_max = std::max(row_max, row[j]);
-  float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-  for (int64_t j = 0; j < tokens; ++j) {
-    const float e = exp_nonpositive(row[j] - row_max);
-    row[j] = e;
-    total += e;
+  // The max and the exponentials run over blocks of kLanes floats with per-lane partial results, and
+  // the last partial block is padded in a local one: a plain reduction loop stays scalar (GCC) and
+  // a scalar tail of up to 15 exponentials per row costs as much as the rest at L = 56.
+  const int64_t tokens = layout.tokens(), whole = tokens / kLanes * kLanes;
+  float lane_max[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) lane_max[l] = -3.0e38f;
+  for (int64_t j = 0; j < whole; j += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lane_max[l] = std::max(lane_max[l], row[j + l]);
+  for (int64_t j = whole; j < tokens; ++j) lane_max[j - whole] = std::max(lane_max[j - whole], row[j]);
+  float row_max = lane_max[0];
+  for (int64_t l = 1; l < kLanes; ++l) row_max = std::max(row_max, lane_max[l]);
+  float lane_sum[kLanes] = {};
+  for (int64_t j = 0; j < whole; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float e = exp_nonpositive(row[j + l] - row_max);
+      row[j + l] = e;
+      lane_sum[l] += e;
+    }
   }
+  if (whole < tokens) {
+    const int64_t tail = tokens - whole;
+    float block[kLanes];  // padding: exp(-100) is 1e-38 (flushed at -87), below the rounding of total >= 1
+    for (int64_t l = 0; l < kLanes; ++l) block[l] = -100.0f;
+    for (int64_t l = 0; l < tail; ++l) block[l] = row[whole + l] - row_max;
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float e = exp_nonpositive(block[l]);
+      block[l] = e;
+      lane_sum[l] += e;
+    }
+    for (int64_t l = 0; l < tail; ++l) row[whole + l] = block[l];
+  }
+  float total = 0.0f;
+  for (int64_t l = 0; l < kLanes; ++l) total += lane_sum[l];
   const float inverse = 1.0f / total;
   if constexpr (std::is_same_v<prob_t, float>) {
 #pragma omp simd
