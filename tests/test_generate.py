@@ -253,3 +253,17 @@ def test_cli_sample_validates_and_picks_classes(trained_run: Path, tmp_path: Pat
     assert main(base + ["--classes", "0,3,-1", "--per-class", "2"]) == 0
     with np.load(tmp_path / "s.npz") as data:
         assert data["labels"].tolist() == [0, 0, 3, 3, -1, -1] and data["arr_0"].shape == (6, 28, 28, 1)
+
+
+def test_image_grid_places_images_row_major_with_gaps():
+    from sdt.generate import image_grid
+
+    images = torch.arange(1, 7, dtype=torch.uint8).view(6, 1, 1, 1).expand(6, 1, 2, 3).contiguous()  # image i is all i+1
+    grid = image_grid(images, rows=2)
+    assert grid.shape == (2 * 3 - 1, 3 * 4 - 1) and grid.dtype == np.uint8
+    for i in range(6):
+        r, c = divmod(i, 3)
+        assert (grid[r * 3:r * 3 + 2, c * 4:c * 4 + 3] == i + 1).all()
+    assert (grid[2, :] == 0).all() and (grid[:, 3] == 0).all() and (grid[:, 7] == 0).all()
+    rgb = image_grid(torch.full((2, 3, 2, 2), 9, dtype=torch.uint8), rows=1)
+    assert rgb.shape == (2, 5, 3) and (rgb[:, 2] == 0).all() and (rgb[:, :2] == 9).all()
