@@ -193,6 +193,10 @@ def test_bad_arguments_name_the_fix():
         create_objective("ddpm").sample(lambda *a: a[0], torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long), "heun")
     with pytest.raises(ValueError, match="num_steps"):
         create_objective("ddpm").respace(0)
+    for steps in (0, -3):  # 0 flow steps returned the starting noise as "samples"
+        with pytest.raises(ValueError, match="num_steps must be >= 1"):
+            create_objective("flow").sample(lambda *a: a[0], torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long),
+                                            "euler", num_steps=steps)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])

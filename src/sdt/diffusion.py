@@ -257,6 +257,8 @@ class FlowMatching:
         """
         if sampler not in ("euler", "heun"):
             raise ValueError(f"sampler {sampler!r} does not fit flow matching; choose 'euler' or 'heun'")
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps} (0 steps would return the starting noise)")
         channels = noise.shape[1]
         times = torch.linspace(0, 1, num_steps + 1, device=noise.device)
 
