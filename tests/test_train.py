@@ -160,6 +160,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(fake_fmnist: Path, t
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     assert f"global step {done_steps})" in out
+    assert "No CUDA runtime is found" not in out  # torch's noise when the CPU kernel is built
     ref_out, _ = ref.communicate(timeout=300)
     assert ref.returncode == 0, ref_out
 

@@ -13,6 +13,7 @@
 Each subcommand is one ``add_*_parser`` function (its arguments) and one ``run_*`` function.
 """
 import argparse
+import logging
 import sys
 from typing import Any, Dict, List, Optional
 
@@ -29,7 +30,10 @@ def add_models_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_models(args: argparse.Namespace) -> int:
     from .complexity import model_table
+    from .train import check_model_name
 
+    for name in args.names:
+        check_model_name(name)
     print(model_table(args.names or None, tuple(args.input_size)))
     return 0
 
@@ -52,7 +56,9 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from .export import check_onnx, create_model_from_weights, export_onnx, save_torchscript
+    from .train import check_model_name
 
+    check_model_name(args.model)
     kwargs = {k: v for k, v in (("num_classes", args.num_classes), ("in_chans", args.in_chans)) if v is not None}
     model = create_model_from_weights(args.model, args.weights, **kwargs).eval()
     chans = model.in_chans
@@ -91,8 +97,10 @@ def add_viz_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_viz(args: argparse.Namespace) -> int:
     from .export import create_model_from_weights
+    from .train import check_model_name
     from .viz import attention_maps, load_image, plot_attention_maps, warn_if_untrained
 
+    check_model_name(args.model)
     warn_if_untrained(args.weights)
     kwargs = {k: v for k, v in (("num_classes", args.num_classes), ("in_chans", args.in_chans)) if v is not None}
     model = create_model_from_weights(args.model, args.weights, **kwargs).eval()
@@ -132,7 +140,9 @@ def run_convert(args: argparse.Namespace) -> int:
     import timm
 
     from .export import convert_rmt_checkpoint
+    from .train import check_model_name
 
+    check_model_name(args.model)
     kwargs = {"num_classes": args.num_classes} if args.num_classes is not None else {}
     model = timm.create_model(args.model, **kwargs)
     counts = convert_rmt_checkpoint(args.checkpoint, model, args.output)
@@ -369,6 +379,8 @@ def run_fid(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdt", description="Spatial Decay Transformers: models, training, evaluation.")
+    debug_help = "on an error, show the full traceback (by default bad input is reported in one line)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_train_parser(subparsers)
     add_eval_parser(subparsers)
@@ -379,24 +391,37 @@ def build_parser() -> argparse.ArgumentParser:
     add_gen_train_parser(subparsers)
     add_sample_parser(subparsers)
     add_fid_parser(subparsers)
+    for subparser in subparsers.choices.values():  # `sdt train ... --debug` works as well as `sdt --debug train ...`
+        subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run one subcommand. Bad input (sdt's own errors, and the OS refusing a path) is one line on
+    stderr and exit status 2; anything else is a bug and keeps its traceback (all of them with --debug)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    from .config import ConfigError
-    from .data import DataError
-    from .engine import CheckpointError
+    from .errors import SdtError
 
+    # torch logs this when it finds a CUDA toolkit but no GPU, the first time sdt builds its CPU kernel;
+    # the CPU build does not use CUDA, so on CPU machines it is noise
+    logging.getLogger("torch.utils.cpp_extension").addFilter(
+        lambda record: not str(record.msg).startswith("No CUDA runtime is found"))
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (SdtError, OSError) as e:
+        if args.debug or isinstance(e, OSError) and e.filename is None:
+            raise
         print(f"sdt {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"sdt {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

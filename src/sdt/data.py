@@ -11,6 +11,7 @@ applies the transform and
 """
 import gzip
 import logging
+import os
 import random
 import struct
 from dataclasses import dataclass
@@ -68,6 +69,42 @@ class AugConfig:
     cutmix: float = 0.0                        # CutMix alpha (0 = off)
     mixup_prob: float = 1.0
     smoothing: float = 0.1                     # label smoothing
+
+
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos", "random")  # timm's create_transform
+
+
+def _range_checker(section: str, cfg: Any):
+    def require(ok: bool, key: str, rule: str) -> None:
+        if not ok:
+            raise DataError(f"{section}.{key} must be {rule}, got {getattr(cfg, key)!r}")
+    return require
+
+
+def check_data_config(cfg: DataConfig, aug: Optional[AugConfig] = None) -> None:
+    """Each data (and augmentation) setting on its own, before any file is read: ``DataError``."""
+    require = _range_checker("data", cfg)
+    require(cfg.dataset in ("fashion-mnist", "folder"), "dataset", "fashion-mnist or folder")
+    require(cfg.dataset != "folder" or bool(cfg.data_dir), "data_dir", "a folder for data.dataset=folder "
+            "(pass --data-dir /path/to/imagenet)")
+    require(cfg.val_size >= 0, "val_size", ">= 0")
+    for key in ("train_subset", "val_subset", "test_subset"):
+        require(getattr(cfg, key) is None or getattr(cfg, key) >= 1, key, "at least 1, or null (all images)")
+    require(cfg.input_size >= 1, "input_size", "at least 1 (pixels)")
+    require(0 < cfg.crop_pct <= 1, "crop_pct", "in (0, 1] (0.875: resize to input_size / 0.875, centre crop)")
+    require(cfg.interpolation in INTERPOLATIONS, "interpolation", f"one of {', '.join(INTERPOLATIONS)}")
+    require(cfg.workers >= 0, "workers", ">= 0 (0 = load in the training process)")
+    require(cfg.repeated_aug >= 1, "repeated_aug", "at least 1 (1 = off, DeiT uses 3)")
+    if aug is None:
+        return
+    require = _range_checker("aug", aug)
+    require(len(aug.scale) == 2 and 0 < aug.scale[0] <= aug.scale[1] <= 1, "scale",
+            "[min, max] with 0 < min <= max <= 1 (RandomResizedCrop area fractions)")
+    for key in ("hflip", "reprob", "mixup_prob"):
+        require(0 <= getattr(aug, key) <= 1, key, "a probability in [0, 1]")
+    for key in ("color_jitter", "mixup", "cutmix"):
+        require(getattr(aug, key) >= 0, key, ">= 0 (0 = off)")
+    require(0 <= aug.smoothing < 1, "smoothing", "in [0, 1)")
 
 
 class Batch(NamedTuple):
@@ -154,24 +191,34 @@ def fashion_mnist_tensors(split: str = "train", data_dir: Optional[str] = None) 
     return torch.from_numpy(data.images.copy()).unsqueeze(1), torch.from_numpy(data.labels)
 
 
+def _holds_an_image(folder: Path) -> bool:
+    """Whether ``folder`` or a folder below it holds a file timm reads as an image (stops at the first)."""
+    from timm.data.readers.img_extensions import get_img_extensions
+
+    extensions = get_img_extensions()
+    return any(Path(name).suffix.lower() in extensions for _, _, names in os.walk(folder, followlinks=True) for name in names)
+
+
 class FolderImages(Dataset):
     """An ImageFolder / ImageNet-layout split read through timm's ``create_dataset``; opening an
     image may raise (``ImageSamples`` decides whether to skip)."""
 
     def __init__(self, root: str, split: str, img_mode: str):
         from timm.data import create_dataset
+        from timm.data.readers.img_extensions import get_img_extensions
 
         names = {"train": ["train"], "val": ["val", "validation"], "test": ["test"]}[split]
         folder = next((Path(root) / n for n in names if (Path(root) / n).is_dir()), None)
         if folder is None:
             raise DataError(f"no '{split}' image folder under {root}: expected {root}/{names[0]}/<class>/<image> "
                             f"(ImageNet layout: train/ and val/ folders with one sub-folder per class)")
+        if not _holds_an_image(folder):  # timm's own error for this is a long traceback
+            raise DataError(f"the '{split}' folder {folder} holds no images ({', '.join(get_img_extensions())}): "
+                            f"expected {folder}/<class>/<image>; check --data-dir")
         self.timm_dataset = create_dataset("", root=str(folder), is_training=False)
         self.reader = self.timm_dataset.reader
         self.classes = sorted(self.reader.class_to_idx, key=self.reader.class_to_idx.get)
         self.img_mode = img_mode
-        if len(self.reader) == 0:
-            raise DataError(f"the '{split}' folder under {root} holds no images")
 
     def __len__(self) -> int:
         return len(self.reader)

@@ -72,6 +72,7 @@ class EngineConfig:
     amp: str = "none"                      # "none", "bf16" (CPU or GPU), "fp16" (GPU, with a grad scaler)
     compile: bool = False                  # torch.compile the model
     grad_checkpointing: bool = False       # model.set_grad_checkpointing(): less memory, more compute
+    grad_accum_steps: int = 1              # micro-batches per optimizer step (each batch_size / processes / this)
     sync_bn: bool = False                  # SyncBatchNorm when several processes train
     device: str = "auto"                   # "auto", "cpu", "cuda"
     threads: Optional[int] = None          # torch.set_num_threads (None = torch's default)
@@ -118,7 +119,7 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     """Start torch.distributed when launched by torchrun (gloo on CPU, nccl on GPU)."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("engine.device=cuda but no CUDA device is available; use engine.device=cpu")
+        raise ConfigError("engine.device=cuda but no CUDA device is available; use engine.device=cpu (or auto)")
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if world_size > 1 and not dist.is_initialized():
@@ -303,12 +304,12 @@ def save_figure(fig: "matplotlib.figure.Figure", path: Path, dpi: int) -> None:
         plt.close(fig)
 
 
-def progress_bar(total: int, desc: str, enabled: bool = True, initial: int = 0):
-    """A tqdm bar counting images on stderr (images/s, ETA); in a log file (not a terminal) it writes a
-    line every 30 s instead of every second."""
+def progress_bar(total: int, desc: str, enabled: bool = True, initial: int = 0, unit: str = "img"):
+    """A tqdm bar counting images (or ``unit``) on stderr (rate, ETA); in a log file (not a terminal) it
+    writes a line every 30 s instead of every second."""
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, unit="img", unit_scale=True, desc=desc, dynamic_ncols=True,
+    return tqdm(total=total, initial=initial, unit=unit, unit_scale=unit == "img", desc=desc, dynamic_ncols=True,
                 disable=not enabled, mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
 
 
@@ -330,20 +331,64 @@ def setup_logging(output_dir: Optional[Path], is_main: bool) -> None:
 # The loop
 
 
-def check_engine_config(cfg: EngineConfig, dist_info: DistInfo, num_train: int) -> None:
-    """Settings that cannot work on this machine or data: a ``ConfigError`` before anything runs."""
-    if cfg.batch_size % dist_info.world_size:
-        raise ConfigError(f"engine.batch_size={cfg.batch_size} must be divisible by the number of processes ({dist_info.world_size})")
+SCHEDULER_CHOICES = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "rsqrt", "constant")  # create_scheduler_v2
+
+
+def check_engine_settings(cfg: EngineConfig) -> None:
+    """Each engine setting on its own: a number in its range, a name among the choices (``ConfigError``)."""
+    from timm.optim import list_optimizers
+
+    def require(ok: bool, key: str, rule: str) -> None:
+        if not ok:
+            raise ConfigError(f"engine.{key} must be {rule}, got {getattr(cfg, key)!r}")
+
+    def finite(x: float) -> bool:
+        return math.isfinite(x)
+
+    require(cfg.epochs >= 1, "epochs", "at least 1")
+    require(cfg.batch_size >= 1, "batch_size", "at least 1 (it is the global batch: images per optimizer step)")
+    require(cfg.grad_accum_steps >= 1, "grad_accum_steps", "at least 1 (1 = no accumulation)")
+    require(finite(cfg.lr) and cfg.lr > 0, "lr", "a positive number")
+    require(cfg.lr_base_size >= 1, "lr_base_size", "at least 1")
+    require(finite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", ">= 0")
+    require(finite(cfg.opt_eps) and cfg.opt_eps > 0, "opt_eps", "a positive number")
+    require(cfg.clip_grad is None or finite(cfg.clip_grad) and cfg.clip_grad > 0, "clip_grad", "a positive number or null (off)")
+    require(cfg.opt.lower() in list_optimizers(), "opt", "a timm optimizer name (e.g. adamw, sgd, lamb; "
+                                                         "timm.optim.list_optimizers() lists them)")
+    require(cfg.sched in SCHEDULER_CHOICES, "sched", f"one of {', '.join(SCHEDULER_CHOICES)}")
+    require(finite(cfg.warmup_epochs) and cfg.warmup_epochs >= 0, "warmup_epochs", ">= 0")
+    require(finite(cfg.warmup_lr) and cfg.warmup_lr >= 0, "warmup_lr", ">= 0")
+    require(finite(cfg.min_lr) and cfg.min_lr >= 0, "min_lr", ">= 0")
+    require(cfg.ema_decay is None or 0 < cfg.ema_decay < 1, "ema_decay", "in (0, 1), e.g. 0.9998, or null (no EMA)")
+    require(cfg.amp in ("none", "bf16", "fp16"), "amp", "none, bf16 or fp16")
+    require(cfg.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda")
+    require(cfg.threads is None or cfg.threads >= 1, "threads", "at least 1, or null (torch's default)")
+    require(cfg.ckpt_every_steps >= 0, "ckpt_every_steps", ">= 0 (0 = at epoch ends only)")
+    require(cfg.keep_checkpoints >= 1, "keep_checkpoints", "at least 1")
+    require(cfg.log_every_steps >= 1, "log_every_steps", "at least 1")
+    require(cfg.eval_every_epochs >= 1, "eval_every_epochs", "at least 1")
+
+
+def check_engine_config(cfg: EngineConfig, dist_info: DistInfo, num_train: int, model: Optional[nn.Module] = None) -> None:
+    """Settings that cannot work, on their own or on this machine, data and ``model``: a
+    ``ConfigError`` before anything runs or is written."""
+    check_engine_settings(cfg)
+    per_step = dist_info.world_size * cfg.grad_accum_steps
+    if cfg.batch_size % per_step:
+        raise ConfigError(f"engine.batch_size={cfg.batch_size} (the global batch) must be divisible by the number of "
+                          f"processes ({dist_info.world_size}) x engine.grad_accum_steps ({cfg.grad_accum_steps}); "
+                          f"choose grad_accum_steps so that batch_size / (processes x grad_accum_steps) is an integer")
     if num_train < cfg.batch_size:
         raise ConfigError(f"the training set ({num_train} images) is smaller than one batch "
                           f"(engine.batch_size={cfg.batch_size}); lower the batch size")
-    if cfg.amp not in ("none", "bf16", "fp16"):
-        raise ConfigError(f"engine.amp must be none, bf16 or fp16, got {cfg.amp!r}")
     if cfg.amp == "fp16" and dist_info.device.type != "cuda":
         raise ConfigError("engine.amp=fp16 needs a GPU; on CPU use engine.amp=bf16")
     if cfg.sync_bn and dist_info.distributed and dist_info.device.type != "cuda":
         raise ConfigError("engine.sync_bn=true needs GPUs (torch's SyncBatchNorm is CUDA-only); on CPU each "
                           "process normalises with its own batch statistics: set engine.sync_bn=false")
+    if cfg.grad_checkpointing and model is not None and not hasattr(model, "set_grad_checkpointing"):
+        raise ConfigError(f"engine.grad_checkpointing=true, but {type(model).__name__} has no set_grad_checkpointing(); "
+                          f"set engine.grad_checkpointing=false")
 
 
 class Trainer:
@@ -359,7 +404,7 @@ class Trainer:
 
         self.cfg, self.task, self.dist, self.output_dir = cfg, task, dist_info, Path(output_dir)
         self.train_set, self.val_set, self.workers, self.repeated_aug = train_set, val_set, workers, repeated_aug
-        check_engine_config(cfg, dist_info, len(train_set))
+        check_engine_config(cfg, dist_info, len(train_set), model)
         self.batch_size_per_rank = cfg.batch_size // dist_info.world_size
         self.steps_per_epoch = len(train_set) // cfg.batch_size
 
@@ -567,8 +612,8 @@ def check_output_dir(output_dir: Path, resume: bool) -> None:
         if not (output_dir / "config.yaml").is_file():
             raise CheckpointError(f"--resume: {output_dir} holds no run (config.yaml is missing)")
     elif output_dir.exists() and any(output_dir.iterdir()):
-        raise FileExistsError(f"{output_dir} already holds files; pass --resume to continue that run, "
-                              f"or choose a new --output folder")
+        raise ConfigError(f"{output_dir} already holds files; pass --resume to continue that run, "
+                          f"or choose a new --output folder")
 
 
 def resolve_run(config_class: type, cfg: Any, output_dir: Optional[str], resume: Optional[str],

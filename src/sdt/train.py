@@ -5,6 +5,7 @@
     summary = train(cfg, output_dir="runs/quick")
     result = evaluate_checkpoint("runs/quick", split="test", input_size=32)
 """
+import difflib
 import json
 import logging
 import time
@@ -23,10 +24,10 @@ from . import models  # noqa: F401  (registers the models with timm)
 from .complexity import count_flops, count_params
 from .checkpoints import atomic_write, load_into, load_weights
 from .config import ConfigError, load_config
-from .data import (AugConfig, Batch, DataConfig, DataError, ImageSamples, build_transform, check_images,
-                   num_channels, raw_dataset)
-from .engine import (DistInfo, EngineConfig, Trainer, all_reduce_sum, check_engine_config, eval_loader, final_val_metrics,
-                     plot_curves, resolve_run, save_figure, setup_distributed, start_run)
+from .data import (AugConfig, Batch, DataConfig, DataError, ImageSamples, build_transform, check_data_config,
+                   check_images, num_channels, raw_dataset)
+from .engine import (DistInfo, EngineConfig, Trainer, all_reduce_sum, check_engine_config, check_engine_settings,
+                     eval_loader, final_val_metrics, plot_curves, resolve_run, save_figure, setup_distributed, start_run)
 
 _logger = logging.getLogger("sdt")
 
@@ -127,15 +128,46 @@ class ClassificationTask:
 # Building blocks shared by train and eval
 
 
+def check_model_name(name: str) -> None:
+    """A ``ConfigError`` for a model name timm does not know, suggesting the closest registered names.
+    ``hf-hub:`` / ``local-dir:`` names are left to timm; a pretrained tag (``sdt_h_nano.fmnist``) is allowed."""
+    if ":" in name or timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    raise ConfigError(f"unknown model {name!r}; {hint}(`sdt models` lists this package's models, "
+                      f"timm.list_models() every registered one)")
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """The model section on its own, before any data is read (``ConfigError``)."""
+    check_model_name(cfg.name)
+    for key in ("num_classes", "in_chans"):
+        value = getattr(cfg, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"model.{key} must be at least 1, or null (the dataset's), got {value}")
+    if cfg.drop_path_rate is not None and not 0 <= cfg.drop_path_rate < 1:
+        raise ConfigError(f"model.drop_path_rate must be in [0, 1), or null (the model's default), got {cfg.drop_path_rate}")
+
+
+def check_train_config(cfg: TrainConfig) -> None:
+    """Every setting of a training config that can be checked without the data: ``ConfigError`` /
+    ``DataError`` naming the key, before anything is read or written."""
+    check_model_config(cfg.model)
+    check_data_config(cfg.data, cfg.aug)
+    check_engine_settings(cfg.engine)
+
+
 def create_model(cfg: ModelConfig, num_classes: int, in_chans: int) -> nn.Module:
+    check_model_name(cfg.name)
     kwargs = dict(cfg.kwargs)
     if cfg.drop_path_rate is not None:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
     try:
         return timm.create_model(cfg.name, num_classes=num_classes, in_chans=in_chans, **kwargs)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise ConfigError(f"unknown model {cfg.name!r}; `sdt models` lists this package's models") from e
+    except TypeError as e:
+        if "unexpected keyword argument" in str(e):
+            raise ConfigError(f"model.kwargs {cfg.kwargs} do not fit {cfg.name}: {e}") from e
         raise
 
 
@@ -191,7 +223,8 @@ def train(cfg: TrainConfig, output_dir: Optional[str] = None, resume: Optional[s
     """
     cfg, info, out, resume_from = resolve_run(TrainConfig, cfg, output_dir, resume, cfg.model.name)
 
-    # Everything that can be wrong with the data or model fails here, before any file is written.
+    # Everything that can be wrong with the config, data or model fails here, before any file is written.
+    check_train_config(cfg)
     cfg.model.in_chans = resolve_in_chans(cfg)
     datasets = _datasets(cfg, cfg.model.in_chans, ["train", "val"])
     cfg.model.num_classes = resolve_num_classes(cfg, datasets["train"].classes)
@@ -199,20 +232,21 @@ def train(cfg: TrainConfig, output_dir: Optional[str] = None, resume: Optional[s
     model = create_model(cfg.model, cfg.model.num_classes, cfg.model.in_chans)
     for ds in datasets.values():
         check_images(ds, cfg.model.in_chans, cfg.model.num_classes, model_stride(model))
-    check_engine_config(cfg.engine, info, len(datasets["train"]))
-    start_run(cfg, out, info, resume_from is not None)
-
+    check_engine_config(cfg.engine, info, len(datasets["train"]), model)
     input_shape = (cfg.model.in_chans, cfg.data.input_size, cfg.data.input_size)
     params, flops = count_params(model), count_flops(model, input_shape)
+    task = ClassificationTask(cfg.model.num_classes, cfg.aug)
+    # builds the optimizer and schedule and loads the checkpoint of a resumed run: may still fail
+    trainer = Trainer(cfg.engine, model, task, datasets["train"], datasets["val"], out, info,
+                      workers=cfg.data.workers, resume_from=resume_from,
+                      repeated_aug=cfg.data.repeated_aug)
+
+    start_run(cfg, out, info, resume_from is not None)
     _logger.info("model %s: %.2fM parameters, %.1f MMACs at %s; %d processes on %s; output %s",
                  cfg.model.name, params / 1e6, flops / 1e6, "x".join(map(str, input_shape[1:])),
                  info.world_size, info.device, out)
     _logger.info("data %s: %d train / %d val images", cfg.data.dataset, len(datasets["train"]), len(datasets["val"]))
     wall_start = time.perf_counter()
-    task = ClassificationTask(cfg.model.num_classes, cfg.aug)
-    trainer = Trainer(cfg.engine, model, task, datasets["train"], datasets["val"], out, info,
-                      workers=cfg.data.workers, resume_from=resume_from,
-                      repeated_aug=cfg.data.repeated_aug)
     summary = trainer.fit()
     train_wall = time.perf_counter() - wall_start
 
