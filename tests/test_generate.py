@@ -251,6 +251,13 @@ def test_cli_sample_validates_and_picks_classes(trained_run: Path, tmp_path: Pat
         assert message in capsys.readouterr().err, bad
         assert not (tmp_path / "s.npz").exists()
     assert main(base + ["--classes", "0,3,-1", "--per-class", "2"]) == 0
+    assert main(["sample", str(tmp_path / "no-run"), "--out", str(tmp_path / "x")]) == 2
+    assert "is not a generation run (no config.yaml)" in capsys.readouterr().err
+    classifier_like = tmp_path / "classifier"
+    classifier_like.mkdir()
+    (classifier_like / "config.yaml").write_text("model:\n  name: sdt_h_nano\naug:\n  mixup: 0.2\n")
+    assert main(["sample", str(classifier_like), "--out", str(tmp_path / "x")]) == 2
+    assert "is not a generation run of 'sdt gen-train'" in capsys.readouterr().err
     with np.load(tmp_path / "s.npz") as data:
         assert data["labels"].tolist() == [0, 0, 3, 3, -1, -1] and data["arr_0"].shape == (6, 28, 28, 1)
 

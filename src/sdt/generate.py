@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import InterpolationMode
 
 from .complexity import count_flops, count_params
-from .checkpoints import atomic_path, atomic_write, checkpoint_dirs, load_into, load_weights
+from .checkpoints import CheckpointError, atomic_path, atomic_write, checkpoint_dirs, load_into, load_weights
 from .config import ConfigError, load_config
 from .data import Batch, DataConfig, DataError, ImageSamples, check_images, raw_dataset
 from .diffusion import OBJECTIVES, SAMPLERS, create_objective
@@ -253,8 +253,11 @@ def load_generator(run_dir: str, weights: str = "ema") -> Tuple[DiT, GenConfig]:
     "model" from the newest checkpoint, or "best" (lowest validation loss)."""
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a generation run (no config.yaml); give the --output of 'sdt gen-train'")
-    cfg = load_config(GenConfig, str(run / "config.yaml"))
+        raise CheckpointError(f"{run_dir} is not a generation run (no config.yaml); give the --output of 'sdt gen-train'")
+    try:
+        cfg = load_config(GenConfig, str(run / "config.yaml"))
+    except ConfigError as e:
+        raise ConfigError(f"{run_dir} is not a generation run of 'sdt gen-train' ({e})") from e
     if weights not in ("ema", "model", "best"):
         raise ConfigError(f"weights must be 'ema', 'model' or 'best', got {weights!r}")
     if weights == "best":
@@ -262,10 +265,10 @@ def load_generator(run_dir: str, weights: str = "ema") -> Tuple[DiT, GenConfig]:
     else:
         found = checkpoint_dirs(run)
         if not found:
-            raise FileNotFoundError(f"{run_dir} has no checkpoint yet (checkpoints/ is empty)")
+            raise CheckpointError(f"{run_dir} has no checkpoint yet (checkpoints/ is empty); use --weights best, or train longer")
         path = found[-1] / f"{weights}.safetensors"
         if weights == "ema" and not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist: the run trained without EMA (engine.ema_decay); use --weights model")
+            raise CheckpointError(f"{path} does not exist: the run trained without EMA (engine.ema_decay); use --weights model")
     model = build_model(cfg.model, cfg.data.input_size)
     load_into(model, load_weights(path), path)
     return model.eval(), cfg
