@@ -38,6 +38,7 @@ def _train(run: Path, data: Path, *extra: str, overrides: List[str] = ()) -> int
     (["-o", "model.num_classes=0"], "model.num_classes must be at least 1"),
     (["--model", "sdt_h_nan"], "unknown model 'sdt_h_nan'; did you mean sdt_h_nano"),
     (["-o", "model.kwargs={depthz: 3}"], "model.kwargs {'depthz': 3} do not fit sdt_h_nano"),
+    (["-o", "model.kwargs={decay: nope}"], "sdt_h_nano with model.kwargs {'decay': 'nope'}: unknown decay 'nope'"),
 ])
 def test_bad_settings_fail_before_the_run_folder_exists(fake_fmnist: Path, tmp_path: Path, capsys, flags, message):
     run = tmp_path / "run"

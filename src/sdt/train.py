@@ -169,6 +169,8 @@ def create_model(cfg: ModelConfig, num_classes: int, in_chans: int) -> nn.Module
         if "unexpected keyword argument" in str(e):
             raise ConfigError(f"model.kwargs {cfg.kwargs} do not fit {cfg.name}: {e}") from e
         raise
+    except ValueError as e:  # the model refuses an argument value (e.g. an unknown decay variant)
+        raise ConfigError(f"{cfg.name} with model.kwargs {cfg.kwargs}: {e}") from e
 
 
 def model_stride(model: nn.Module) -> int:
