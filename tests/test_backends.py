@@ -330,3 +330,118 @@ def test_scripted_module_uses_reference_and_matches_eager():
     scripted = torch.jit.script(module)
     with torch.no_grad():
         assert relative_error(scripted(x), module(x)) < F32_TOL
+
+
+def _flex_joint_graphs(monkeypatch, score_mod_factory, q, k, v, rates, grid):
+    """Trace flex attention's forward and backward on CPU with AOTAutograd and return the score_mod joint graphs.
+
+    PyTorch refuses CPU FlexAttention with gradients at the door (``_validate_device``); with that check
+    off, the backward runs eagerly here, and the joint graph it carries is the one inductor lowers on GPU.
+    """
+    import torch.nn.attention.flex_attention as flex_module
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.setattr(flex_module, "_validate_device", lambda *args: None)
+    joints = []
+
+    def backward_compiler(graph_module, example_inputs):
+        for node in graph_module.graph.nodes:
+            if node.target is torch.ops.higher_order.flex_attention_backward:
+                joints.append(getattr(graph_module, node.args[8].target))  # (..., fw_graph, joint_graph, ...)
+        return make_boxed_func(graph_module.forward)
+
+    backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=backward_compiler)
+    batch, heads, tokens, _ = q.shape
+
+    def attend(q, k, v, rates):
+        return flex_attention(q, k, v, score_mod=score_mod_factory(rates.expand(batch, heads, tokens), grid, "manhattan"))
+
+    torch._dynamo.reset()
+    out = torch.compile(attend, backend=backend, fullgraph=True)(q, k, v, rates)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    torch._dynamo.reset()
+    assert len(joints) == 1
+    return joints, out
+
+
+def test_flex_backward_graph_passes_the_joint_graph_check(monkeypatch):
+    """The CUDA training path of flex: inductor's validate_joint_graph accepts our score_mod's backward
+    (the rates indexed twice without a clone, as before the fix, is rejected), and the gradients are right."""
+    from torch._inductor.kernel.flex.flex_attention import validate_joint_graph
+
+    from sdt.backends.flex import decay_score_mod
+
+    grid = (3, 4)
+
+    def indexed_twice(rates, grid, distance):  # the score_mod before the fix
+        index = torch.arange(grid[0] * grid[1])
+        rows, cols = index // grid[1], index % grid[1]
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            dist = ((rows[q_idx] - rows[kv_idx]).abs() + (cols[q_idx] - cols[kv_idx]).abs()).to(torch.float32)
+            return score - ((rates[b, h, q_idx] + rates[b, h, kv_idx]) * 0.5 * dist).abs()
+
+        return score_mod
+
+    for factory, valid in ((indexed_twice, False), (decay_score_mod, True)):
+        q, k, v, rates = make_inputs(1, 2, grid, 8, (1, 2, 12), "mixed")
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, rates)]
+        joints, out = _flex_joint_graphs(monkeypatch, factory, *leaves, grid)
+        graph = joints[0].graph
+        graph.eliminate_dead_code()
+        if not valid:
+            with pytest.raises(NotImplementedError, match="multiple indexing operations"):
+                validate_joint_graph(graph)
+            continue
+        validate_joint_graph(graph)
+        ref_out, ref_grads = outputs_and_grads(reference_attention, q, k, v, rates, grid, "full", "manhattan")
+        assert relative_error(out, ref_out) < F32_TOL
+        for name, leaf, ref in zip("qkv", leaves, ref_grads):
+            assert relative_error(leaf.grad, ref) < F32_TOL, name
+        assert relative_error(leaves[3].grad, ref_grads[3]) < F32_TOL
+
+
+def test_cuda_dispatch_picks_triton_for_every_layout_and_rate_kind(monkeypatch):
+    """Fake CUDA tensors (no GPU needed): auto chooses triton, and the call reaches the custom op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import sdt.backends as backends
+
+    class RecordOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    grid = (8, 8)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        q, k, v = (torch.empty(2, 4, 64, 16, device="cuda") for _ in range(3))
+        rate_kinds = {"per-token": torch.zeros(2, 4, 64, device="cuda", requires_grad=True),
+                      "fixed": torch.zeros(1, 4, 1, device="cuda"),
+                      "learned": torch.zeros(1, 4, 1, device="cuda", requires_grad=True)}
+        for layout in ("full", "decomposed"):
+            for rates in rate_kinds.values():
+                assert choose_backend(q, rates, grid, layout) == "triton"
+            assert choose_backend(q, None, grid, layout) == "reference"  # plain SDPA (flash)
+        with RecordOps() as recorder:
+            out = spatial_decay_attention(q, k, v, rate_kinds["per-token"], grid, "full")
+        assert out.shape == q.shape and out.device.type == "cuda"
+        assert torch.ops.sdt.spatial_decay_attention.default in recorder.ops
+        # without Triton: the documented fallbacks
+        monkeypatch.setattr(backends, "triton_available", lambda: False)
+        assert choose_backend(q, rate_kinds["per-token"], grid, "full") == "reference"  # 2^15 bias elements
+        big = torch.empty(8, 4, 3136, 16, device="cuda")
+        assert choose_backend(big, torch.zeros(8, 4, 3136, device="cuda"), (56, 56), "full") == "flex"
+        assert choose_backend(big, torch.zeros(8, 4, 3136, device="cuda"), (56, 56), "decomposed") == "chunked"
+
+
+def test_triton_backend_refuses_cpu_with_a_clear_error():
+    q, k, v, rates = make_inputs(1, 2, (3, 4), 8, (1, 2, 12))
+    with pytest.raises(RuntimeError, match="runs on CUDA and the inputs are on cpu.*fused"):
+        spatial_decay_attention(q, k, v, rates, (3, 4), "full", "manhattan", "triton")
