@@ -323,7 +323,7 @@ def _common(q: Tensor, rates: Tensor, height: int, width: int, indicator: bool, 
     sequences, tokens, dim = q.shape
     args = (rates.stride(0), rates.stride(1), rates.stride(2), rates.shape[1], tokens, width, dim ** -0.5)
     constexprs = dict(HEAD_DIM=dim, D_PAD=max(16, triton.next_power_of_2(dim)), INDICATOR=bool(indicator),
-                      PRECISION=input_precision if q.dtype == torch.float32 else "ieee",
+                      PRECISION=input_precision if q.dtype == torch.float32 else "tf32",  # the dot default; ignored for bf16/fp16
                       UPCAST=INTERPRET and q.dtype != torch.float32)
     return sequences, tokens, args, constexprs
 
