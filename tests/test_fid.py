@@ -106,8 +106,12 @@ def test_extractor_from_an_sdt_train_run(classifier_run: Path, fake_fmnist: Path
     bare.write_bytes((classifier_run / "best.safetensors").read_bytes())
     with pytest.raises(ConfigError, match="pass the model name too"):
         in_domain_extractor(checkpoint=str(bare))
-    with pytest.raises(DataError, match="normalisation it was trained with is unknown"):
+    with pytest.raises(CheckpointError, match="does not fit this model"):  # the run's model.kwargs are not in a bare file
         in_domain_extractor("sdt_h_nano", str(bare))
+    grey = tmp_path / "grey.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("sdt_h_nano", in_chans=1, num_classes=10).state_dict().items()}, grey)
+    with pytest.raises(DataError, match="normalisation it was trained with is unknown"):
+        in_domain_extractor("sdt_h_nano", str(grey))
 
 
 def test_extractor_of_another_model_is_refused(fake_fmnist: Path, tmp_path: Path, capsys):

@@ -16,7 +16,6 @@ Weights are never downloaded and never unpickled with code: every file goes thro
 An FID is only comparable with the same extractor, sample count and reference split: ``FidResult``
 prints all three.
 """
-import difflib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,12 +85,10 @@ class ClassifierFeatures(nn.Module):
 def _known_model(name: str) -> str:
     """The architecture of a timm model name[.tag], or a ``ConfigError`` suggesting close names."""
     import sdt  # noqa: F401  (registers the models)
+    from .train import check_model_name
 
-    arch = name.split(".")[0]
-    if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
-        raise ConfigError(f"unknown extractor model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
-    return arch
+    check_model_name(name)
+    return name.split(".")[0]
 
 
 def _weights_in_run(checkpoint: str) -> Tuple[Path, Optional[Path]]:
