@@ -18,7 +18,7 @@ from conftest import tiny_overrides
 from sdt.cli import main
 from sdt.config import ConfigError
 from sdt.checkpoints import CheckpointError, checkpoint_dirs, load_train_state, load_weights
-from sdt.engine import DistInfo, EngineConfig, check_engine_config
+from sdt.engine import DistInfo, EngineConfig, check_engine_config, lock_run_folder, unlock_run_folder
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -134,6 +134,38 @@ def test_existing_run_is_never_overwritten_and_bad_checkpoints_are_named(fake_fm
         load_train_state(last)
     assert main(["train", "--output", str(tmp_path / "empty"), "--resume"]) == 2
     assert "holds no run" in capsys.readouterr().err
+
+
+def test_a_run_folder_is_locked_while_a_process_uses_it_and_orphaned_temp_folders_go(fake_fmnist: Path, tmp_path: Path,
+                                                                                       capsys):
+    run, fresh = tmp_path / "run", tmp_path / "fresh"
+    overrides = tiny_overrides(fake_fmnist, **{"engine.epochs": "1"})
+    assert main(_train_args(run, overrides)) == 0
+    fresh.mkdir()
+    lock_run_folder(run)  # this process now holds both folders, as a live run would
+    lock_run_folder(fresh)
+    try:
+        before = _snapshot(run)
+        for args in (["train", "--output", str(run), "--resume"], _train_args(fresh, overrides)):
+            other = _sdt(args)
+            out, _ = other.communicate(timeout=300)
+            assert other.returncode == 2, out
+            assert f"is in use by another sdt run (pid {os.getpid()} on " in out and "Traceback" not in out, out
+        assert _snapshot(run) == before and not (fresh / "config.yaml").exists()
+    finally:
+        unlock_run_folder(run)
+        unlock_run_folder(fresh)
+    # a save killed mid-way leaves a temp folder: the next start removes it, under the lock
+    orphan = run / "checkpoints" / ".tmp-step-00000011-99999"
+    orphan.mkdir()
+    save_file({"w": torch.zeros(1000)}, str(orphan / "model.safetensors"))
+    capsys.readouterr()
+    assert main(["train", "--output", str(run), "--resume"]) == 0
+    assert "removed 1 temp checkpoint folder(s) left by an interrupted save: .tmp-step-00000011-99999" in capsys.readouterr().err
+    assert not orphan.exists()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert len(steps) == len(set(steps))
 
 
 def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(fake_fmnist: Path, tmp_path: Path):

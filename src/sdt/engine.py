@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -39,10 +40,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .checkpoints import (CheckpointError, atomic_path, atomic_write, find_last_checkpoint, load_into, load_train_state,
-                          load_weights, prune_checkpoints, save_weights, write_checkpoint)
+                          load_weights, prune_checkpoints, remove_temp_checkpoints, save_weights, write_checkpoint)
 from .checkpoints import checkpoint_dirs  # noqa: F401  (still imported from here by generate.py and experiments/)
 from .config import ConfigError
 from .data import Batch, collate
+from .errors import SdtError
 
 _logger = logging.getLogger("sdt")
 
@@ -604,6 +606,44 @@ class Trainer:
                 "train_images_per_s": self.train_images / max(self.train_seconds, 1e-9)}
 
 
+RUN_LOCK = "run.lock"
+_held_locks: Dict[Path, Any] = {}  # run folder -> open lock file, for the runs of this process
+
+
+def lock_run_folder(output_dir: Path) -> None:
+    """Take the run folder's exclusive lock (``fcntl.flock`` on ``<run>/run.lock``, which holds the
+    owner's PID and host), or raise a ``ConfigError`` naming the process that holds it. The OS drops
+    the lock when its process ends, however it ends. A no-op where ``fcntl`` does not exist (Windows)."""
+    key = Path(output_dir).resolve()
+    if key in _held_locks:
+        return
+    try:
+        import fcntl
+    except ImportError:
+        return
+    lock_file = open(key / RUN_LOCK, "a+")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.seek(0)
+        holder = lock_file.read().strip() or "another process"
+        lock_file.close()
+        raise ConfigError(f"{output_dir} is in use by another sdt run ({holder}); wait for it to finish or stop it, "
+                          f"then retry (or choose another --output)") from None
+    lock_file.seek(0)
+    lock_file.truncate()
+    lock_file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock_file.flush()
+    _held_locks[key] = lock_file
+
+
+def unlock_run_folder(output_dir: Path) -> None:
+    """Release the lock ``lock_run_folder`` took (the file stays; it is free again)."""
+    lock_file = _held_locks.pop(Path(output_dir).resolve(), None)
+    if lock_file is not None:
+        lock_file.close()
+
+
 def check_output_dir(output_dir: Path, resume: bool) -> None:
     """A new run needs a new (or empty) folder, so an earlier run's files are never overwritten;
     a resumed run needs the folder of a run."""
@@ -611,7 +651,7 @@ def check_output_dir(output_dir: Path, resume: bool) -> None:
     if resume:
         if not (output_dir / "config.yaml").is_file():
             raise CheckpointError(f"--resume: {output_dir} holds no run (config.yaml is missing)")
-    elif output_dir.exists() and any(output_dir.iterdir()):
+    elif output_dir.exists() and any(p.name != RUN_LOCK for p in output_dir.iterdir()):
         raise ConfigError(f"{output_dir} already holds files; pass --resume to continue that run, "
                           f"or choose a new --output folder")
 
@@ -644,17 +684,49 @@ def resolve_run(config_class: type, cfg: Any, output_dir: Optional[str], resume:
     return cfg, info, Path(output_dir), resume_from
 
 
-def start_run(cfg: Any, out: Path, info: DistInfo, resumed: bool) -> None:
-    """After every check has passed: refuse a folder that holds another run, write ``config.yaml``
-    (new runs), start logging. All ranks call it; only rank 0 writes."""
+class RunHandle:
+    """What ``start_run`` returns: ``with start_run(...):`` releases the run folder's lock at the end
+    of the block; without ``with`` the lock is held until the process ends."""
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def __enter__(self) -> "RunHandle":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        unlock_run_folder(self.out)
+
+
+def start_run(cfg: Any, out: Path, info: DistInfo, resumed: bool) -> RunHandle:
+    """After every check has passed: lock the run folder (held until the end of ``with start_run(...):``),
+    refuse a folder that holds another run, remove the temp folders of saves killed mid-way, write
+    ``config.yaml`` (new runs), start logging. All ranks call it; only rank 0 touches the folder, and
+    an error there is raised on every rank."""
     from .config import save_config
 
-    check_output_dir(out, resumed)
+    check_output_dir(out, resumed)  # refuse before touching anything
+    error, removed = None, []
+    if info.is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            lock_run_folder(out)
+            check_output_dir(out, resumed)  # again under the lock: another run may have started in between
+            removed = remove_temp_checkpoints(out)
+            if not resumed:
+                save_config(cfg, out / "config.yaml")
+        except SdtError as e:
+            unlock_run_folder(out)
+            error = e
     if info.distributed:
-        dist.barrier()  # every rank has checked the folder before rank 0 writes to it
-    if info.is_main and not resumed:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    if info.distributed:
-        dist.barrier()
+        box = [None if error is None else str(error)]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None and error is None:
+            error = ConfigError(box[0])
+    if error is not None:
+        raise error
     setup_logging(out, info.is_main)
+    if removed:
+        _logger.info("removed %d temp checkpoint folder(s) left by an interrupted save: %s",
+                     len(removed), ", ".join(p.name for p in removed))
+    return RunHandle(out)

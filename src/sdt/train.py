@@ -243,36 +243,36 @@ def train(cfg: TrainConfig, output_dir: Optional[str] = None, resume: Optional[s
                       workers=cfg.data.workers, resume_from=resume_from,
                       repeated_aug=cfg.data.repeated_aug)
 
-    start_run(cfg, out, info, resume_from is not None)
-    _logger.info("model %s: %.2fM parameters, %.1f MMACs at %s; %d processes on %s; output %s",
-                 cfg.model.name, params / 1e6, flops / 1e6, "x".join(map(str, input_shape[1:])),
-                 info.world_size, info.device, out)
-    _logger.info("data %s: %d train / %d val images", cfg.data.dataset, len(datasets["train"]), len(datasets["val"]))
-    wall_start = time.perf_counter()
-    summary = trainer.fit()
-    train_wall = time.perf_counter() - wall_start
+    with start_run(cfg, out, info, resume_from is not None):  # holds the run folder's lock until the end
+        _logger.info("model %s: %.2fM parameters, %.1f MMACs at %s; %d processes on %s; output %s",
+                     cfg.model.name, params / 1e6, flops / 1e6, "x".join(map(str, input_shape[1:])),
+                     info.world_size, info.device, out)
+        _logger.info("data %s: %d train / %d val images", cfg.data.dataset, len(datasets["train"]), len(datasets["val"]))
+        wall_start = time.perf_counter()
+        summary = trainer.fit()
+        train_wall = time.perf_counter() - wall_start
 
-    # Test: the best validation weights, on the held-out test split.
-    test_split = _test_split(cfg.data)
-    test_set = _datasets(cfg, cfg.model.in_chans, [test_split])[test_split]
-    if info.distributed:
-        dist.barrier()
-    best_path = out / "best.safetensors"
-    load_into(trainer.model, load_weights(best_path), best_path)
-    counts = classification_counts(trainer.model, eval_loader(test_set, trainer.batch_size_per_rank, cfg.data.workers, info),
-                                   cfg.model.num_classes, info)
-    test = summarize(counts)
-    summary.update(model=cfg.model.name, params=params, flops=flops, input_size=cfg.data.input_size,
-                   test_split=test_split, test=test, test_images_per_s=counts["count"] / max(counts["forward_seconds"], 1e-9),
-                   wall_seconds=train_wall, processes=info.world_size)
-    if info.is_main:
-        summary["final_val"] = final_val_metrics(out)
-        plot_curves(out / "metrics.jsonl", out / "curves.png", task.metric)
-        atomic_write(out / "summary.json", json.dumps(summary, indent=2))
-        atomic_write(out / "report.md", render_report(summary, cfg))
-        _logger.info("done: best val top-1 %.2f%% (epoch %d, %s), test top-1 %.2f%%, report %s",
-                     summary["best"]["value"], summary["best"]["epoch"], summary["best"]["source"], test["top1"], out / "report.md")
-    return summary
+        # Test: the best validation weights, on the held-out test split.
+        test_split = _test_split(cfg.data)
+        test_set = _datasets(cfg, cfg.model.in_chans, [test_split])[test_split]
+        if info.distributed:
+            dist.barrier()
+        best_path = out / "best.safetensors"
+        load_into(trainer.model, load_weights(best_path), best_path)
+        counts = classification_counts(trainer.model, eval_loader(test_set, trainer.batch_size_per_rank, cfg.data.workers, info),
+                                       cfg.model.num_classes, info)
+        test = summarize(counts)
+        summary.update(model=cfg.model.name, params=params, flops=flops, input_size=cfg.data.input_size,
+                       test_split=test_split, test=test, test_images_per_s=counts["count"] / max(counts["forward_seconds"], 1e-9),
+                       wall_seconds=train_wall, processes=info.world_size)
+        if info.is_main:
+            summary["final_val"] = final_val_metrics(out)
+            plot_curves(out / "metrics.jsonl", out / "curves.png", task.metric)
+            atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+            atomic_write(out / "report.md", render_report(summary, cfg))
+            _logger.info("done: best val top-1 %.2f%% (epoch %d, %s), test top-1 %.2f%%, report %s",
+                         summary["best"]["value"], summary["best"]["epoch"], summary["best"]["source"], test["top1"], out / "report.md")
+        return summary
 
 
 def render_report(s: Dict[str, Any], cfg: TrainConfig) -> str:
