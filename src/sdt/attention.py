@@ -37,7 +37,6 @@ DECAYS = ("none", "fixed", "learned", "cag", "content")
 ALPHAS = ("learned", "fixed")
 
 
-@register_notrace_function  # builds tensors from the grid size: a leaf for torch.fx
 def rotary_tables(grid: Tuple[int, int], head_dim: int, device: Optional[torch.device] = None) -> Tuple[Tensor, Tensor]:
     """RMT's rotary tables for an H x W grid: position = raster index r * W + c.
 
@@ -70,6 +69,15 @@ def _gate_logits_eager(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     # meta tensors (shape-only FLOP counting) have no autocast state; CPU's is equivalent there
     with torch.autocast(device_type="cpu" if x.device.type == "meta" else x.device.type, enabled=False):
         return F.linear(x.float(), weight.float(), bias.float())
+
+
+# Leaves for torch.fx, in timm's tracer (register_notrace_function) and in plain torch.fx.symbolic_trace
+# (torch.fx.wrap): they branch on the device or on the grid size, so a traced graph calls them and they
+# run eagerly on the actual input. spatial_decay_attention picks its backend per call the same way.
+for _name in ("rotary_tables", "_gate_logits_eager", "spatial_decay_attention"):
+    torch.fx.wrap(_name)
+    register_notrace_function(globals()[_name])
+del _name
 
 
 class DecayGate(nn.Module):

@@ -31,7 +31,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerScale, SelectAdaptivePool2d, trunc_normal_
+from timm.layers import DropPath, LayerScale, SelectAdaptivePool2d, calculate_drop_path_rates, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -272,7 +272,7 @@ class SpatialDecayTransformer(nn.Module):
             _per_stage(values, name, num_stages)
 
         self.stem = Stem(in_chans, embed_dims[0], stem_stride)
-        drop_path_rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        drop_path_rates = calculate_drop_path_rates(drop_path_rate, sum(depths))  # CPU math: works under meta
         self.feature_info = []
         self.stages = nn.Sequential()
         prev_dim, reduction, first_block = embed_dims[0], stem_stride, 0
