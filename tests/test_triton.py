@@ -102,7 +102,7 @@ def assert_matches_reference(q, k, v, rates, grid, distance="manhattan", tol=F32
 def test_kernels_in_an_interpreter_subprocess():
     """This file's kernel tests in a fresh process with TRITON_INTERPRET=1 (see the module docstring)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    selection = "not cuda and not interpreter_subprocess"
+    selection = "not cuda and not interpreter_subprocess and not hopper"  # those two run in this process
     result = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-m", "not slow",
                              "-k", selection], env=env, capture_output=True, text=True, timeout=1200)
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
@@ -285,6 +285,55 @@ def test_cpu_tensors_without_the_interpreter_get_a_clear_error(monkeypatch):
     x = torch.zeros(1, 4, 16)
     with pytest.raises(RuntimeError, match="need CUDA tensors and these are on cpu.*TRITON_INTERPRET=1"):
         triton_forward(x, x, x, torch.zeros(1, 4), 2, 2, False)
+
+
+HOPPER_SHARED_BYTES = 227 * 1024  # the most shared memory one H100/H200 block may use
+
+
+def compile_for_hopper() -> None:
+    """Compile the GPU kernels for sm_90 ahead of time (no GPU needed; ptxas ships with triton): the
+    largest config of each table for bf16 d 64, and float32 "ieee" d 16 with the indicator and no
+    rate gradient. Catches what the interpreter cannot: typing, layouts and shared memory."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    assert not sdt_triton.INTERPRET
+    kernels = [(sdt_triton._forward_kernel, sdt_triton.FORWARD_TABLE),
+               (sdt_triton._backward_key_kernel, sdt_triton.KEY_PASS_TABLE),
+               (sdt_triton._backward_query_kernel, sdt_triton.QUERY_PASS_TABLE)]
+    for dtype, dim, precision, indicator, rates_grad in (("bf16", 64, "tf32", False, True),
+                                                         ("fp32", 16, "ieee", True, False)):
+        for kernel, table in kernels:
+            fn = kernel.fn  # the JITFunction under the autotuner
+            block_m, block_n, warps, stages = table[0]
+            constants = dict(HEAD_DIM=dim, D_PAD=max(16, dim), INDICATOR=indicator, PRECISION=precision,
+                             UPCAST=False, RATES_GRAD=rates_grad, BLOCK_M=block_m, BLOCK_N=block_n)
+            constants = {name: value for name, value in constants.items() if name in fn.arg_names}
+            signature = {}
+            for name in fn.arg_names:
+                if name in constants:
+                    signature[name] = "constexpr"
+                elif name[0].isupper():  # tensors: q, k, v and their gradients in the input dtype
+                    signature[name] = "*fp32" if name in ("R", "Lse", "Delta", "DRateCols", "DRates") else "*" + dtype
+                else:
+                    signature[name] = "fp32" if name == "scale" else "i32"
+            compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
+                                      options={"num_warps": warps, "num_stages": stages})
+            assert 0 < compiled.metadata.shared <= HOPPER_SHARED_BYTES, (fn.__name__, compiled.metadata.shared)
+
+
+def test_kernels_compile_for_hopper_without_a_gpu():
+    if not sdt_triton.INTERPRET:
+        compile_for_hopper()
+        return
+    # the interpreter's kernels cannot be compiled: a fresh process that imports triton first
+    code = ("import sys, triton\nsys.path.insert(0, sys.argv[1])\nimport test_triton\n"
+            "test_triton.compile_for_hopper()\nprint('compiled')")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__))], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
 
 
 # ---- on a GPU only ------------------------------------------------------------------------------
