@@ -3,6 +3,7 @@ after SIGKILL, and 2-process DDP against 1 process."""
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -229,6 +230,41 @@ def test_two_processes_reach_the_weights_of_one(fake_fmnist: Path, tmp_path: Pat
     va, vb = _val_records(one)[-1], _val_records(two)[-1]
     assert va["top1"] == vb["top1"] and va["loss"] == pytest.approx(vb["loss"], abs=1e-5)
     assert "2 processes" in (two / "train.log").read_text()
+
+
+_VIT = {"model.name": "vit_tiny_patch16_224", "model.drop_path_rate": "null",
+        "model.kwargs": "{img_size: 16, patch_size: 4, embed_dim: 16, depth: 1, num_heads: 1}"}
+
+
+def test_gradient_accumulation_matches_the_full_batch(fake_fmnist: Path, tmp_path: Path):
+    # batch 64 in one pass vs 4 micro-batches of 16 (a LayerNorm model: no batch statistics); 2 epochs x 2 steps
+    overrides = {**_VIT, "engine.batch_size": "64", "engine.ema_decay": "0.9", "aug.reprob": "0.25", "engine.clip_grad": "1.0"}
+    full, accum = tmp_path / "full", tmp_path / "accum"
+    assert main(_train_args(full, tiny_overrides(fake_fmnist, **overrides))) == 0
+    assert main(_train_args(accum, tiny_overrides(fake_fmnist, **overrides, **{"engine.grad_accum_steps": "4"}))) == 0
+    a, b = _final_weights(full), _final_weights(accum)
+    worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    assert worst < 1e-6, worst
+    assert json.loads((accum / "summary.json").read_text())["global_step"] == 4  # optimizer steps, not micro-batches
+    assert [r["step"] for r in _val_records(accum)] == [2, 4]
+
+
+def test_resume_with_gradient_accumulation_is_bitwise_identical(fake_fmnist: Path, tmp_path: Path):
+    # Checkpoints are written at optimizer-step boundaries only, so a resume never starts mid-accumulation.
+    overrides = tiny_overrides(fake_fmnist, **{"engine.grad_accum_steps": "2", "engine.ema_decay": "0.9",
+                                               "model.drop_path_rate": "0.1", "engine.keep_checkpoints": "50"})
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    assert main(_train_args(reference, overrides)) == 0
+    shutil.copytree(reference, resumed)
+    for later in checkpoint_dirs(resumed)[1:]:  # back to step 3 of 10, mid-epoch 1, as if killed there
+        shutil.rmtree(later)
+    for name in ("best.safetensors", "summary.json", "report.md"):
+        (resumed / name).unlink()
+    assert [p.name for p in checkpoint_dirs(resumed)] == ["step-00000003"]
+    assert main(["train", "--output", str(resumed), "--resume"]) == 0
+    a, b = _final_weights(reference), _final_weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    assert _val_records(reference) == _val_records(resumed)
 
 
 @pytest.mark.parametrize("change, message", [

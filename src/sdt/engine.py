@@ -407,7 +407,9 @@ class Trainer:
         self.cfg, self.task, self.dist, self.output_dir = cfg, task, dist_info, Path(output_dir)
         self.train_set, self.val_set, self.workers, self.repeated_aug = train_set, val_set, workers, repeated_aug
         check_engine_config(cfg, dist_info, len(train_set), model)
-        self.batch_size_per_rank = cfg.batch_size // dist_info.world_size
+        # an optimizer step takes batch_size images: grad_accum_steps micro-batches on each process
+        self.step_batch_per_rank = cfg.batch_size // dist_info.world_size
+        self.batch_size_per_rank = self.step_batch_per_rank // cfg.grad_accum_steps  # images per forward pass
         self.steps_per_epoch = len(train_set) // cfg.batch_size
 
         state = load_train_state(resume_from) if resume_from is not None else None
@@ -439,6 +441,7 @@ class Trainer:
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[dist_info.local_rank] if dist_info.device.type == "cuda" else None)
+        self.ddp = model if dist_info.distributed else None
         self.train_model = torch.compile(model) if cfg.compile else model
         self.model = unwrap(model)
         self.resume_step = self.global_step if state is not None else None
@@ -492,13 +495,29 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.dist.device.type, dtype=torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16)
 
-    def _train_step(self, batch: Batch) -> Tensor:
-        batch = Batch(batch.images.to(self.dist.device, non_blocking=True),
-                      batch.targets.to(self.dist.device, non_blocking=True), batch.skipped)
-        with self._autocast():
-            loss = self.task.loss(self.train_model, batch)
+    def _usable(self, window: List[Batch]) -> List[Batch]:
+        """The micro-batches of one step that every process can train on. A process whose micro-batch
+        lost all its images (unreadable files) cannot join that backward pass's gradient all-reduce,
+        so all processes drop that micro-batch together instead of waiting for each other forever."""
+        has_images = torch.tensor([len(b.images) > 0 for b in window], dtype=torch.int32, device=self.dist.device)
+        if self.dist.distributed:
+            dist.all_reduce(has_images, op=dist.ReduceOp.MIN)
+        return [b for b, ok in zip(window, has_images.tolist()) if ok]
+
+    def _train_step(self, window: List[Batch]) -> Tensor:
+        """One optimizer step on the micro-batches of ``window``: their mean loss's gradients are
+        accumulated, and DDP all-reduces them once, in the last backward pass (``no_sync`` before)."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        total = torch.zeros((), device=self.dist.device)
+        for i, batch in enumerate(window):
+            batch = Batch(batch.images.to(self.dist.device, non_blocking=True),
+                          batch.targets.to(self.dist.device, non_blocking=True), batch.skipped)
+            last = i == len(window) - 1
+            with nullcontext() if last or self.ddp is None else self.ddp.no_sync():
+                with self._autocast():
+                    loss = self.task.loss(self.train_model, batch) / len(window)
+                self.scaler.scale(loss).backward()
+            total += loss.detach().float()
         if self.cfg.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
@@ -506,7 +525,7 @@ class Trainer:
         self.scaler.update()
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step)
-        return loss.detach()
+        return total
 
     def evaluate(self) -> Dict[str, float]:
         """Validation metrics of the model and, if there is one, of its EMA (keys prefixed ``ema_``)."""
@@ -532,7 +551,7 @@ class Trainer:
     def fit(self) -> Dict[str, Any]:
         cfg, info = self.cfg, self.dist
         logger = MetricsLogger(self.output_dir, info.is_main, self.resume_step)
-        sampler = ResumableSampler(self.train_set, info, cfg.seed, self.batch_size_per_rank, self.repeated_aug)
+        sampler = ResumableSampler(self.train_set, info, cfg.seed, self.step_batch_per_rank, self.repeated_aug)
         loader = DataLoader(self.train_set, batch_size=self.batch_size_per_rank, sampler=sampler, drop_last=True,
                             num_workers=self.workers, collate_fn=collate, generator=torch.Generator(),
                             pin_memory=info.device.type == "cuda")
@@ -556,13 +575,15 @@ class Trainer:
                                info.is_main, initial=self.step_in_epoch * images_per_step)
             loss_sum, loss_count, interval_start = torch.zeros((), device=info.device), 0, time.perf_counter()
             tick = time.perf_counter()
-            for batch in loader:
-                if len(batch.images) == 0:  # every image of this batch was unreadable
-                    skipped_total += batch.skipped
-                    self.step_in_epoch += 1
-                    continue
-                loss = self._train_step(batch)
+            micro_batches = iter(loader)  # at least grad_accum_steps x the steps left in this epoch
+            while self.step_in_epoch < self.steps_per_epoch:
+                window = [next(micro_batches) for _ in range(cfg.grad_accum_steps)]
+                skipped_total += sum(b.skipped for b in window)
+                usable = self._usable(window)
                 self.step_in_epoch += 1
+                if not usable:  # every micro-batch of this step lost all its images on some process
+                    continue
+                loss = self._train_step(usable)
                 self.global_step += 1
                 self.scheduler.step_update(num_updates=self.global_step)
                 now = time.perf_counter()
@@ -570,11 +591,10 @@ class Trainer:
                 self.train_images += images_per_step
                 loss_sum += loss.float()
                 loss_count += 1
-                skipped_total += batch.skipped
                 bar.update(images_per_step)
                 if self.global_step % cfg.log_every_steps == 0 or self.step_in_epoch == self.steps_per_epoch:
                     stats = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(skipped_total), device=info.device)]), info)
-                    mean_loss = stats[0].item() / (loss_count * info.world_size)
+                    mean_loss = stats[0].item() / (max(loss_count, 1) * info.world_size)
                     elapsed = time.perf_counter() - interval_start
                     lr = self.optimizer.param_groups[0]["lr"]
                     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
