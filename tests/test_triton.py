@@ -287,6 +287,44 @@ def test_cpu_tensors_without_the_interpreter_get_a_clear_error(monkeypatch):
         triton_forward(x, x, x, torch.zeros(1, 4), 2, 2, False)
 
 
+def test_launches_bind_to_the_kernel_signatures(monkeypatch):
+    """Every launch passes exactly the kernel's arguments (the interpreter drops unknown keywords that a
+    GPU launch rejects); the kernels are recorded here, not run, so this holds without a GPU too."""
+    import inspect
+
+    from triton.runtime.autotuner import Autotuner
+
+    launched = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+            fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+            self.signature = inspect.signature(fn.fn)
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                kwargs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+                if isinstance(self.kernel, Autotuner):  # its configs supply the block sizes
+                    assert "BLOCK_M" not in kwargs
+                    kwargs.update(BLOCK_M=32, BLOCK_N=32)
+                self.signature.bind(*args, **kwargs)  # raises on a missing or unknown argument
+                launched.append(self.kernel)
+            return launch
+
+    names = ("_forward_kernel", "_delta_kernel", "_backward_key_kernel", "_backward_query_kernel")
+    for name in names:
+        monkeypatch.setattr(sdt_triton, name, Recorder(getattr(sdt_triton, name)))
+    monkeypatch.setattr(sdt_triton, "INTERPRET", True)  # CPU tensors pass the device check
+    q, k, v, rates = (t.cpu() for t in make_inputs(1, 2, (3, 4), 16, (1, 2, 12)))
+    q, k, v = (t.reshape(2, 12, 16) for t in (q, k, v))
+    rates = rates.reshape(2, 12)
+    out, lse = triton_forward(q, k, v, rates, 3, 4, False)
+    for rates_grad in (True, False):
+        triton_backward(q, q, k, v, out, rates, lse, 3, 4, False, rates_grad=rates_grad)
+    assert len(launched) == 7
+
+
 HOPPER_SHARED_BYTES = 227 * 1024  # the most shared memory one H100/H200 block may use
 
 

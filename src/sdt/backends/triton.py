@@ -33,7 +33,7 @@ configuration, ``FIXED_CONFIG``, is used instead: autotuning there would run eve
 The tables are educated guesses (FlashAttention-2's Triton tutorial uses 128 x 64 forward tiles,
 and 32 x 128 / 128 x 32 for the two backward passes) and have not been measured on a GPU yet.
 """
-import math
+import contextlib
 import os
 from typing import Optional, Tuple
 
@@ -273,14 +273,17 @@ def _grid(sequences: int, tokens: int, block: str):
     return lambda meta: (sequences, triton.cdiv(tokens, meta[block]))
 
 
-def _launch(kernel, grid, *args, **constexprs) -> None:
-    if FIXED_CONFIG is None:
+def _launch(kernel, grid, *args, tuned: bool = True, **constexprs) -> None:
+    """kernel[grid](*args, **constexprs) on the tensors' device; a tuned kernel gets FIXED_CONFIG if set."""
+    if tuned and FIXED_CONFIG is not None:
+        block_m, block_n, warps, stages = FIXED_CONFIG
+        constexprs.update(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+        if isinstance(kernel, Autotuner):
+            kernel = kernel.fn
+    device = args[0].device
+    # Triton launches on the current device: make it the tensors' (they may be on cuda:1)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         kernel[grid](*args, **constexprs)
-        return
-    block_m, block_n, warps, stages = FIXED_CONFIG
-    if isinstance(kernel, Autotuner):
-        kernel = kernel.fn
-    kernel[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **constexprs)
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, rates: Tensor, height: int, width: int,
@@ -371,8 +374,8 @@ def triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
     sequences, tokens, args, constexprs = _common(q, rates, height, width, indicator, input_precision)
     delta = torch.empty(sequences, tokens, device=q.device, dtype=torch.float32)
     delta_block = 64
-    _delta_kernel[(sequences, triton.cdiv(tokens, delta_block))](out, grad_out, delta, tokens, HEAD_DIM=q.shape[2],
-                                                                 D_PAD=constexprs["D_PAD"], BLOCK=delta_block)
+    _launch(_delta_kernel, (sequences, triton.cdiv(tokens, delta_block)), out, grad_out, delta, tokens,
+            tuned=False, HEAD_DIM=q.shape[2], D_PAD=constexprs["D_PAD"], BLOCK=delta_block)
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if rates_grad:
         rate_cols = torch.empty(sequences, tokens, device=q.device, dtype=torch.float32)
