@@ -22,8 +22,11 @@ ceil(s / 2), and masks and rotary tables are built from each stage's actual grid
 
 The model table (parameters, GFLOPs, papers' numbers) is printed by ``sdt models``.
 """
+import dataclasses
 import os
 import re
+import warnings
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -33,6 +36,7 @@ from torch import Tensor
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerScale, SelectAdaptivePool2d, calculate_drop_path_rates, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models import PretrainedCfg, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 
 from ..attention import DecayGate, SpatialDecayAttention, rotary_tables
@@ -536,7 +540,74 @@ default_cfgs["sdt_h_nano"].tags.remove("")
 default_cfgs["sdt_h_nano"].tags.appendleft("")
 
 
+def _local_weight_shapes(cfg: PretrainedCfg) -> Optional[Dict[str, Tuple[int, ...]]]:
+    """Tensor shapes of the weights ``cfg`` points at when they are local (``state_dict=`` or ``file=``).
+
+    safetensors headers are read without loading the tensors; torch files go through
+    ``sdt.checkpoints.load_weights`` (``weights_only``; a bad file is a ``CheckpointError``). None for
+    remote sources (url, hf-hub) and for local-dir, whose config.json timm writes from the model itself.
+    """
+    from ..checkpoints import load_weights  # not at import time: models/ stays free of file I/O helpers
+
+    if cfg.source in ("hf-hub", "local-dir"):  # timm's own precedence (_resolve_pretrained_source)
+        return None
+    if cfg.state_dict is not None:
+        state = cfg.state_dict
+    elif cfg.file:
+        path = Path(cfg.file)
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            except Exception:  # let the loader name the problem (missing, truncated, not safetensors)
+                load_weights(path)
+                raise
+        state = load_weights(path)
+    else:
+        return None
+    for wrapper in ("state_dict_ema", "model_ema", "state_dict", "model"):  # timm's load_state_dict order
+        if isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, Tensor)}
+
+
+def _cfg_for_local_weights(cfg: PretrainedCfg, kwargs: Dict[str, Any]) -> PretrainedCfg:
+    """Make ``num_classes`` and the input channels of ``cfg`` those of its local weights file.
+
+    timm keeps a checkpoint's classifier only when the model's num_classes equals the cfg's, and
+    adapts the first conv from the cfg's ``input_size[0]`` channels. A file given by
+    ``pretrained_cfg_overlay=dict(file=...)`` keeps the registry cfg (1000 classes, 3 channels),
+    so our own 10-class weights lost their head. Reading both from the file fixes that: its head
+    and channels become the defaults, and a different ``num_classes`` is a fine-tune (fresh head,
+    with a warning).
+    """
+    shapes = _local_weight_shapes(cfg)
+    if shapes is None:
+        return cfg
+    updates: Dict[str, Any] = {}
+    head = shapes.get("head.fc.weight", shapes.get("head.weight"))  # ours, RMT's
+    if (head[0] if head else 0) != cfg.num_classes:
+        updates["num_classes"] = head[0] if head else 0
+    stem = shapes.get("stem.conv.0.weight", shapes.get("patch_embed.proj.0.weight"))
+    if stem is not None and cfg.input_size and stem[1] != cfg.input_size[0]:
+        updates["input_size"] = (stem[1], *cfg.input_size[1:])
+    cfg = dataclasses.replace(cfg, **updates)
+    wanted = kwargs.get("num_classes", cfg.num_classes)
+    if head and wanted != cfg.num_classes and not kwargs.get("features_only"):
+        warnings.warn(
+            f"the pretrained weights have a {cfg.num_classes}-class head and the model {wanted} classes: "
+            f"building a fresh {wanted}-class head (fine-tuning); pass num_classes={cfg.num_classes} to keep it",
+            stacklevel=3)
+    return cfg
+
+
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> SpatialDecayTransformer:
+    if pretrained:
+        cfg = resolve_pretrained_cfg(variant, kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None))
+        kwargs["pretrained_cfg"] = _cfg_for_local_weights(cfg, kwargs)
     return build_model_with_cfg(
         SpatialDecayTransformer, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
