@@ -130,3 +130,29 @@ def test_trains_one_step():
     loss.backward()
     optimizer.step()
     assert torch.count_nonzero(model.final_layer.linear.weight) > 0
+
+
+@pytest.mark.parametrize("attn", list(ATTN_DECAY))
+def test_grad_checkpointing_same_output_and_grads(attn):
+    """set_grad_checkpointing (what engine.grad_checkpointing=true calls) recomputes each block in backward:
+    the same loss and gradients, label dropout included (the RNG is drawn outside the blocks)."""
+    model = _randomize(tiny(attn=attn, learn_sigma=True)).train()
+    x, t, y = torch.randn(3, 1, 16, 16), torch.tensor([3, 400, 999]), torch.tensor([0, 5, 9])
+
+    def loss_and_grads():
+        model.zero_grad()
+        torch.manual_seed(1)
+        out = model(x, t, y)
+        out.pow(2).mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    out, grads = loss_and_grads()
+    model.set_grad_checkpointing()
+    assert model.grad_checkpointing
+    out_ckpt, grads_ckpt = loss_and_grads()
+    torch.testing.assert_close(out_ckpt, out, rtol=0, atol=0)
+    for n in grads:
+        torch.testing.assert_close(grads_ckpt[n], grads[n], rtol=1e-6, atol=1e-7, msg=n)
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if ".attn." in n)
+    model.set_grad_checkpointing(False)
+    assert not model.grad_checkpointing

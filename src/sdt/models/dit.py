@@ -31,6 +31,7 @@ from torch import Tensor
 
 from timm.layers import Mlp, PatchEmbed
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+from timm.models import checkpoint
 
 from ..attention import SpatialDecayAttention
 
@@ -172,7 +173,13 @@ class DiT(nn.Module):
             DiTBlock(hidden_size, num_heads, mlp_ratio, ATTN_DECAY[attn], init_value, heads_range, attn_backend)
             for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.grad_checkpointing = False
         self.initialize_weights()
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward instead of storing them (as timm's models)."""
+        self.grad_checkpointing = enable
 
     def sincos_pos_embed(self, grid: Tuple[int, int]) -> Tensor:
         """Fixed 2D sin-cos embedding for an (H, W) patch grid: (H, W, D)."""
@@ -224,7 +231,10 @@ class DiT(nn.Module):
         x = x + pos.to(x.dtype)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)
         for block in self.blocks:
-            x = block(x, c)
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                x = checkpoint(block, x, c)
+            else:
+                x = block(x, c)
         return self.unpatchify(self.final_layer(x, c))
 
     def forward_with_cfg(self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float) -> Tensor:
