@@ -2,9 +2,12 @@
 
 SDT-H-T, RMT-T and SDT-H-T-full2d with each attention backend (``auto`` picks per layer), beside
 timm's DeiT-S and Swin-T as familiar references. Times are medians over interleaved rounds.
+``--compile`` adds ``torch.compile`` (inductor) rows for the models named with it (compiled before
+timing, in both modes; ``auto`` then runs the fused custom op, as eager does).
 
     PYTHONPATH=src python benchmarks/bench_models.py                 # batch 16, 2 rounds
     PYTHONPATH=src python benchmarks/bench_models.py --batch 4 --rounds 1
+    PYTHONPATH=src python benchmarks/bench_models.py --compile sdt_h_tiny rmt_tiny
 """
 import argparse
 from typing import Callable, Dict, List, Tuple
@@ -29,19 +32,21 @@ MODELS: List[Tuple[str, str, dict]] = [
 ]
 
 
-def step_fns(model: torch.nn.Module, batch: int) -> Tuple[Callable[[], None], Callable[[], None]]:
+def step_fns(model: torch.nn.Module, batch: int,
+             compiled: bool = False) -> Tuple[Callable[[], None], Callable[[], None]]:
     images = torch.randn(batch, 3, 224, 224)
     labels = torch.randint(0, 1000, (batch,))
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    forward = torch.compile(model) if compiled else model
 
     def infer():
         model.eval()
         with torch.no_grad():
-            model(images)
+            forward(images)
 
     def train():
         model.train()
-        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss = torch.nn.functional.cross_entropy(forward(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -55,6 +60,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip", nargs="*", default=[], help="labels to leave out")
+    parser.add_argument("--compile", nargs="*", default=[], metavar="NAME",
+                        help="timm names (of MODELS) to add compiled rows for, e.g. sdt_h_tiny rmt_tiny")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these labels (and the compiled rows)")
     parser.add_argument("--skip-train", nargs="*", default=["sdt_h_tiny_full2d (reference)"],
                         help="labels to time for inference only (default: the materialised full-2D "
                              "reference, whose training step needs tens of GB at batch 16)")
@@ -63,10 +71,14 @@ def main() -> None:
     print(environment(), f"batch {args.batch}, {args.rounds} rounds", flush=True)
     torch.manual_seed(0)
     fns: Dict[str, Dict[str, Callable[[], None]]] = {"infer": {}, "train": {}}
-    for label, name, kwargs in MODELS:
-        if label in args.skip:
-            continue
-        infer, train = step_fns(timm.create_model(name, **kwargs), args.batch)
+    cases = [(label, name, kwargs, False) for label, name, kwargs in MODELS
+             if label not in args.skip and (args.only is None or label in args.only)]
+    cases += [(f"{name} (compiled)", name, {}, True) for name in args.compile]
+    for label, name, kwargs, compiled in cases:
+        infer, train = step_fns(timm.create_model(name, **kwargs), args.batch, compiled)
+        if compiled:  # compile both graphs (eval and train) before anything is timed
+            infer()
+            train()
         fns["infer"][label] = infer
         if label not in args.skip_train:
             fns["train"][label] = train
