@@ -3,7 +3,8 @@
 Shapes: each SDT-H-T stage at 224x224 (batch 8), a DiT shape (batch 32, 6 heads, d 64, 16x16)
 and the first three nano stages on 28x28 images (batch 128; not run by default).
 Cases: plain SDPA without decay (the ceiling), fixed (RMT) decay and CAG decay in the full 2D
-layout with each backend, and both decays in the decomposed layout (``fused`` is CPU-only).
+layout with each backend, and both decays in the decomposed layout (``fused`` runs on CPU only,
+``triton`` on CUDA only; ``--flex`` adds FlexAttention, forward+backward on CUDA).
 Times are medians over interleaved rounds; "x sdpa" is the ratio to plain SDPA in the same run.
 
     PYTHONPATH=src python benchmarks/bench_attention.py                # all shapes
@@ -47,11 +48,13 @@ def layer_cases(q, k, v, fixed, cag, grid, flex: bool, reference_full: bool) -> 
     """case name -> (rates, layout, backend)."""
     cases = {"sdpa (no decay)": (None, "full", "reference")}
     for decay, rates in (("fixed", fixed), ("cag", cag)):
-        backends = (["reference"] if reference_full else []) + ["chunked", "fused"] + (["flex"] if flex else [])
+        backends = ((["reference"] if reference_full else []) + ["chunked", "fused", "triton"]
+                    + (["flex"] if flex else []))
         for backend in backends:
             cases[f"{decay} full / {backend}"] = (rates, "full", backend)
         cases[f"{decay} decomposed / reference"] = (rates, "decomposed", "reference")
         cases[f"{decay} decomposed / fused"] = (rates, "decomposed", "fused")
+        cases[f"{decay} decomposed / triton"] = (rates, "decomposed", "triton")
         if decay == "cag":
             cases[f"{decay} decomposed / chunked"] = (rates, "decomposed", "chunked")
     return cases
@@ -80,6 +83,7 @@ def bench_shape(name: str, rounds: int, flex: bool, reference_full: bool, device
     for train in (False, True):
         runnable = {case: runner(q, k, v, spec[0], grid, spec[1], spec[2], train=train) for case, spec in cases.items()
                     if not (spec[2] == "fused" and device != "cpu")
+                    and not (spec[2] == "triton" and device != "cuda")
                     and not (train and spec[2] == "flex" and device == "cpu")}
         times = interleaved_medians(runnable, rounds, device=device)
         for case, fn in runnable.items():

@@ -48,7 +48,8 @@ def speed_row(name: str, repeats: int) -> list:
                 times.append(time.perf_counter() - start)
     e, c = statistics.median(eager) * 1e3, statistics.median(comp) * 1e3
     diff = (out_compiled - out_eager).abs().max().item()
-    return [f"`{name}`", f"{batch} x {size}", f"{e:.1f}", f"{c:.1f}", f"{e / c:.2f}x", f"{compile_s:.0f}", f"{diff:.1e}"]
+    return [f"`{name}`", f"{batch} x {size}", f"{e:.1f}", f"{c:.1f}", f"{e / c:.2f}x", f"{compile_s:.0f}",
+            f"{diff:.1e}"]
 
 
 def memory_rows(size: int) -> list:

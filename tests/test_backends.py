@@ -356,7 +356,8 @@ def _flex_joint_graphs(monkeypatch, score_mod_factory, q, k, v, rates, grid):
     batch, heads, tokens, _ = q.shape
 
     def attend(q, k, v, rates):
-        return flex_attention(q, k, v, score_mod=score_mod_factory(rates.expand(batch, heads, tokens), grid, "manhattan"))
+        score_mod = score_mod_factory(rates.expand(batch, heads, tokens), grid, "manhattan")
+        return flex_attention(q, k, v, score_mod=score_mod)
 
     torch._dynamo.reset()
     out = torch.compile(attend, backend=backend, fullgraph=True)(q, k, v, rates)

@@ -6,13 +6,13 @@ full or the decomposed layout by ``_layout.attend`` (the row and column passes a
 1 x W and 1 x H sequences through the same kernel); they compute the same result and differ in
 speed, memory and where they run.
 
-| backend     | where                                  | memory (full layout)      | notes                                    |
-|-------------|----------------------------------------|---------------------------|------------------------------------------|
-| reference   | everywhere; TorchScript, fx, ONNX      | O(B n L^2) bias (+ grads) | materialised bias + SDPA; ground truth   |
-| chunked     | CPU and GPU, forward and backward      | O(B n chunk L)            | exact; custom autograd, query chunks     |
-| fused       | CPU, forward and backward              | O(threads * 2^17)         | C++ kernel built on first use            |
-| triton      | CUDA, forward and backward             | O(B n L)                  | Triton kernels (``triton.py``)           |
-| flex        | forward CPU/GPU, backward GPU only     | O(B n L d)                | FlexAttention score_mod, compiled        |
+| backend   | where                              | memory (full layout)      | notes                                  |
+|-----------|------------------------------------|---------------------------|----------------------------------------|
+| reference | everywhere; TorchScript, fx, ONNX  | O(B n L^2) bias (+ grads) | materialised bias + SDPA; ground truth |
+| chunked   | CPU and GPU, forward and backward  | O(B n chunk L)            | exact; custom autograd, query chunks   |
+| fused     | CPU, forward and backward          | O(threads * 2^17)         | C++ kernel built on first use          |
+| triton    | CUDA, forward and backward         | O(B n L)                  | Triton kernels (``triton.py``)         |
+| flex      | forward CPU/GPU, backward GPU only | O(B n L d)                | FlexAttention score_mod, compiled      |
 
 ``fused`` and ``triton`` are one custom op, ``sdt::spatial_decay_attention`` (``ops.py``), with
 its autograd and a fake implementation: ``torch.compile`` traces models through it with no graph
