@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List
 
-from sdt.engine import checkpoint_dirs
+from sdt.checkpoints import checkpoint_dirs
 
 VARIANTS = ("none", "fixed", "learned", "content", "cag")
 DESCRIPTIONS = {

@@ -20,7 +20,7 @@ import sdt  # noqa: F401  (registers the models)
 from sdt.attention import SpatialDecayAttention
 from sdt.config import load_config
 from sdt.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist_tensors
-from sdt.engine import load_weights
+from sdt.checkpoints import load_weights
 from sdt.train import TrainConfig
 
 

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List
 
-from sdt.engine import checkpoint_dirs
+from sdt.checkpoints import checkpoint_dirs
 
 if TYPE_CHECKING:
     import torch

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .checkpoints import (CheckpointError, atomic_path, atomic_write, find_last_checkpoint, load_into, load_train_state,
                           load_weights, prune_checkpoints, remove_temp_checkpoints, save_weights, write_checkpoint)
-from .checkpoints import checkpoint_dirs  # noqa: F401  (still imported from here by generate.py and experiments/)
+from .checkpoints import checkpoint_dirs  # noqa: F401  (still imported from here by tests/test_generate.py)
 from .config import ConfigError
 from .data import Batch, collate
 from .errors import SdtError
