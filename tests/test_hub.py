@@ -78,3 +78,148 @@ def test_overlay_file_that_is_not_weights_is_a_clear_error(tmp_path):
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         timm.create_model("sdt_h_nano", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+# ---------------------------------------------------------------------------------------------
+# export_run_to_hub: a finished (seconds-long) training run
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from conftest import tiny_overrides, write_fake_fashion_mnist
+    from sdt.cli import main
+
+    root = tmp_path_factory.mktemp("hub_run")
+    data = write_fake_fashion_mnist(root / "fmnist")
+    run = root / "run"
+    overrides = tiny_overrides(data, **{"engine.epochs": "1", "data.crop_pct": "0.875", "data.interpolation": "bilinear"})
+    assert main(["train", "--recipe", "quick", "--output", str(run)] + [a for o in overrides for a in ("-o", o)]) == 0
+    return run
+
+
+def _run_model(run):
+    from sdt.checkpoints import load_weights
+    from sdt.config import load_config
+    from sdt.train import TrainConfig, create_model
+
+    cfg = load_config(TrainConfig, str(run / "config.yaml"))
+    model = create_model(cfg.model, cfg.model.num_classes, cfg.model.in_chans)
+    model.load_state_dict(load_weights(run / "best.safetensors"))
+    return cfg, model.eval()
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_run_loads_bit_for_bit_with_the_runs_preprocessing(finished_run, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from sdt.data import FASHION_MNIST_CLASSES, build_transform
+    from sdt.hub import HUB_FILES, export_run_to_hub, is_hub_dir, load_hub_model
+
+    out = export_run_to_hub(finished_run, tmp_path / "hub")
+    assert sorted(p.name for p in out.iterdir()) == sorted(HUB_FILES) and is_hub_dir(out)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
+
+    cfg, run_model = _run_model(finished_run)
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    _assert_same_weights(run_model, loaded)
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), run_model(x))
+
+    config = json.loads((out / "config.json").read_text())
+    pcfg = config["pretrained_cfg"]
+    assert config["architecture"] == "sdt_h_nano" and config["num_classes"] == 10
+    assert config["model_args"]["in_chans"] == 1 and config["model_args"]["embed_dims"] == [8, 16, 16, 16]
+    assert tuple(config["label_names"]) == FASHION_MNIST_CLASSES
+    assert tuple(loaded.pretrained_cfg["label_names"]) == FASHION_MNIST_CLASSES
+    assert pcfg["input_size"] == [1, 16, 16] and pcfg["num_classes"] == 10
+    assert (pcfg["crop_pct"], pcfg["crop_mode"], pcfg["interpolation"]) == (0.875, "center", "bilinear")
+    assert (pcfg["mean"], pcfg["std"]) == ([0.286], [0.353])  # Fashion-MNIST's, as the run normalised
+
+    # timm's data config of the loaded model rebuilds the run's own evaluation transform
+    hub_model, data_config = load_hub_model(out)
+    _assert_same_weights(run_model, hub_model)
+    hub_transform = timm.data.create_transform(**data_config)
+    run_transform = build_transform(cfg.data, None, cfg.model.in_chans)
+    image = Image.fromarray(torch.randint(0, 255, (40, 33), dtype=torch.uint8).numpy(), mode="L")
+    assert torch.equal(hub_transform(image), run_transform(image))
+
+    summary = json.loads((finished_run / "summary.json").read_text())
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: timm" in card
+    assert f"{summary['test']['top1']:.2f}%" in card and f"{summary['best']['value']:.2f}%" in card
+    assert "t-shirt/top" in card and "pretrained=True" in card
+
+
+def test_export_refuses_a_non_empty_folder_unless_overwrite(finished_run, tmp_path):
+    from sdt.config import ConfigError
+    from sdt.hub import export_run_to_hub
+
+    out = tmp_path / "hub"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="already holds files.*overwrite"):
+        export_run_to_hub(finished_run, out)
+    assert _snapshot(out) == {"notes.txt": b"mine"}
+    export_run_to_hub(finished_run, out, overwrite=True)
+    assert not (out / "notes.txt").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hub"]
+    (tmp_path / "empty").mkdir()
+    export_run_to_hub(finished_run, tmp_path / "empty")  # an empty folder is fine
+    with pytest.raises(ConfigError, match="inside the run folder"):
+        export_run_to_hub(finished_run, finished_run / "hub")
+
+
+def test_export_failure_leaves_nothing_half_written(finished_run, tmp_path, monkeypatch):
+    import sdt.hub
+    from sdt.hub import export_run_to_hub
+
+    export_run_to_hub(finished_run, tmp_path / "hub")
+    before = _snapshot(tmp_path / "hub")
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(sdt.hub, "generate_readme", crash)  # after the weights and config.json are written
+    for target, overwrite in ((tmp_path / "new", False), (tmp_path / "hub", True)):
+        with pytest.raises(RuntimeError, match="disk full"):
+            export_run_to_hub(finished_run, target, overwrite=overwrite)
+    assert not (tmp_path / "new").exists()
+    assert _snapshot(tmp_path / "hub") == before  # the old export is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hub"]  # no temp folders
+
+
+def test_export_refuses_an_unfinished_or_busy_run(finished_run, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from sdt.config import ConfigError
+    from sdt.hub import export_run_to_hub
+
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(finished_run, unfinished)
+    (unfinished / "summary.json").unlink()
+    with pytest.raises(ConfigError, match="not a finished sdt train run.*summary.json"):
+        export_run_to_hub(unfinished, tmp_path / "hub")
+    assert not (tmp_path / "hub").exists()
+
+    busy = tmp_path / "busy"
+    shutil.copytree(finished_run, busy)
+    # another process trains in it: a child process holds the run's lock
+    code = ("import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+            "f.write('pid test'); f.flush(); print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(busy / "run.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match="in use by another sdt run"):
+            export_run_to_hub(busy, tmp_path / "hub")
+        assert not (tmp_path / "hub").exists()
+    finally:
+        holder.kill()
+        holder.wait()
