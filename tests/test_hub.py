@@ -92,7 +92,8 @@ def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub_run")
     data = write_fake_fashion_mnist(root / "fmnist")
     run = root / "run"
-    overrides = tiny_overrides(data, **{"engine.epochs": "1", "data.crop_pct": "0.875", "data.interpolation": "bilinear"})
+    overrides = tiny_overrides(data, **{"engine.epochs": "1", "data.crop_pct": "0.875",
+                                        "data.interpolation": "bilinear"})
     assert main(["train", "--recipe", "quick", "--output", str(run)] + [a for o in overrides for a in ("-o", o)]) == 0
     return run
 
@@ -223,3 +224,36 @@ def test_export_refuses_an_unfinished_or_busy_run(finished_run, tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_export_of_a_folder_run_names_classes_from_its_folders(finished_run, tmp_path):
+    """An image-folder run takes its label names from the training folder; when the folder is gone,
+    the error says to pass them, and passed names are used."""
+    import json
+    import shutil
+
+    import yaml
+    from PIL import Image
+
+    from sdt.config import ConfigError
+    from sdt.hub import export_run_to_hub
+
+    data = tmp_path / "images"
+    classes = ["cat", "dog", "eel", "fox", "gnu", "hen", "ibis", "jay", "koi", "lynx"]
+    for name in classes:
+        (data / "train" / name).mkdir(parents=True)
+        Image.new("L", (8, 8)).save(data / "train" / name / "a.png")
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"].update(dataset="folder", data_dir=str(data))
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    out = export_run_to_hub(run, tmp_path / "hub")
+    assert json.loads((out / "config.json").read_text())["label_names"] == classes
+    shutil.rmtree(data)
+    with pytest.raises(ConfigError, match="pass label_names"):
+        export_run_to_hub(run, tmp_path / "hub2")
+    out = export_run_to_hub(run, tmp_path / "hub2", label_names=[c.upper() for c in classes])
+    assert json.loads((out / "config.json").read_text())["label_names"] == [c.upper() for c in classes]
+    with pytest.raises(ConfigError, match="3 label names for a 10-class model"):
+        export_run_to_hub(run, tmp_path / "hub3", label_names=["a", "b", "c"])

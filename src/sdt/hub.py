@@ -35,6 +35,7 @@ from .checkpoints import CheckpointError, load_into, load_weights
 from .config import ConfigError, load_config
 from .data import FASHION_MNIST_CLASSES, build_transform, raw_dataset
 from .engine import lock_run_folder, unlock_run_folder
+from .errors import SdtError
 from .train import TrainConfig, create_model
 
 __all__ = ["export_run_to_hub", "is_hub_dir", "load_hub_model"]
@@ -78,9 +79,9 @@ def _label_names(cfg: TrainConfig, label_names: Optional[Sequence[str]]) -> Tupl
         else:
             try:
                 label_names = raw_dataset(cfg.data, "train", cfg.model.in_chans).classes
-            except Exception as e:
-                raise ConfigError(f"the class names of this run come from its training folder {cfg.data.data_dir}, which "
-                                  f"cannot be read ({e}); pass label_names (one per class, in label order)") from e
+            except (SdtError, OSError) as e:
+                raise ConfigError(f"the class names of this run come from its training folder {cfg.data.data_dir}, "
+                                  f"which cannot be read ({e}); pass label_names (one per class, in label order)") from e
         # a run may have more outputs than the data has classes (model.num_classes); those never trained
         label_names = list(label_names) + [f"unused_{i}" for i in range(len(label_names), num_classes)]
     if len(label_names) != num_classes:

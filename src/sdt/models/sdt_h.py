@@ -606,7 +606,8 @@ def _cfg_for_local_weights(cfg: PretrainedCfg, kwargs: Dict[str, Any]) -> Pretra
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> SpatialDecayTransformer:
     if pretrained:
-        cfg = resolve_pretrained_cfg(variant, kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None))
+        cfg = resolve_pretrained_cfg(
+            variant, kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None))
         kwargs["pretrained_cfg"] = _cfg_for_local_weights(cfg, kwargs)
     return build_model_with_cfg(
         SpatialDecayTransformer, variant, pretrained,
