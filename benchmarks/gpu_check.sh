@@ -47,9 +47,9 @@ fi
 
 if python -c "import pytest" 2>/dev/null; then
   # the Triton kernels: the whole file on the GPU (every rate shape, grid, head dim, bf16, every autotune config)
-  step "${TEST_LIMIT:-200}" "triton tests" python -m pytest tests/test_triton.py -q -m "" -p no:cacheprovider
+  step "${TEST_LIMIT:-150}" "triton tests" python -m pytest tests/test_triton.py -q -m "" -p no:cacheprovider
   # every other CUDA test (backends against the reference on CUDA, models end to end)
-  step "${OTHER_TEST_LIMIT:-90}" "other cuda tests" python -m pytest tests -q -m "" -k cuda -p no:cacheprovider \
+  step "${OTHER_TEST_LIMIT:-60}" "other cuda tests" python -m pytest tests -q -m "" -k cuda -p no:cacheprovider \
     --ignore=tests/test_triton.py --continue-on-collection-errors
 else
   echo "pytest is not installed: tests skipped (pip install -e .[test] needs a network)"
@@ -58,7 +58,7 @@ fi
 
 bench_out=()
 if [ -n "$OUT_DIR" ]; then bench_out=(--out "$OUT_DIR/bench_gpu.md"); fi
-step "${BENCH_LIMIT:-200}" "benchmark" python benchmarks/bench_gpu.py "${bench_out[@]}"
+step "${BENCH_LIMIT:-240}" "benchmark" python benchmarks/bench_gpu.py "${bench_out[@]}"
 echo
 echo "gpu_check: $([ $status -eq 0 ] && echo passed || echo FAILED)"
 exit $status

@@ -98,6 +98,15 @@ def assert_matches_reference(q, k, v, rates, grid, distance="manhattan", tol=F32
         assert relative_error(grad, ref, floor) < tol, f"d{name}: {relative_error(grad, ref, floor):.2e}"
 
 
+@pytest.fixture(autouse=True)
+def one_config_on_the_gpu(request, monkeypatch):
+    """On a GPU the kernel tests outside the ``cuda`` ones use one config of the tables: autotuning
+    each of their many small shapes would compile every config of every kernel (minutes), and
+    test_cuda_every_autotune_config checks each config; the ``cuda`` tests autotune."""
+    if CUDA and "cuda" not in request.node.name:
+        monkeypatch.setattr(sdt_triton, "FIXED_CONFIG", (64, 32, 4, 2))
+
+
 @pytest.mark.skipif(KERNELS_HERE, reason="the kernel tests run in this process")
 def test_kernels_in_an_interpreter_subprocess():
     """This file's kernel tests in a fresh process with TRITON_INTERPRET=1 (see the module docstring)."""
