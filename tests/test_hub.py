@@ -213,9 +213,9 @@ def test_export_refuses_an_unfinished_or_busy_run(finished_run, tmp_path):
     busy = tmp_path / "busy"
     shutil.copytree(finished_run, busy)
     # another process trains in it: a child process holds the run's lock
-    code = ("import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
-            "f.write('pid test'); f.flush(); print('locked', flush=True); time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(busy / "run.lock")], stdout=subprocess.PIPE, text=True)
+    code = ("import sys, time; from pathlib import Path; from sdt.engine import lock_run_folder; "
+            "lock_run_folder(Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(busy)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(ConfigError, match="in use by another sdt run"):
