@@ -143,19 +143,22 @@ def test_a_run_folder_is_locked_while_a_process_uses_it_and_orphaned_temp_folder
     overrides = tiny_overrides(fake_fmnist, **{"engine.epochs": "1"})
     assert main(_train_args(run, overrides)) == 0
     fresh.mkdir()
+    before = _snapshot(run)  # before locking: reading run.lock in the holding process would drop a POSIX lock
     lock_run_folder(run)  # this process now holds both folders, as a live run would
     lock_run_folder(fresh)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.name != "run.lock"}
     try:
-        before = _snapshot(run)
         for args in (["train", "--output", str(run), "--resume"], _train_args(fresh, overrides)):
             other = _sdt(args)
             out, _ = other.communicate(timeout=300)
             assert other.returncode == 2, out
             assert f"is in use by another sdt run (pid {os.getpid()} on " in out and "Traceback" not in out, out
-        assert _snapshot(run) == before and not (fresh / "config.yaml").exists()
+        assert sorted(p.name for p in fresh.iterdir()) == ["run.lock"]
+        assert {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.name != "run.lock"} == mtimes
     finally:
         unlock_run_folder(run)
         unlock_run_folder(fresh)
+    assert {k: v for k, v in _snapshot(run).items() if k != "run.lock"} == {k: v for k, v in before.items() if k != "run.lock"}
     # a save killed mid-way leaves a temp folder: the next start removes it, under the lock
     orphan = run / "checkpoints" / ".tmp-step-00000011-99999"
     orphan.mkdir()

@@ -21,6 +21,7 @@ augmentation is seeded per sample (``sdt.data.ImageSamples``), and the checkpoin
 RNG state of the loop; a run killed mid-epoch and resumed from its last checkpoint therefore
 reproduces the uninterrupted run bitwise on CPU with the same number of processes.
 """
+import errno
 import json
 import logging
 import math
@@ -631,9 +632,12 @@ _held_locks: Dict[Path, Any] = {}  # run folder -> open lock file, for the runs 
 
 
 def lock_run_folder(output_dir: Path) -> None:
-    """Take the run folder's exclusive lock (``fcntl.flock`` on ``<run>/run.lock``, which holds the
-    owner's PID and host), or raise a ``ConfigError`` naming the process that holds it. The OS drops
-    the lock when its process ends, however it ends. A no-op where ``fcntl`` does not exist (Windows)."""
+    """Take the run folder's exclusive lock (a POSIX lock, ``fcntl.lockf``, on ``<run>/run.lock``, which
+    holds the owner's PID and host), or raise a ``ConfigError`` naming the process that holds it. The
+    OS drops the lock when its process ends, however it ends; unlike ``flock``, the lock is not shared
+    with forked children (DataLoader workers), so a killed run's lingering workers do not keep it.
+    POSIX locks are dropped when their process closes *any* descriptor of the file, so nothing in a
+    running process may open run.lock a second time. A no-op where ``fcntl`` does not exist (Windows)."""
     key = Path(output_dir).resolve()
     if key in _held_locks:
         return
@@ -643,8 +647,10 @@ def lock_run_folder(output_dir: Path) -> None:
         return
     lock_file = open(key / RUN_LOCK, "a+")
     try:
-        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
         lock_file.seek(0)
         holder = lock_file.read().strip() or "another process"
         lock_file.close()
