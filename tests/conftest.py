@@ -1,5 +1,6 @@
 """Shared helpers: a tiny fake Fashion-MNIST on disk and a tiny model, so training tests take seconds."""
 import gzip
+import socket
 import struct
 from pathlib import Path
 from typing import List
@@ -13,6 +14,13 @@ TINY_MODEL = [
     "model.drop_path_rate=0.0",
     "data.input_size=16",
 ]
+
+
+def free_port() -> int:
+    """A TCP port free right now, for torchrun's rendezvous (fixed ports collide with other runs)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

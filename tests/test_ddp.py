@@ -2,7 +2,6 @@
 (unreadable files) is dropped by all processes together, with and without gradient accumulation."""
 import multiprocessing
 import os
-import socket
 from pathlib import Path
 from typing import Dict
 
@@ -11,6 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+
+from conftest import free_port
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -68,16 +69,10 @@ def _worker(rank: int, port: int, out: str, accum: int) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("accum", [1, 2])
 def test_a_process_whose_micro_batch_is_all_unreadable_does_not_hang_the_others(tmp_path: Path, accum: int):
     context = multiprocessing.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     workers = [context.Process(target=_worker, args=(rank, port, str(tmp_path), accum)) for rank in range(2)]
     for w in workers:
         w.start()

@@ -11,6 +11,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
+from conftest import free_port
 from sdt.checkpoints import CheckpointError
 from sdt.cli import main
 from sdt.config import ConfigError, load_config
@@ -103,7 +104,7 @@ def test_gen_train_runs_under_torchrun(fake_fmnist: Path, tmp_path: Path):
     run = tmp_path / "ddp"
     args = ["gen-train", "--output", str(run)] + [a for o in _overrides(fake_fmnist, **{"engine.epochs": "1"}) for a in ("-o", o)]
     env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29519",
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
                              "-m", "sdt.cli", *args], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 processes" in (run / "train.log").read_text()

@@ -15,11 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_overrides
+from conftest import free_port, tiny_overrides
 from sdt.cli import main
 from sdt.config import ConfigError
 from sdt.checkpoints import CheckpointError, checkpoint_dirs, load_train_state, load_weights
-from sdt.engine import DistInfo, EngineConfig, check_engine_config, lock_run_folder, unlock_run_folder
+from sdt.config import save_config
+from sdt.engine import DistInfo, EngineConfig, check_engine_config, lock_run_folder, start_run, unlock_run_folder
+from sdt.train import TrainConfig
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -172,6 +174,20 @@ def test_a_run_folder_is_locked_while_a_process_uses_it_and_orphaned_temp_folder
     assert len(steps) == len(set(steps))
 
 
+def test_only_rank_0_judges_the_run_folder(tmp_path: Path):
+    """Under torchrun, rank 0 may have written config.yaml before rank 1 starts: rank 1 must not
+    then call the folder "another run" (CI failed this way in test_gen_train_runs_under_torchrun)."""
+    run = tmp_path / "run"
+    cfg = TrainConfig()
+    run.mkdir()
+    save_config(cfg, run / "config.yaml")  # what rank 0 has already written
+    with start_run(cfg, run, DistInfo(rank=1, world_size=1), resumed=False):
+        pass
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+    with pytest.raises(ConfigError, match="already holds files"):
+        start_run(cfg, run, DistInfo(rank=0, world_size=1), resumed=False)
+
+
 def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(fake_fmnist: Path, tmp_path: Path):
     # 3 epochs x 10 steps, a checkpoint every 3 steps, one loader worker, EMA and augmentation on:
     # every source of randomness the loop has (augmentation, drop path, Mixup, workers) is exercised.
@@ -220,7 +236,7 @@ def test_two_processes_reach_the_weights_of_one(fake_fmnist: Path, tmp_path: Pat
     one, two = tmp_path / "one", tmp_path / "two"
     single = _sdt(_train_args(one, overrides))
     env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1")
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
                           "-m", "sdt.cli", *_train_args(two, overrides)], env=env, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stdout + ddp.stderr
     out, _ = single.communicate(timeout=300)

@@ -731,10 +731,11 @@ def start_run(cfg: Any, out: Path, info: DistInfo, resumed: bool) -> RunHandle:
     an error there is raised on every rank."""
     from .config import save_config
 
-    check_output_dir(out, resumed)  # refuse before touching anything
+    # Only rank 0 judges the folder: another rank may look after rank 0 has written config.yaml.
     error, removed = None, []
     if info.is_main:
         try:
+            check_output_dir(out, resumed)  # refuse before touching anything
             out.mkdir(parents=True, exist_ok=True)
             lock_run_folder(out)
             check_output_dir(out, resumed)  # again under the lock: another run may have started in between
