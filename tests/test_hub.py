@@ -257,3 +257,38 @@ def test_export_of_a_folder_run_names_classes_from_its_folders(finished_run, tmp
     assert json.loads((out / "config.json").read_text())["label_names"] == [c.upper() for c in classes]
     with pytest.raises(ConfigError, match="3 label names for a 10-class model"):
         export_run_to_hub(run, tmp_path / "hub3", label_names=["a", "b", "c"])
+
+
+def test_sdt_eval_of_an_exported_run_matches_eval_of_the_run(finished_run, tmp_path, capsys):
+    """`sdt export-hub` then `sdt eval HUB`: the hub folder's config.json gives the model, the
+    transform and the label names; the result is that of `sdt eval RUN` (same weights, same images)."""
+    import json
+
+    import yaml
+
+    from sdt.cli import main
+    from sdt.data import FASHION_MNIST_CLASSES
+
+    hub = tmp_path / "hub"
+    assert main(["export-hub", str(finished_run), str(hub)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    data_dir = yaml.safe_load((finished_run / "config.yaml").read_text())["data"]["data_dir"]
+    assert main(["eval", str(finished_run), "--output", str(tmp_path / "run-eval")]) == 0
+    assert main(["eval", str(hub), "--data-dir", data_dir, "--output", str(tmp_path / "hub-eval")]) == 0
+    run_eval, hub_eval = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("run-eval", "hub-eval"))
+    assert hub_eval["images"] == run_eval["images"] == 60
+    assert hub_eval["top1"] == run_eval["top1"] and hub_eval["confusion"] == run_eval["confusion"]
+    assert hub_eval["loss"] == run_eval["loss"] and hub_eval["top5"] == run_eval["top5"]  # the same logits
+    assert hub_eval["model"] == "sdt_h_nano" and tuple(hub_eval["per_class"]) == FASHION_MNIST_CLASSES
+    assert main(["eval", str(hub), "--data-dir", data_dir, "--input-size", "20", "--output", str(tmp_path / "e20")]) == 0
+    assert json.loads((tmp_path / "e20" / "eval.json").read_text())["input_size"] == 20
+
+    assert main(["eval", str(hub), "--model", "sdt_h_tiny"]) == 2
+    assert "hub folder" in capsys.readouterr().err
+    assert main(["export-hub", str(finished_run), str(hub)]) == 2  # not empty, no --overwrite
+    err = capsys.readouterr().err
+    assert "already holds files" in err and "Traceback" not in err
+    assert main(["export-hub", str(finished_run), str(hub), "--overwrite", "--label-names", "a,b"]) == 2
+    assert "2 label names for a 10-class model" in capsys.readouterr().err
+    assert main(["export-hub", str(tmp_path / "nope"), str(tmp_path / "h2")]) == 2
+    assert "not a finished sdt train run" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """The ``sdt`` command: a thin layer over the library.
 
     sdt train             train a classifier from a recipe (quick, fashion-mnist, imagenet)
-    sdt eval              evaluate a checkpoint: top-1/top-5, per-class accuracy, confusion matrix
+    sdt eval              evaluate a checkpoint (or a hub folder): top-1/top-5, per-class accuracy, confusion matrix
+    sdt export-hub        a finished training run in timm's hub layout (config.json, model.safetensors, README.md)
     sdt models            the model table (parameters, GFLOPs, the papers' numbers)
     sdt viz               decay / gate / attention maps for a query location
     sdt convert           RMT checkpoint -> rmt_* / sdt_h_* safetensors
@@ -217,6 +218,31 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_export_hub_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export-hub", help="write a finished training run in timm's hub layout (push_to_hf_hub / local-dir:)",
+        description="Write the best weights of a finished 'sdt train' run in timm's Hugging Face hub layout: "
+                    "model.safetensors, config.json (architecture, classes, label names, input size, mean/std, "
+                    "crop) and a README model card with the run's measured metrics. "
+                    "timm.create_model('local-dir:OUT', pretrained=True) and 'sdt eval OUT' load it.")
+    p.add_argument("run", help="run folder of a finished 'sdt train'")
+    p.add_argument("out", help="folder to write (new or empty, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT (the old folder goes once the new one is complete)")
+    p.add_argument("--label-names", default=None, metavar="A,B,...",
+                   help="comma-separated class names in label order (default: the run's dataset's)")
+    p.set_defaults(func=run_export_hub)
+
+
+def run_export_hub(args: argparse.Namespace) -> int:
+    from .hub import export_run_to_hub
+
+    names = None if args.label_names is None else [n.strip() for n in args.label_names.split(",")]
+    out = export_run_to_hub(args.run, args.out, overwrite=args.overwrite, label_names=names)
+    print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))} "
+          f"(load with timm.create_model('local-dir:{out}', pretrained=True) after `import sdt`, or sdt eval {out})")
+    return 0
+
+
 def add_gen_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "gen-train", help="train a class-conditional DiT (vanilla / fixed / cag attention)",
@@ -388,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_viz_parser(subparsers)
     add_convert_parser(subparsers)
     add_export_parser(subparsers)
+    add_export_hub_parser(subparsers)
     add_gen_train_parser(subparsers)
     add_sample_parser(subparsers)
     add_fid_parser(subparsers)
