@@ -7,7 +7,9 @@ import torch.nn.functional as F
 
 from sdt.attention import DECAYS, DecayGate
 from sdt.backends import spatial_decay_attention
-from sdt.decay import decay_rates, decomposed_biases, full_2d_bias, grid_distance, line_distance, rate_logits
+from sdt.decay import (
+    DECAY_VARIANTS, DISTANCES, DecayVariantError, decay_rates, decay_variant, decomposed_biases, full_2d_bias,
+    grid_distance, line_distance, rate_logits)
 
 
 def test_decay_rates_match_rmt_formula():
@@ -106,6 +108,23 @@ def test_gate_starts_at_rmt_decay(decay):
     expected = decay_rates(4, 2, 4).view(1, 4, 1).expand_as(rates)
     assert rates.dtype == torch.float32
     assert torch.allclose(rates, expected, atol=1e-6)
+
+
+def test_decay_variant_table():
+    assert list(DECAY_VARIANTS) == ["none", "fixed", "learned", "cag", "content"]
+    assert all(v.distance in DISTANCES + (None,) for v in DECAY_VARIANTS.values())
+    assert [n for n, v in DECAY_VARIANTS.items() if not v.has_bias] == ["none"]
+    assert [n for n, v in DECAY_VARIANTS.items() if v.token_dependent] == ["cag", "content"]
+    assert [n for n, v in DECAY_VARIANTS.items() if v.distance == "indicator"] == ["content"]
+    assert decay_variant("cag") is DECAY_VARIANTS["cag"]
+
+
+def test_decay_variant_alias_and_unknown_name():
+    assert decay_variant("vanilla") is DECAY_VARIANTS["none"]  # DiT's old name, still in saved configs
+    with pytest.raises(DecayVariantError, match=r"unknown decay 'cga'; choose one of \('none', 'fixed'"):
+        decay_variant("cga")
+    with pytest.raises(ValueError, match="unknown decay None"):
+        decay_variant(None)
 
 
 def test_gate_output_shapes():

@@ -22,13 +22,77 @@ The decomposed form (RMT's "chunkwise" layout) attends along each row with the 1
 
 All results are float32, whatever the input dtype or autocast state, so that long distances
 keep their precision under bf16/fp16 training.
+
+``DECAY_VARIANTS`` is the one table of the variants (name -> token-dependent, learnable,
+distance); ``DecayGate``, DiT, the command line, the config checks and the experiments read it.
 """
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from .errors import SdtError
+
 DISTANCES = ("manhattan", "indicator")
+
+
+class DecayVariantError(SdtError, ValueError):
+    """An unknown decay variant name; the message lists the valid ones."""
+
+
+@dataclass(frozen=True)
+class DecayVariant:
+    """One decay variant.
+
+    Attributes:
+        name: the name used by ``decay=`` (backbones) and ``attn=`` (DiT).
+        token_dependent: rates per token, (B, n, L), from a gate on the input; else per head, (1, n, 1).
+        learnable: has trained parameters (gate bias b and scale alpha; W_g if token-dependent).
+        distance: one of ``DISTANCES``, or None for no decay bias at all.
+        summary: the rate s in one line, for docs and help texts.
+    """
+
+    name: str
+    token_dependent: bool
+    learnable: bool
+    distance: Optional[str]
+    summary: str
+
+    def __post_init__(self) -> None:
+        if self.distance is not None and self.distance not in DISTANCES:
+            raise ValueError(f"distance {self.distance!r} of decay {self.name!r} is not one of {DISTANCES}")
+
+    @property
+    def has_bias(self) -> bool:
+        """False only for "none": the attention then gets no decay bias."""
+        return self.distance is not None
+
+
+DECAY_VARIANTS: Dict[str, DecayVariant] = {v.name: v for v in (
+    DecayVariant("none", False, False, None, "no bias at all (rotary + LCE only; plain DiT attention)"),
+    DecayVariant("fixed", False, False, "manhattan", "lambda_h (RMT), the same for every token"),
+    DecayVariant("learned", False, True, "manhattan", "alpha_h * logsigmoid(b_h), the same for every token"),
+    DecayVariant("cag", True, True, "manhattan", "alpha_h * logsigmoid(x_i W_g + b)_h (SDT)"),
+    DecayVariant("content", True, True, "indicator", "alpha_h * logsigmoid(x_i W_g + b)_h, no spatial prior"),
+)}
+
+# Older names still accepted when read (saved configs, old run folders): DiT used to call "none" "vanilla".
+DECAY_ALIASES: Dict[str, str] = {"vanilla": "none"}
+
+
+def decay_variant(name: str) -> DecayVariant:
+    """The variant called ``name`` (or one of its ``DECAY_ALIASES``).
+
+    Raises:
+        DecayVariantError: unknown name; the message lists the valid names.
+    """
+    variant = DECAY_VARIANTS.get(DECAY_ALIASES.get(name, name)) if isinstance(name, str) else None
+    if variant is None:
+        raise DecayVariantError(
+            f"unknown decay {name!r}; choose one of {tuple(DECAY_VARIANTS)}"
+            + "".join(f"; {alias!r} is read as {canon!r}" for alias, canon in DECAY_ALIASES.items()))
+    return variant
 
 
 def decay_rates(num_heads: int, init_value: float = 2.0, heads_range: float = 4.0) -> Tensor:
@@ -58,7 +122,7 @@ def _distance(delta: Tensor, kind: str) -> Tensor:
         return delta
     if kind == "indicator":
         return (delta > 0).to(delta.dtype)
-    raise ValueError("unknown distance '" + kind + "'; expected 'manhattan' or 'indicator'")
+    raise ValueError(f"unknown distance {kind!r}; choose one of {DISTANCES}")
 
 
 def grid_distance(height: int, width: int, kind: str = "manhattan", device: Optional[torch.device] = None) -> Tensor:
