@@ -16,7 +16,7 @@ from sdt.checkpoints import CheckpointError
 from sdt.cli import main
 from sdt.config import ConfigError, load_config
 from sdt.data import fashion_mnist_tensors
-from sdt.engine import checkpoint_dirs
+from sdt.checkpoints import checkpoint_dirs
 from sdt.fid import ClassifierFeatures, compute_fid, conditional_accuracy, in_domain_extractor, inception_fid
 from sdt.data import DataConfig, DataError
 from sdt.generate import (UNCONDITIONAL, GenConfig, class_labels, generation_transform, load_generator, sample_images,
@@ -59,7 +59,7 @@ def test_gen_train_writes_a_run_and_resume_is_exact(trained_run: Path, fake_fmni
     shutil.copytree(trained_run, copy)
     for later in checkpoint_dirs(copy)[1:]:
         shutil.rmtree(later)
-    train_generator(GenConfig(), str(copy), resume="auto")
+    train_generator(None, str(copy), resume="auto")  # the saved config
     final_a, final_b = checkpoint_dirs(trained_run)[-1], checkpoint_dirs(copy)[-1]
     assert final_a.name == final_b.name
     for name in ("model.safetensors", "ema.safetensors"):
@@ -84,6 +84,11 @@ def test_gen_train_writes_a_run_and_resume_is_exact(trained_run: Path, fake_fmni
     ({"sample.steps": "0"}, ConfigError, "sample.steps must be an integer from 1"),
     ({"sample.cfg_scale": ".nan"}, ConfigError, "sample.cfg_scale must be a finite number"),
     ({"sample.preview_per_class": "-1"}, ConfigError, "sample.preview_per_class must be >= 0"),
+    # the data section is checked as sdt train checks it (these used to fail after config.yaml was written)
+    ({"data.workers": "-1"}, DataError, "data.workers must be >= 0"),
+    ({"data.val_size": "-1"}, DataError, "data.val_size must be >= 0"),
+    ({"data.repeated_aug": "0"}, DataError, "data.repeated_aug must be at least 1"),
+    ({"aug.hflip": "1.5"}, ConfigError, "aug.hflip must be a probability"),
 ])
 def test_bad_gen_configs_fail_before_writing(fake_fmnist: Path, tmp_path: Path, change, error, message):
     with pytest.raises(error, match=message):
@@ -274,7 +279,7 @@ def test_gen_train_with_grad_checkpointing_matches_without(trained_run: Path, fa
 
 
 def test_image_grid_places_images_row_major_with_gaps():
-    from sdt.generate import image_grid
+    from sdt.plots import image_grid
 
     images = torch.arange(1, 7, dtype=torch.uint8).view(6, 1, 1, 1).expand(6, 1, 2, 3).contiguous()  # image i is all i+1
     grid = image_grid(images, rows=2)
@@ -285,3 +290,23 @@ def test_image_grid_places_images_row_major_with_gaps():
     assert (grid[2, :] == 0).all() and (grid[:, 3] == 0).all() and (grid[:, 7] == 0).all()
     rgb = image_grid(torch.full((2, 3, 2, 2), 9, dtype=torch.uint8), rows=1)
     assert rgb.shape == (2, 5, 3) and (rgb[:, 2] == 0).all() and (rgb[:, :2] == 9).all()
+
+
+def test_diffusion_settings_a_user_chooses_are_config_errors():
+    """Objective, sampler and step count reach sdt.diffusion from configs and the API: each bad one is a
+    ConfigError (one line from the CLI), not a bare ValueError."""
+    from sdt.diffusion import create_objective
+
+    y, noise = torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, 2, 2)
+    with pytest.raises(ConfigError, match="unknown objective 'score'"):
+        create_objective("score")
+    with pytest.raises(ConfigError, match="learn_sigma=False"):
+        create_objective("flow", learn_sigma=True)
+    with pytest.raises(ConfigError, match="num_steps must be in \\[1, 1000\\]"):
+        create_objective("ddpm").respace(1001)
+    with pytest.raises(ConfigError, match="does not fit the DDPM objective"):
+        create_objective("ddpm").sample(lambda *a: a[0], noise, y, "heun", num_steps=2)
+    with pytest.raises(ConfigError, match="does not fit flow matching"):
+        create_objective("flow").sample(lambda *a: a[0], noise, y, "ddim", num_steps=2)
+    with pytest.raises(ConfigError, match="num_steps must be >= 1"):
+        create_objective("flow").sample(lambda *a: a[0], noise, y, "euler", num_steps=0)

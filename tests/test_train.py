@@ -296,3 +296,26 @@ def test_engine_settings_that_cannot_work_are_config_errors(change, message):
     cfg = dataclasses.replace(EngineConfig(batch_size=16), **change)
     with pytest.raises(ConfigError, match=message):
         check_engine_config(cfg, DistInfo(rank=0, world_size=2), num_train=100)
+
+
+def test_resume_uses_the_saved_config_and_warns_about_a_different_one(fake_fmnist: Path, tmp_path: Path):
+    """A library caller's cfg is not silently replaced on resume: the same config (or None) resumes
+    quietly, one that sets other values gets a warning naming the keys, and the saved config wins."""
+    import warnings
+
+    from sdt.config import load_config
+    from sdt.train import train
+
+    cfg = load_config(TrainConfig, "quick", tiny_overrides(fake_fmnist, **{"engine.epochs": "1"}))
+    run = tmp_path / "run"
+    steps = train(cfg, str(run))["global_step"]
+    unresolved = load_config(TrainConfig, "quick", tiny_overrides(fake_fmnist, **{"engine.epochs": "1"}))
+    for same in (None, load_config(TrainConfig, str(run / "config.yaml")), unresolved):  # unset num_classes: no change
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert train(same, str(run), resume="auto")["global_step"] == steps
+        assert not [w for w in caught if "saved config.yaml" in str(w.message)]
+    changed = load_config(TrainConfig, "quick", tiny_overrides(fake_fmnist, **{"engine.epochs": "2", "engine.lr": "0.5"}))
+    with pytest.warns(UserWarning, match=r"saved config.yaml.*engine.epochs, engine.lr, which are ignored") as record:
+        assert train(changed, str(run), resume="auto")["global_step"] == steps  # still the saved 1 epoch
+    assert [w.filename for w in record if "saved config.yaml" in str(w.message)] == [__file__]

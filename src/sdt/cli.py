@@ -186,7 +186,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     cfg = _recipe_and_overrides(args, {"model": "model.name", "data_dir": "data.data_dir", "epochs": "engine.epochs",
                                        "batch_size": "engine.batch_size"}, TrainConfig)
-    train(cfg or TrainConfig(), args.output, args.resume)
+    train(cfg, args.output, args.resume)
     return 0
 
 
@@ -297,7 +297,7 @@ def run_gen_train(args: argparse.Namespace) -> int:
                                        "dataset": "data.dataset", "data_dir": "data.data_dir",
                                        "epochs": "engine.epochs", "batch_size": "engine.batch_size"}, GenConfig,
                                  default_recipe="gen-fashion-mnist")
-    train_generator(cfg or GenConfig(), args.output, args.resume)
+    train_generator(cfg, args.output, args.resume)
     return 0
 
 

@@ -16,7 +16,7 @@ import random
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -25,13 +25,13 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from .errors import SdtError
+from .models.sdt_h import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # the shipped .fmnist weights' normalisation
 
 _logger = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat",
                          "sandal", "shirt", "sneaker", "bag", "ankle boot")
-FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 # Errors PIL raises for truncated or corrupt files (SyntaxError: broken PNG/GIF headers).
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -241,6 +241,24 @@ def num_channels(cfg: DataConfig, in_chans: int) -> int:
     return in_chans
 
 
+def resolve_in_chans(cfg: Any) -> int:
+    """model.in_chans checked against the data's channels (or the data's, when unset). ``cfg``: any run
+    config with ``model.in_chans`` and a ``data`` section (TrainConfig, GenConfig)."""
+    channels = num_channels(cfg.data, cfg.model.in_chans or 3)
+    if cfg.model.in_chans is not None and cfg.model.in_chans != channels:
+        raise DataError(f"{cfg.data.dataset} images have {channels} channel(s) but model.in_chans={cfg.model.in_chans}; "
+                        f"set model.in_chans={channels} (or leave it unset)")
+    return channels
+
+
+def resolve_num_classes(cfg: Any, classes: Sequence[str]) -> int:
+    """model.num_classes checked against the data's classes (or their count, when unset)."""
+    if cfg.model.num_classes is not None and cfg.model.num_classes < len(classes):
+        raise DataError(f"the dataset has {len(classes)} classes but model.num_classes={cfg.model.num_classes}; "
+                        f"set model.num_classes={len(classes)} (or leave it unset)")
+    return cfg.model.num_classes or len(classes)
+
+
 def raw_dataset(cfg: DataConfig, split: str, in_chans: int = 3) -> Dataset:
     """The (PIL image, label) dataset of ``split`` ("train", "val" or "test"), subset applied."""
     if cfg.dataset == "fashion-mnist":
@@ -282,8 +300,11 @@ def build_transform(cfg: DataConfig, aug: Optional[AugConfig], in_chans: int, in
                             auto_augment=aug.auto_augment, re_prob=aug.reprob, re_mode="pixel", **common)
 
 
+SEED_STRIDE = 1_000_003  # a prime: mixes a run's seed with a counter (epoch, batch index) into distinct seeds
+
+
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
-    return (seed * 1_000_003 + epoch) * 2_147_483_647 + index & (2**63 - 1)
+    return (seed * SEED_STRIDE + epoch) * 2_147_483_647 + index & (2**63 - 1)
 
 
 class ImageSamples(Dataset):
@@ -340,6 +361,15 @@ class ImageSamples(Dataset):
             np.random.set_state(numpy_state)
             torch.set_rng_state(torch_state)
         return x, label
+
+
+def split_datasets(cfg: DataConfig, splits: Sequence[str], in_chans: int, transform: Callable[[bool], Any],
+                   seed: int) -> Dict[str, ImageSamples]:
+    """``ImageSamples`` of each of ``splits``: the raw split through ``transform(training)``, where the
+    "train" split is training (augmentation seeded per sample from ``seed``) and every other split is not."""
+    return {split: ImageSamples(raw_dataset(cfg, split, in_chans), transform(split == "train"),
+                                seed=seed if split == "train" else None, strict=cfg.strict_images)
+            for split in splits}
 
 
 def collate(samples: List[Optional[Tuple[Tensor, int]]]) -> Batch:

@@ -18,14 +18,16 @@ tests/test_diffusion.py against closed-form facts (forward marginals, Gaussian p
 recovery with a perfect denoiser, exact sampling of a Gaussian data distribution).
 
 Sampling is deterministic given ``generator`` (a seeded ``torch.Generator``): every random draw
-goes through it.
+goes through it. A setting a user chooses (objective, sampler, steps) that cannot work is a
+``ConfigError``.
 """
 import math
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from .config import ConfigError
 
 ModelFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -97,7 +99,7 @@ class GaussianDiffusion:
         New betas keep the marginals: 1 - beta'_i = abar[t_i] / abar[t_{i-1}].
         """
         if not 1 <= num_steps <= self.num_timesteps:
-            raise ValueError(f"num_steps must be in [1, {self.num_timesteps}], got {num_steps}")
+            raise ConfigError(f"num_steps must be in [1, {self.num_timesteps}], got {num_steps}")
         keep = _space_timesteps(self.num_timesteps, num_steps)
         abar = self.alphas_cumprod[keep]
         abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
@@ -211,7 +213,7 @@ class GaussianDiffusion:
             return process.ddpm_sample(model_fn, noise, y, generator, clip_denoised)
         if sampler == "ddim":
             return process.ddim_sample(model_fn, noise, y, generator=generator, clip_denoised=clip_denoised)
-        raise ValueError(f"sampler {sampler!r} does not fit the DDPM objective; choose 'ddpm' or 'ddim'")
+        raise ConfigError(f"sampler {sampler!r} does not fit the DDPM objective; choose 'ddpm' or 'ddim'")
 
 
 def _space_timesteps(num_timesteps: int, num_steps: int) -> Tensor:
@@ -256,9 +258,9 @@ class FlowMatching:
         intermediate x_0 estimate to clip (the caller clamps the output to the data range).
         """
         if sampler not in ("euler", "heun"):
-            raise ValueError(f"sampler {sampler!r} does not fit flow matching; choose 'euler' or 'heun'")
+            raise ConfigError(f"sampler {sampler!r} does not fit flow matching; choose 'euler' or 'heun'")
         if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps} (0 steps would return the starting noise)")
+            raise ConfigError(f"num_steps must be >= 1, got {num_steps} (0 steps would return the starting noise)")
         channels = noise.shape[1]
         times = torch.linspace(0, 1, num_steps + 1, device=noise.device)
 
@@ -280,12 +282,13 @@ OBJECTIVES = ("ddpm", "flow")
 SAMPLERS = {"ddpm": ("ddim", "ddpm"), "flow": ("heun", "euler")}
 
 
-def create_objective(name: str, learn_sigma: bool = False, num_timesteps: int = 1000):
+def create_objective(name: str, learn_sigma: bool = False,
+                     num_timesteps: int = 1000) -> Union[GaussianDiffusion, FlowMatching]:
     """"ddpm": ``GaussianDiffusion(linear_betas(num_timesteps), learn_sigma)``; "flow": ``FlowMatching()``."""
     if name == "ddpm":
         return GaussianDiffusion(linear_betas(num_timesteps), learn_sigma)
     if name == "flow":
         if learn_sigma:
-            raise ValueError("flow matching predicts a velocity only: build the model with learn_sigma=False")
+            raise ConfigError("flow matching predicts a velocity only: build the model with learn_sigma=False")
         return FlowMatching()
-    raise ValueError(f"unknown objective {name!r}; choose one of {OBJECTIVES}")
+    raise ConfigError(f"unknown objective {name!r}; choose one of {OBJECTIVES}")

@@ -1,20 +1,30 @@
 """The one training loop: optimizer and schedule, EMA, mixed precision, DDP, checkpoints, resume, logging.
 
 What is trained and how it is scored is a ``Task`` (two methods); everything else lives here, so
-classification (``sdt.train``) and later tasks share one loop:
+every task (classification in ``sdt.train``, generation in ``sdt.generate``) shares one loop and one
+run sequence. A task's run function hands ``run_task`` a builder that checks its config, data and
+model and returns its ``RunParts``; ``run_task`` does the rest (run folder, lock, Trainer, fit,
+summary.json, curves.png, report.md):
 
-    trainer = Trainer(engine_cfg, model, task, train_set, val_set, output_dir, run_config=cfg)
-    summary = trainer.fit()
+    summary = run_task(TrainConfig, cfg, output_dir, resume, cfg.model.name, build)
+
+The pieces stay public for a loop of one's own:
+
+    cfg, info, out, resume_from = resolve_run(TrainConfig, cfg, output_dir, resume, "name")
+    trainer = Trainer(cfg.engine, model, task, train_set, val_set, out, info)
+    with start_run(cfg, out, info, resume_from is not None):
+        summary = trainer.fit()
 
 Run layout (``output_dir``)::
 
-    config.yaml                  the fully resolved config (written by the caller)
+    config.yaml                  the fully resolved config (``start_run``)
     metrics.jsonl                one JSON record per log step and per evaluation
     tb/                          TensorBoard events
     train.log                    the log
     checkpoints/step-00001234/   model.safetensors, ema.safetensors, state.pt (written as a whole:
                                  temp folder + rename); the newest one is ``last``
     best.safetensors             weights with the best validation metric (model or EMA)
+    summary.json, report.md, curves.png   written by ``run_task`` at the end
 
 Exact resume: the data order of an epoch is a function of (seed, epoch) (``ResumableSampler``),
 augmentation is seeded per sample (``sdt.data.ImageSamples``), and the checkpoint holds every
@@ -29,10 +39,11 @@ import os
 import socket
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -40,12 +51,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .checkpoints import (CheckpointError, atomic_path, atomic_write, find_last_checkpoint, load_into, load_train_state,
+from .checkpoints import (CheckpointError, atomic_write, find_last_checkpoint, load_into, load_train_state,
                           load_weights, prune_checkpoints, remove_temp_checkpoints, save_weights, write_checkpoint)
-from .checkpoints import checkpoint_dirs  # noqa: F401  (still imported from here by tests/test_generate.py)
-from .config import ConfigError
+from .config import ConfigError, config_to_dict
 from .data import Batch, collate
 from .errors import SdtError
+from .plots import plot_curves
 
 _logger = logging.getLogger("sdt")
 
@@ -269,44 +280,6 @@ def final_val_metrics(output_dir: Path) -> Dict[str, float]:
     return {k: v for k, v in last.items() if k not in ("kind", "step", "epoch")}
 
 
-def plot_curves(metrics_path: Path, out_path: Path, metric: str) -> None:
-    """One PNG with three panels: losses, learning rate, and the validation ``metric`` per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = read_metrics(metrics_path)
-    train = [r for r in records if r["kind"] == "train"]
-    evals = [r for r in records if r["kind"] == "val"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot([r["epoch"] for r in train], [r["loss"] for r in train], label="train loss")
-    for prefix in ("", "ema_"):
-        if evals and prefix + "loss" in evals[0]:
-            axes[0].plot([r["epoch"] for r in evals], [r[prefix + "loss"] for r in evals], "o-", label=f"val loss {prefix.rstrip('_')}".strip())
-            axes[2].plot([r["epoch"] for r in evals], [r[prefix + metric] for r in evals], "o-", label=f"val {metric} {prefix.rstrip('_')}".strip())
-    axes[1].plot([r["epoch"] for r in train], [r["lr"] for r in train])
-    for ax, title in zip(axes, ("loss", "learning rate", f"validation {metric}")):
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    axes[2].legend()
-    fig.tight_layout()
-    save_figure(fig, out_path, dpi=100)
-
-
-def save_figure(fig: "matplotlib.figure.Figure", path: Path, dpi: int) -> None:
-    """Write a matplotlib figure as PNG atomically (temp file + rename) and close it."""
-    import matplotlib.pyplot as plt
-
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi)
-    finally:
-        plt.close(fig)
-
-
 def progress_bar(total: int, desc: str, enabled: bool = True, initial: int = 0, unit: str = "img"):
     """A tqdm bar counting images (or ``unit``) on stderr (rate, ETA); in a log file (not a terminal) it
     writes a line every 30 s instead of every second."""
@@ -419,7 +392,6 @@ class Trainer:
         model.to(dist_info.device)
         if state is not None:
             load_into(model, load_weights(resume_from / "model.safetensors"), resume_from / "model.safetensors")
-        self.model = model
         self.lr = cfg.lr * cfg.batch_size / cfg.lr_base_size
         self.optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps)
         self.scheduler, _ = create_scheduler_v2(
@@ -444,7 +416,7 @@ class Trainer:
                 model, device_ids=[dist_info.local_rank] if dist_info.device.type == "cuda" else None)
         self.ddp = model if dist_info.distributed else None
         self.train_model = torch.compile(model) if cfg.compile else model
-        self.model = unwrap(model)
+        self.model = unwrap(model)  # the plain module (SyncBatchNorm conversion makes a new one)
         self.resume_step = self.global_step if state is not None else None
 
     # -- state ----------------------------------------------------------------------------------
@@ -682,13 +654,33 @@ def check_output_dir(output_dir: Path, resume: bool) -> None:
                           f"or choose a new --output folder")
 
 
-def resolve_run(config_class: type, cfg: Any, output_dir: Optional[str], resume: Optional[str],
-                default_name: str) -> Tuple[Any, DistInfo, Path, Optional[Path]]:
+def _flat(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    flat: Dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and prefix.count(".") < 1:  # sections, not model.kwargs
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def resumed_config_changes(passed: Any, saved: Any) -> List[str]:
+    """The keys (``section.key``) where ``passed`` sets a value other than the ``saved`` run config's;
+    a key ``passed`` leaves unset (None) that the run resolved (``model.num_classes``) is no change."""
+    new, old = _flat(config_to_dict(passed)), _flat(config_to_dict(saved))
+    return sorted(k for k, v in new.items() if v is not None and old.get(k) != v)
+
+
+def resolve_run(config_class: type, cfg: Optional[Any], output_dir: Optional[str], resume: Optional[str],
+                default_name: Union[str, Callable[[Any], str]]) -> Tuple[Any, DistInfo, Path, Optional[Path]]:
     """The config, processes, run folder and checkpoint of a new or resumed run; writes nothing.
 
     ``resume``: None (new run), ``"auto"`` (the newest checkpoint of ``output_dir``) or a checkpoint
-    folder; a resumed run uses the config saved in ``output_dir`` instead of ``cfg``. Without
-    ``output_dir`` a new run goes to ``runs/<default_name>-<date>-<time>`` (the same name on every rank).
+    folder. A resumed run continues with the config saved in ``output_dir``: pass ``cfg=None``; a
+    ``cfg`` that sets other values than the saved one is ignored with a ``UserWarning`` naming the
+    keys (a run cannot change its config half-way). A new run with ``cfg=None`` uses
+    ``config_class()``. Without ``output_dir`` a new run goes to ``runs/<default_name>-<date>-<time>``
+    (the same name on every rank); ``default_name`` may be a function of the config.
     """
     from .config import load_config
 
@@ -698,12 +690,21 @@ def resolve_run(config_class: type, cfg: Any, output_dir: Optional[str], resume:
             raise ConfigError("--resume needs the --output folder of the run to continue")
         check_output_dir(Path(output_dir), resume=True)
         resume_from = find_last_checkpoint(Path(output_dir)) if resume == "auto" else Path(resume)
-        cfg = load_config(config_class, str(Path(output_dir) / "config.yaml"))
+        saved = load_config(config_class, str(Path(output_dir) / "config.yaml"))
+        changed = [] if cfg is None else resumed_config_changes(cfg, saved)
+        if changed:
+            warnings.warn(f"resume continues {output_dir} with its saved config.yaml; the config passed sets other "
+                          f"values for {', '.join(changed)}, which are ignored (start a new run to change them)",
+                          UserWarning, stacklevel=4)  # the caller of train() / train_generator()
+        cfg = saved
+    elif cfg is None:
+        cfg = config_class()
     info = setup_distributed(cfg.engine.device)
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
     if output_dir is None:
-        box = [f"runs/{default_name}-{time.strftime('%Y%m%d-%H%M%S')}"]
+        name = default_name(cfg) if callable(default_name) else default_name
+        box = [f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"]
         if info.distributed:
             dist.broadcast_object_list(box, src=0)
         output_dir = box[0]
@@ -757,3 +758,75 @@ def start_run(cfg: Any, out: Path, info: DistInfo, resumed: bool) -> RunHandle:
         _logger.info("removed %d temp checkpoint folder(s) left by an interrupted save: %s",
                      len(removed), ", ".join(p.name for p in removed))
     return RunHandle(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# One run, start to end
+
+
+@dataclass
+class RunParts:
+    """What a task's builder makes for ``run_task``, after every check of its config, data and model.
+
+    ``input_shape`` (C, H, W) and ``flops_inputs`` (the model's inputs after the image, e.g. a DiT's
+    timestep and label, each (1,)) are what the parameter and MAC counts use; ``name`` is the model
+    as the log names it. ``summary`` holds the task's entries known before training (``model``, ...);
+    ``finish(trainer, summary)`` runs on every process after training (a test evaluation, samples)
+    and adds to it; ``report_rows(summary)`` gives the task's rows of report.md and
+    ``headline(summary)`` the last log line; ``figures`` are extra Markdown lines of report.md."""
+    model: nn.Module
+    task: Task
+    train_set: Dataset
+    val_set: Dataset
+    name: str
+    input_shape: Tuple[int, int, int]
+    summary: Dict[str, Any]
+    report_title: str
+    report_rows: Callable[[Dict[str, Any]], List[Tuple[str, str]]]
+    headline: Callable[[Dict[str, Any]], str]
+    flops_inputs: Sequence[Tensor] = ()
+    finish: Optional[Callable[["Trainer", Dict[str, Any]], None]] = None
+    figures: Sequence[str] = ()
+
+
+def render_report(title: str, rows: Sequence[Tuple[str, str]], figures: Sequence[str] = ()) -> str:
+    """report.md: a two-column table of ``rows``, then ``figures`` and the training curves."""
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    shown = "".join(f"{figure}\n\n" for figure in figures)
+    return (f"# {title}\n\n| | |\n|---|---|\n{table}\n\n{shown}![curves](curves.png)\n\n"
+            f"Config: `config.yaml`; metrics: `metrics.jsonl`, `tb/`.\n")
+
+
+def run_task(config_class: type, cfg: Optional[Any], output_dir: Optional[str], resume: Optional[str],
+             default_name: Union[str, Callable[[Any], str]], build: Callable[[Any, DistInfo], RunParts]) -> Dict[str, Any]:
+    """Train one run of a task, start to end: resolve the run (``resolve_run``), ``build(cfg, dist_info)``
+    the task's parts (it checks the config, data and model and may fail: nothing is written yet),
+    build the ``Trainer`` (checks the engine settings, loads a resumed run's checkpoint), then, holding
+    the run folder's lock (``start_run``), train, ``finish``, and write summary.json, curves.png and
+    report.md. ``cfg`` needs ``engine`` and ``data`` sections. Returns the summary."""
+    from .complexity import count_flops, count_params
+
+    cfg, info, out, resume_from = resolve_run(config_class, cfg, output_dir, resume, default_name)
+    parts = build(cfg, info)
+    trainer = Trainer(cfg.engine, parts.model, parts.task, parts.train_set, parts.val_set, out, info,
+                      workers=cfg.data.workers, resume_from=resume_from, repeated_aug=cfg.data.repeated_aug)
+    # counted once the Trainer has accepted the model (a model it refuses may not even run a forward pass)
+    params, flops = count_params(trainer.model), count_flops(trainer.model, parts.input_shape, *parts.flops_inputs)
+    size = "x".join(map(str, parts.input_shape[1:]))
+    with start_run(cfg, out, info, resume_from is not None):  # holds the run folder's lock until the end
+        _logger.info("model %s: %.2fM parameters, %.1f MMACs at %s; %d processes on %s; output %s",
+                     parts.name, params / 1e6, flops / 1e6, size, info.world_size, info.device, out)
+        _logger.info("data %s: %d train / %d val images", cfg.data.dataset, len(parts.train_set), len(parts.val_set))
+        wall_start = time.perf_counter()
+        summary = trainer.fit()
+        summary.update(parts.summary, params=params, flops=flops, input_size=parts.input_shape[-1],
+                       processes=info.world_size, wall_seconds=time.perf_counter() - wall_start)
+        if parts.finish is not None:
+            parts.finish(trainer, summary)
+        if info.is_main:
+            summary["final_val"] = final_val_metrics(out)
+            plot_curves(read_metrics(out / "metrics.jsonl"), out / "curves.png", parts.task.metric)
+            atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+            atomic_write(out / "report.md", render_report(parts.report_title, parts.report_rows(summary), parts.figures))
+            _logger.info("done: %s, report %s", parts.headline(summary), out / "report.md")
+    return summary

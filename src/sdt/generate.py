@@ -11,13 +11,11 @@ and the training state, metrics.jsonl, tb/, train.log, curves.png, summary.json,
 = lowest validation loss) plus ``samples.png``: a row per class drawn with the final EMA weights.
 The training loop, checkpoints, exact resume, progress bars and torchrun are the engine's.
 """
-import json
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -25,15 +23,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import InterpolationMode
 
-from .complexity import count_flops, count_params
-from .checkpoints import CheckpointError, atomic_path, atomic_write, checkpoint_dirs, load_into, load_weights
+from .checkpoints import CheckpointError, atomic_path, checkpoint_dirs, load_into, load_weights
 from .config import ConfigError, load_config
-from .data import Batch, DataConfig, DataError, ImageSamples, check_images, raw_dataset
+from .data import (SEED_STRIDE, Batch, DataConfig, DataError, check_data_config, check_images, resolve_in_chans,
+                   resolve_num_classes, split_datasets)
 from .diffusion import OBJECTIVES, SAMPLERS, create_objective
-from .engine import (DistInfo, EngineConfig, Trainer, all_reduce_sum, check_engine_config, final_val_metrics,
-                     plot_curves, progress_bar, resolve_run, start_run)
+from .engine import DistInfo, EngineConfig, RunParts, Trainer, all_reduce_sum, progress_bar, run_task
 from .models.dit import ATTN_DECAY, DiT, create_dit
-from .train import resolve_in_chans, resolve_num_classes
+from .plots import save_image_grid
 
 _logger = logging.getLogger("sdt")
 
@@ -98,7 +95,9 @@ def generation_transform(data: DataConfig, hflip: float, training: bool) -> Any:
 
 
 def check_gen_config(cfg: GenConfig) -> None:
-    """Config values that cannot work, as a ``ConfigError`` naming the key."""
+    """Config values that cannot work, as a ``ConfigError`` / ``DataError`` naming the key."""
+    if not 0 <= cfg.aug.hflip <= 1:
+        raise ConfigError(f"aug.hflip must be a probability in [0, 1], got {cfg.aug.hflip}")
     if cfg.model.attn not in ATTN_DECAY:
         raise ConfigError(f"model.attn must be one of {tuple(ATTN_DECAY)}, got {cfg.model.attn!r}")
     if cfg.model.objective not in OBJECTIVES:
@@ -108,11 +107,12 @@ def check_gen_config(cfg: GenConfig) -> None:
     if cfg.sample.sampler is not None and cfg.sample.sampler not in SAMPLERS[cfg.model.objective]:
         raise ConfigError(f"sample.sampler={cfg.sample.sampler!r} does not fit model.objective={cfg.model.objective}; "
                           f"choose one of {SAMPLERS[cfg.model.objective]}")
-    interpolations = tuple(mode.value for mode in InterpolationMode)
+    interpolations = tuple(mode.value for mode in InterpolationMode)  # torchvision's, not timm's (no "random")
     if cfg.data.interpolation not in interpolations:
         raise ConfigError(f"data.interpolation must be one of {interpolations}, got {cfg.data.interpolation!r}")
     if not 0 < cfg.data.crop_pct <= 1:
         raise ConfigError(f"data.crop_pct must be in (0, 1] (resize to input_size / crop_pct, centre crop), got {cfg.data.crop_pct}")
+    check_data_config(cfg.data)  # the rest of the data section, as sdt train checks it
     if cfg.data.test_subset is not None:
         raise ConfigError("data.test_subset has no effect: gen-train uses the train and val splits only; "
                           "drop it (limit the data with data.train_subset / data.val_subset)")
@@ -166,7 +166,7 @@ class DiffusionTask:
         for index, batch in enumerate(loader):
             if len(batch.images) == 0:
                 continue
-            generator = torch.Generator(dist_info.device).manual_seed(self.seed * 1_000_003 + index * dist_info.world_size + dist_info.rank)
+            generator = torch.Generator(dist_info.device).manual_seed(self.seed * SEED_STRIDE + index * dist_info.world_size + dist_info.rank)
             images, labels = batch.images.to(dist_info.device), batch.targets.to(dist_info.device)
             losses = self.objective.training_losses(model, images, labels, generator)["loss"]
             sums += torch.stack([losses.double().sum(), torch.tensor(float(len(losses)), dtype=torch.float64, device=dist_info.device)])
@@ -175,64 +175,59 @@ class DiffusionTask:
         return {"loss": (sums[0] / sums[1].clamp(min=1)).item()}
 
 
-def _datasets(cfg: GenConfig, in_chans: int) -> Dict[str, ImageSamples]:
-    return {split: ImageSamples(raw_dataset(cfg.data, split, in_chans),
-                                generation_transform(cfg.data, cfg.aug.hflip, split == "train"),
-                                seed=cfg.engine.seed if split == "train" else None, strict=cfg.data.strict_images)
-            for split in ("train", "val")}
-
-
-def train_generator(cfg: GenConfig, output_dir: Optional[str] = None, resume: Optional[str] = None) -> Dict[str, Any]:
+def train_generator(cfg: Optional[GenConfig] = None, output_dir: Optional[str] = None,
+                    resume: Optional[str] = None) -> Dict[str, Any]:
     """Train a class-conditional DiT as ``cfg`` says; ``resume`` as in ``sdt.train.train``.
 
     Returns the run summary (also summary.json / report.md): steps, images/s, best and final
-    validation loss, parameters, GMACs.
+    validation loss, parameters, MACs.
     """
-    cfg, info, out, resume_from = resolve_run(GenConfig, cfg, output_dir, resume, f"{cfg.model.name}-{cfg.model.attn}")
+    return run_task(GenConfig, cfg, output_dir, resume, lambda c: f"{c.model.name}-{c.model.attn}", build_generation)
+
+
+def build_generation(cfg: GenConfig, info: DistInfo) -> RunParts:
+    """``run_task``'s builder for ``sdt gen-train``: every check of the config, data and model (nothing
+    is written), the DiT, the diffusion task and the datasets, and samples.png at the end."""
     check_gen_config(cfg)
     cfg.model.in_chans = channels = resolve_in_chans(cfg)
-    datasets = _datasets(cfg, channels)
+    size = cfg.data.input_size
+    datasets = split_datasets(cfg.data, ("train", "val"), channels,
+                              lambda training: generation_transform(cfg.data, cfg.aug.hflip, training), cfg.engine.seed)
     cfg.model.num_classes = resolve_num_classes(cfg, datasets["train"].classes)
     torch.manual_seed(cfg.engine.seed)
-    model = build_model(cfg.model, cfg.data.input_size)
+    model = build_model(cfg.model, size)
     for ds in datasets.values():
         check_images(ds, channels, cfg.model.num_classes, model.patch_size)
-    check_engine_config(cfg.engine, info, len(datasets["train"]))
-    start_run(cfg, out, info, resume_from is not None)
-
-    t, y = torch.zeros(1), torch.zeros(1, dtype=torch.long)
-    params, flops = count_params(model), count_flops(model, (channels, cfg.data.input_size, cfg.data.input_size), t, y)
-    _logger.info("model %s (attn %s, %s objective): %.2fM parameters, %.1f MMACs at %dx%d; %d processes on %s; output %s",
-                 cfg.model.name, cfg.model.attn, cfg.model.objective, params / 1e6, flops / 1e6, cfg.data.input_size,
-                 cfg.data.input_size, info.world_size, info.device, out)
-    wall_start = time.perf_counter()
     task = DiffusionTask(cfg.model.objective, cfg.model.learn_sigma, cfg.engine.seed)
-    trainer = Trainer(cfg.engine, model, task, datasets["train"], datasets["val"], out, info,
-                      workers=cfg.data.workers, resume_from=resume_from,
-                      repeated_aug=cfg.data.repeated_aug)
-    summary = trainer.fit()
-    summary.update(model=cfg.model.name, attn=cfg.model.attn, objective=cfg.model.objective, params=params,
-                   flops=flops, input_size=cfg.data.input_size, processes=info.world_size,
-                   wall_seconds=time.perf_counter() - wall_start)
-    if info.is_main:
-        summary["final_val"] = final_val_metrics(out)
-        if cfg.sample.preview_per_class:
-            sampling_model = (trainer.ema.module if trainer.ema is not None else trainer.model).eval()
-            labels = class_labels(cfg.model.num_classes, cfg.sample.preview_per_class)
-            images = sample_images(sampling_model, cfg.model.objective, labels.to(info.device), seed=0,
-                                   sampler=cfg.sample.sampler, num_steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale)
-            save_samples(images, labels, str(out / "samples"), grid_per_class=cfg.sample.preview_per_class, npz=False)
-        plot_curves(out / "metrics.jsonl", out / "curves.png", task.metric)
-        atomic_write(out / "summary.json", json.dumps(summary, indent=2))
-        atomic_write(out / "report.md", render_report(summary, cfg))
-        _logger.info("done: %d steps, %.0f training images/s, final val loss %.4f, report %s", summary["global_step"],
-                     summary["train_images_per_s"], summary["final_val"]["loss"], out / "report.md")
-    return summary
+
+    def finish(trainer: Trainer, summary: Dict[str, Any]) -> None:
+        """samples.png: a row per class, drawn with the final EMA weights (main process)."""
+        if not (info.is_main and cfg.sample.preview_per_class):
+            return
+        sampling_model = (trainer.ema.module if trainer.ema is not None else trainer.model).eval()
+        labels = class_labels(cfg.model.num_classes, cfg.sample.preview_per_class)
+        images = sample_images(sampling_model, cfg.model.objective, labels.to(info.device), seed=0,
+                               sampler=cfg.sample.sampler, num_steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale)
+        save_samples(images, labels, str(trainer.output_dir / "samples"), grid_per_class=cfg.sample.preview_per_class,
+                     npz=False)
+
+    def headline(s: Dict[str, Any]) -> str:
+        return (f"{s['global_step']} steps, {s['train_images_per_s']:.0f} training images/s, "
+                f"final val loss {s['final_val']['loss']:.4f}")
+
+    preview = ("![samples](samples.png) (EMA weights, a row per class)",) if cfg.sample.preview_per_class else ()
+    return RunParts(
+        model, task, datasets["train"], datasets["val"],
+        f"{cfg.model.name} (attn {cfg.model.attn}, {cfg.model.objective} objective)", (channels, size, size),
+        summary=dict(model=cfg.model.name, attn=cfg.model.attn, objective=cfg.model.objective),
+        report_title="Generation training report", report_rows=lambda s: report_rows(s, cfg), headline=headline,
+        flops_inputs=(torch.zeros(1), torch.zeros(1, dtype=torch.long)), finish=finish, figures=preview)
 
 
-def render_report(s: Dict[str, Any], cfg: GenConfig) -> str:
+def report_rows(s: Dict[str, Any], cfg: GenConfig) -> List[Tuple[str, str]]:
+    """The rows of a generation run's report.md."""
     final = s["final_val"]
-    rows = [
+    return [
         ("model", f"`{s['model']}`, attn `{s['attn']}`, {s['objective']} objective ({s['params'] / 1e6:.2f}M parameters, "
                   f"{s['flops'] / 1e6:.1f} MMACs at {s['input_size']}x{s['input_size']})"),
         ("data", f"{cfg.data.dataset} {cfg.data.data_dir or ''}".strip()),
@@ -242,10 +237,6 @@ def render_report(s: Dict[str, Any], cfg: GenConfig) -> str:
         ("wall time (this segment)", f"{s['wall_seconds'] / 60:.1f} min"),
         ("training throughput", f"{s['train_images_per_s']:.0f} images/s"),
     ]
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    preview = "![samples](samples.png) (EMA weights, a row per class)\n\n" if cfg.sample.preview_per_class else ""
-    return (f"# Generation training report\n\n| | |\n|---|---|\n{table}\n\n{preview}![curves](curves.png)\n\n"
-            f"Config: `config.yaml`; metrics: `metrics.jsonl`, `tb/`.\n")
 
 
 def load_generator(run_dir: str, weights: str = "ema") -> Tuple[DiT, GenConfig]:
@@ -327,7 +318,7 @@ def sample_images(model: DiT, objective_name: str, labels: Tensor, seed: int = 0
     for first in range(0, len(labels), batch_size):
         y = labels[first:first + batch_size].to(device)
         noise = all_noise[first:first + batch_size].to(device)
-        generator = torch.Generator(device).manual_seed(seed * 1_000_003 + first)  # ddpm's per-step noise
+        generator = torch.Generator(device).manual_seed(seed * SEED_STRIDE + first)  # ddpm's per-step noise
         samples = objective.sample(model_fn, noise, y, sampler, num_steps, generator, clip_denoised=True)  # pixels in [-1, 1]
         out.append(model_to_images(samples).cpu())
         bar.update(len(y))
@@ -348,24 +339,12 @@ def class_labels(num_classes: int, per_class: int, classes: Optional[Sequence[in
     return torch.tensor(chosen, dtype=torch.long).repeat_interleave(per_class)
 
 
-def image_grid(images: Tensor, rows: int) -> np.ndarray:
-    """uint8 (N, C, H, W) -> (rows*(H+1)-1, cols*(W+1)-1[, C]) uint8 array, row-major, 1 px black gaps
-    (torchvision's ``make_grid`` without its outer border)."""
-    from torchvision.utils import make_grid
-
-    cols = -(-len(images) // rows)
-    array = make_grid(images, nrow=cols, padding=1)[:, 1:-1, 1:-1].permute(1, 2, 0).numpy()
-    return array[..., 0] if images.shape[1] == 1 else array  # make_grid repeats grey images to 3 channels
-
-
 def save_samples(images: Tensor, labels: Tensor, out_prefix: str, grid_per_class: int = 10,
                  npz: bool = True) -> Dict[str, str]:
     """Write ``<prefix>.npz`` (arr_0: uint8 (N, H, W, C) as DiT's evaluator reads, labels: (N,); unless
     ``npz=False``) and ``<prefix>.png`` (a row per class, the first ``grid_per_class`` samples of each).
     Returns the paths written."""
     import os
-
-    from PIL import Image
 
     os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
     images, labels = images.cpu(), labels.cpu()
@@ -375,7 +354,5 @@ def save_samples(images: Tensor, labels: Tensor, out_prefix: str, grid_per_class
         with atomic_path(paths["npz"]) as tmp:
             np.savez(tmp, arr_0=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
     classes = labels.unique()
-    rows = torch.cat([images[labels == c][:grid_per_class] for c in classes])
-    with atomic_path(paths["png"]) as tmp:
-        Image.fromarray(image_grid(rows, len(classes))).save(tmp)
+    save_image_grid(torch.cat([images[labels == c][:grid_per_class] for c in classes]), len(classes), paths["png"])
     return paths

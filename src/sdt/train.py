@@ -21,13 +21,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from . import models  # noqa: F401  (registers the models with timm)
-from .complexity import count_flops, count_params
 from .checkpoints import atomic_write, load_into, load_weights
 from .config import ConfigError, load_config
-from .data import (AugConfig, Batch, DataConfig, DataError, ImageSamples, build_transform, check_data_config,
-                   check_images, num_channels, raw_dataset)
-from .engine import (DistInfo, EngineConfig, Trainer, all_reduce_sum, check_engine_config, check_engine_settings,
-                     eval_loader, final_val_metrics, plot_curves, resolve_run, save_figure, setup_distributed, start_run)
+from .data import (AugConfig, Batch, DataConfig, ImageSamples, build_transform, check_data_config, check_images,
+                   raw_dataset, resolve_in_chans, resolve_num_classes, split_datasets)
+from .engine import (DistInfo, EngineConfig, RunParts, Trainer, all_reduce_sum, check_engine_settings, eval_loader,
+                     run_task, setup_distributed)
+from .plots import plot_confusion
 
 _logger = logging.getLogger("sdt")
 
@@ -179,31 +179,11 @@ def model_stride(model: nn.Module) -> int:
     return info[-1]["reduction"] if info else 1
 
 
-def resolve_in_chans(cfg: Any) -> int:
-    """model.in_chans checked against the data's channels (or the data's, when unset); ``cfg``: TrainConfig or GenConfig."""
-    channels = num_channels(cfg.data, cfg.model.in_chans or 3)
-    if cfg.model.in_chans is not None and cfg.model.in_chans != channels:
-        raise DataError(f"{cfg.data.dataset} images have {channels} channel(s) but model.in_chans={cfg.model.in_chans}; "
-                        f"set model.in_chans={channels} (or leave it unset)")
-    return channels
-
-
-def resolve_num_classes(cfg: Any, classes: List[str]) -> int:
-    """model.num_classes checked against the data's classes (or their count, when unset)."""
-    if cfg.model.num_classes is not None and cfg.model.num_classes < len(classes):
-        raise DataError(f"the dataset has {len(classes)} classes but model.num_classes={cfg.model.num_classes}; "
-                        f"set model.num_classes={len(classes)} (or leave it unset)")
-    return cfg.model.num_classes or len(classes)
-
-
-def _datasets(cfg: TrainConfig, in_chans: int, splits: List[str], input_size: Optional[int] = None) -> Dict[str, ImageSamples]:
-    out = {}
-    for split in splits:
-        training = split == "train"
-        transform = build_transform(cfg.data, cfg.aug if training else None, in_chans, input_size)
-        out[split] = ImageSamples(raw_dataset(cfg.data, split, in_chans), transform,
-                                  seed=cfg.engine.seed if training else None, strict=cfg.data.strict_images)
-    return out
+def _datasets(cfg: TrainConfig, splits: List[str]) -> Dict[str, ImageSamples]:
+    """The classification datasets of ``splits`` at ``cfg.data.input_size`` (training augmentation on "train")."""
+    def transform(training: bool) -> Any:
+        return build_transform(cfg.data, cfg.aug if training else None, cfg.model.in_chans)
+    return split_datasets(cfg.data, splits, cfg.model.in_chans, transform, cfg.engine.seed)
 
 
 def _test_split(cfg: DataConfig) -> str:
@@ -217,65 +197,55 @@ def _test_split(cfg: DataConfig) -> str:
 # sdt train
 
 
-def train(cfg: TrainConfig, output_dir: Optional[str] = None, resume: Optional[str] = None) -> Dict[str, Any]:
+def train(cfg: Optional[TrainConfig] = None, output_dir: Optional[str] = None,
+          resume: Optional[str] = None) -> Dict[str, Any]:
     """Train a classifier as ``cfg`` says, then evaluate the best weights on the test split.
 
     ``resume``: ``"auto"`` (the newest checkpoint of ``output_dir``) or a checkpoint folder; the run
-    then continues with the config saved in ``output_dir``. Returns the run summary (also in report.md).
+    then continues with the config saved in ``output_dir`` (pass ``cfg=None``; see
+    ``sdt.engine.resolve_run``). Returns the run summary (also in summary.json and report.md).
     """
-    cfg, info, out, resume_from = resolve_run(TrainConfig, cfg, output_dir, resume, cfg.model.name)
+    return run_task(TrainConfig, cfg, output_dir, resume, lambda c: c.model.name, build_classification)
 
-    # Everything that can be wrong with the config, data or model fails here, before any file is written.
+
+def build_classification(cfg: TrainConfig, info: DistInfo) -> RunParts:
+    """``run_task``'s builder for ``sdt train``: every check of the config, data and model (nothing
+    is written), the model, task and datasets, and the test evaluation of the best weights at the end."""
     check_train_config(cfg)
     cfg.model.in_chans = resolve_in_chans(cfg)
-    datasets = _datasets(cfg, cfg.model.in_chans, ["train", "val"])
+    datasets = _datasets(cfg, ["train", "val"])
     cfg.model.num_classes = resolve_num_classes(cfg, datasets["train"].classes)
     torch.manual_seed(cfg.engine.seed)
     model = create_model(cfg.model, cfg.model.num_classes, cfg.model.in_chans)
     for ds in datasets.values():
         check_images(ds, cfg.model.in_chans, cfg.model.num_classes, model_stride(model))
-    check_engine_config(cfg.engine, info, len(datasets["train"]), model)
-    input_shape = (cfg.model.in_chans, cfg.data.input_size, cfg.data.input_size)
-    params, flops = count_params(model), count_flops(model, input_shape)
+    size = cfg.data.input_size
     task = ClassificationTask(cfg.model.num_classes, cfg.aug)
-    # builds the optimizer and schedule and loads the checkpoint of a resumed run: may still fail
-    trainer = Trainer(cfg.engine, model, task, datasets["train"], datasets["val"], out, info,
-                      workers=cfg.data.workers, resume_from=resume_from,
-                      repeated_aug=cfg.data.repeated_aug)
 
-    with start_run(cfg, out, info, resume_from is not None):  # holds the run folder's lock until the end
-        _logger.info("model %s: %.2fM parameters, %.1f MMACs at %s; %d processes on %s; output %s",
-                     cfg.model.name, params / 1e6, flops / 1e6, "x".join(map(str, input_shape[1:])),
-                     info.world_size, info.device, out)
-        _logger.info("data %s: %d train / %d val images", cfg.data.dataset, len(datasets["train"]), len(datasets["val"]))
-        wall_start = time.perf_counter()
-        summary = trainer.fit()
-        train_wall = time.perf_counter() - wall_start
-
-        # Test: the best validation weights, on the held-out test split.
+    def finish(trainer: Trainer, summary: Dict[str, Any]) -> None:
+        """The best validation weights on the held-out test split."""
         test_split = _test_split(cfg.data)
-        test_set = _datasets(cfg, cfg.model.in_chans, [test_split])[test_split]
+        test_set = _datasets(cfg, [test_split])[test_split]
         if info.distributed:
-            dist.barrier()
-        best_path = out / "best.safetensors"
+            dist.barrier()  # rank 0 has written best.safetensors
+        best_path = trainer.output_dir / "best.safetensors"
         load_into(trainer.model, load_weights(best_path), best_path)
         counts = classification_counts(trainer.model, eval_loader(test_set, trainer.batch_size_per_rank, cfg.data.workers, info),
                                        cfg.model.num_classes, info)
-        test = summarize(counts)
-        summary.update(model=cfg.model.name, params=params, flops=flops, input_size=cfg.data.input_size,
-                       test_split=test_split, test=test, test_images_per_s=counts["count"] / max(counts["forward_seconds"], 1e-9),
-                       wall_seconds=train_wall, processes=info.world_size)
-        if info.is_main:
-            summary["final_val"] = final_val_metrics(out)
-            plot_curves(out / "metrics.jsonl", out / "curves.png", task.metric)
-            atomic_write(out / "summary.json", json.dumps(summary, indent=2))
-            atomic_write(out / "report.md", render_report(summary, cfg))
-            _logger.info("done: best val top-1 %.2f%% (epoch %d, %s), test top-1 %.2f%%, report %s",
-                         summary["best"]["value"], summary["best"]["epoch"], summary["best"]["source"], test["top1"], out / "report.md")
-        return summary
+        summary.update(test_split=test_split, test=summarize(counts),
+                       test_images_per_s=counts["count"] / max(counts["forward_seconds"], 1e-9))
+
+    def headline(s: Dict[str, Any]) -> str:
+        return (f"best val top-1 {s['best']['value']:.2f}% (epoch {s['best']['epoch']}, {s['best']['source']}), "
+                f"test top-1 {s['test']['top1']:.2f}%")
+
+    return RunParts(
+        model, task, datasets["train"], datasets["val"], cfg.model.name, (cfg.model.in_chans, size, size),
+        summary=dict(model=cfg.model.name), report_title="Training report", report_rows=lambda s: report_rows(s, cfg), headline=headline, finish=finish)
 
 
-def render_report(s: Dict[str, Any], cfg: TrainConfig) -> str:
+def report_rows(s: Dict[str, Any], cfg: TrainConfig) -> List[Tuple[str, str]]:
+    """The rows of a classification run's report.md."""
     final = s["final_val"]
     rows = [
         ("model", f"`{s['model']}` ({s['params'] / 1e6:.2f}M parameters, {s['flops'] / 1e6:.1f} MMACs at {s['input_size']}x{s['input_size']})"),
@@ -285,15 +255,13 @@ def render_report(s: Dict[str, Any], cfg: TrainConfig) -> str:
     ]
     if "ema_top1" in final:
         rows.append(("final val top-1 (EMA)", f"{final['ema_top1']:.2f}%"))
-    rows += [
+    return rows + [
         ("best val top-1", f"{s['best']['value']:.2f}% (epoch {s['best']['epoch']}, {s['best']['source']} weights)"),
         (f"{s['test_split']} top-1 / top-5 / loss (best weights)", f"{s['test']['top1']:.2f}% / {s['test']['top5']:.2f}% / {s['test']['loss']:.4f}"),
         ("wall time (train + val, this segment)", f"{s['wall_seconds'] / 60:.1f} min"),
         ("training throughput", f"{s['train_images_per_s']:.0f} images/s"),
         ("inference throughput", f"{s['test_images_per_s']:.0f} images/s"),
     ]
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return f"# Training report\n\n| | |\n|---|---|\n{table}\n\n![curves](curves.png)\n\nConfig: `config.yaml`; metrics: `metrics.jsonl`, `tb/`.\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +313,7 @@ def evaluate_checkpoint(checkpoint: str, model: Optional[str] = None, dataset: O
         weights = load_weights(path)
         cfg.data.input_size = input_size or cfg.data.input_size
         cfg.model.in_chans = resolve_in_chans(cfg)
-        test_set = _datasets(cfg, cfg.model.in_chans, [split])[split]
+        test_set = _datasets(cfg, [split])[split]
         cfg.model.num_classes = resolve_num_classes(cfg, test_set.classes)
         net = create_model(cfg.model, cfg.model.num_classes, cfg.model.in_chans)
         load_into(net, weights, path)
@@ -396,33 +364,6 @@ def _hub_eval_setup(path: Path, dataset: Optional[str], data_dir: Optional[str],
     resolve_num_classes(cfg, test_set.classes)  # the data's classes must fit the head
     labels = net.pretrained_cfg.get("label_names")
     return cfg, net, test_set, list(labels) if labels else list(test_set.classes)
-
-
-def plot_confusion(confusion: Tensor, classes: List[str], path: Path, title: str) -> None:
-    """Row-normalised confusion matrix (true class per row) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    k = len(classes)
-    norm = confusion.double() / confusion.sum(1, keepdim=True).clamp(min=1)
-    fig, ax = plt.subplots(figsize=(max(5, 0.5 * k + 2), max(4, 0.5 * k + 1.5)))
-    im = ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
-    if k <= 30:
-        ax.set_xticks(range(k), classes, rotation=60, ha="right", fontsize=8)
-        ax.set_yticks(range(k), classes, fontsize=8)
-        for i in range(k):
-            for j in range(k):
-                if confusion[i, j]:
-                    ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                            color="white" if norm[i, j] > 0.5 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
 
 
 def format_eval(result: Dict[str, Any]) -> str:

@@ -165,7 +165,7 @@ def plot_attention_maps(maps: List[Dict[str, Tensor]], display: Tensor, query_xy
     import matplotlib.pyplot as plt
     import torch.nn.functional as F
 
-    from .engine import save_figure
+    from .plots import save_figure
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
