@@ -61,6 +61,15 @@ def _extra_block(kind: str, channels: int) -> Optional[ExtraFPNBlock]:
     return {"maxpool": LastLevelMaxPool(), "p6p7": LastLevelP6P7(channels, channels), "none": None}[kind]
 
 
+def check_stride(x: Tensor, stride: int) -> None:
+    """``DataError`` unless the sides of images ``x`` (..., H, W) are multiples of ``stride``."""
+    h, w = x.shape[-2:]
+    if h % stride or w % stride:
+        raise DataError(f"image size {h}x{w} is not a multiple of the backbone's stride {stride}; "
+                        f"pad or resize the images to a multiple of {stride} "
+                        f"(e.g. {-(-h // stride) * stride}x{-(-w // stride) * stride})")
+
+
 def _freeze(module: nn.Module) -> None:
     module.eval()
     for p in module.parameters():
@@ -133,11 +142,7 @@ class TimmFPNBackbone(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
-        h, w = x.shape[-2:]
-        if h % self.stride or w % self.stride:
-            raise DataError(f"image size {h}x{w} is not a multiple of the backbone's stride {self.stride}; "
-                            f"pad or resize the images to a multiple of {self.stride} "
-                            f"(e.g. {-(-h // self.stride) * self.stride}x{-(-w // self.stride) * self.stride})")
+        check_stride(x, self.stride)
         features = self.body(x)
         if self.nhwc:
             features = [f.permute(0, 3, 1, 2) for f in features]
@@ -194,10 +199,7 @@ class _TorchvisionResNetFPN(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
-        h, w = x.shape[-2:]
-        if h % self.stride or w % self.stride:
-            raise DataError(f"image size {h}x{w} is not a multiple of the backbone's stride {self.stride}; "
-                            f"pad or resize the images to a multiple of {self.stride}")
+        check_stride(x, self.stride)
         return self.fpn_backbone(x)
 
 
@@ -325,6 +327,9 @@ def create_detector(kind: str, backbone: nn.Module, num_classes: int, canvas: in
                         mask_roi_pool=mask_pool, **common)
     if kind == "retinanet":
         return RetinaNet(backbone, num_classes, anchor_generator=_anchors(backbone.strides, single=False), **common)
+    if backbone.out_channels % 32:
+        raise ConfigError(f"FCOS's head normalises with GroupNorm(32 groups): the FPN width (fpn_channels="
+                          f"{backbone.out_channels}) must be a multiple of 32")
     return FCOS(backbone, num_classes, anchor_generator=_anchors(backbone.strides, single=True), **common)
 
 
