@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdt.attention import DECAYS, DecayGate
+from sdt.attention import DECAYS, DecayGate, SpatialDecayAttention, apply_rotary, rotary_tables
 from sdt.backends import spatial_decay_attention
 from sdt.decay import (
     DECAY_VARIANTS, DISTANCES, DecayVariantError, decay_rates, decay_variant, decomposed_biases, full_2d_bias,
@@ -127,6 +127,18 @@ def test_decay_variant_alias_and_unknown_name():
         decay_variant(None)
 
 
+@pytest.mark.parametrize("name", list(DECAY_VARIANTS))
+def test_gate_and_attention_follow_the_table(name):
+    variant = DECAY_VARIANTS[name]
+    gate = DecayGate(16, 4, name)
+    rates = gate(torch.randn(2, 3, 5, 16))
+    assert (rates is not None) == variant.has_bias
+    if rates is not None:
+        assert rates.shape == ((2, 4, 15) if variant.token_dependent else (1, 4, 1))
+    assert any(True for _ in gate.parameters()) == variant.learnable
+    assert SpatialDecayAttention(16, 4, decay=name).distance == (variant.distance or "manhattan")
+
+
 def test_gate_output_shapes():
     x = torch.randn(2, 3, 5, 16)
     assert DecayGate(16, 4, "none")(x) is None
@@ -179,3 +191,58 @@ def test_gradients_reach_gate_weight_and_alpha():
     out.square().sum().backward()
     for name, p in gate.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def _aten_output_dtypes(fn):
+    """The dtypes of every tensor that the aten ops of fn() produce."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.dtypes.update(t.dtype for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+            return out
+
+    with Record() as record:
+        result = fn()
+    return result, record.dtypes
+
+
+def test_rotary_stays_in_bf16_under_autocast():
+    """float32 tables used to promote bf16 q/k to float32 for the whole product; now they are cast to x's dtype."""
+    sin, cos = rotary_tables((3, 4), 8)
+    x = torch.randn(2, 2, 12, 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, dtypes = _aten_output_dtypes(lambda: apply_rotary(x, sin, cos))
+    assert out.dtype == torch.bfloat16 and dtypes == {torch.bfloat16}
+    rotated = torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).flatten(-2)
+    torch.testing.assert_close(out, x * cos.bfloat16() + rotated * sin.bfloat16(), atol=0, rtol=0)
+
+
+def test_rotary_float32_unchanged():
+    sin, cos = rotary_tables((3, 4), 8)
+    x = torch.randn(2, 2, 12, 8)
+    rotated = torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).flatten(-2)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = apply_rotary(x, sin, cos)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, x * cos + rotated * sin, atol=0, rtol=0)  # bit for bit the old formula
+
+
+def test_attention_docstring_table_matches_the_variant_table():
+    """sdt.attention's table for the reader says what DECAY_VARIANTS says."""
+    import sdt.attention
+
+    rows = [line.split("|")[1:-1] for line in sdt.attention.__doc__.splitlines() if line.startswith('| "')]
+    assert [name.strip().strip('"') for name, *_ in rows] == list(DECAY_VARIANTS)
+    dist_words = {None: "-", "manhattan": "Manhattan", "indicator": "[i != j]"}
+    for name, _, dist, params in rows:
+        variant = DECAY_VARIANTS[name.strip().strip('"')]
+        assert dist.strip() == dist_words[variant.distance], name
+        assert ("W_g" in params) == variant.token_dependent, name
+        assert ("alpha" in params) == variant.learnable, name

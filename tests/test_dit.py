@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from sdt.attention import SpatialDecayAttention
-from sdt.models.dit import ATTN_DECAY, DiT, create_dit, list_dits
+from sdt.decay import DECAY_VARIANTS
+from sdt.models.dit import DiT, create_dit, list_dits
 
 
 def tiny(**kwargs) -> DiT:
@@ -23,7 +24,7 @@ def _randomize(model: DiT) -> DiT:
     return model
 
 
-@pytest.mark.parametrize("attn", list(ATTN_DECAY))
+@pytest.mark.parametrize("attn", list(DECAY_VARIANTS))
 @pytest.mark.parametrize("channels", [1, 3])
 def test_output_shape_any_divisible_grid(attn, channels):
     model = _randomize(tiny(attn=attn, in_channels=channels, learn_sigma=True))
@@ -34,12 +35,22 @@ def test_output_shape_any_divisible_grid(attn, channels):
 
 
 def test_attn_kinds_select_the_decay():
-    for attn, decay in ATTN_DECAY.items():
-        gate = tiny(attn=attn).blocks[0].attn.gate
-        assert gate.decay == decay
-    assert tiny(attn="vanilla").blocks[0].attn.gate(torch.zeros(1, 4, 4, 32)) is None
+    for attn in DECAY_VARIANTS:
+        model = tiny(attn=attn)
+        assert model.attn == attn and model.blocks[0].attn.gate.decay == attn
+    assert tiny(attn="none").blocks[0].attn.gate(torch.zeros(1, 4, 4, 32)) is None
     with pytest.raises(ValueError, match="choose one of"):
         tiny(attn="rmt")
+
+
+def test_old_vanilla_name_reads_as_none():
+    """Configs saved before DiT spelt "none" like the backbones say attn="vanilla": same model, same weights."""
+    old, new = tiny(attn="vanilla"), tiny(attn="none")
+    assert old.attn == "none" and old.blocks[0].attn.gate.decay == "none"
+    assert old.state_dict().keys() == new.state_dict().keys()
+    new.load_state_dict(_randomize(old).state_dict())
+    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([10, 900]), torch.tensor([2, 3])
+    torch.testing.assert_close(old.eval()(x, t, y), new.eval()(x, t, y), atol=0, rtol=0)
 
 
 def test_zero_init_gives_zero_output_and_gate_starts_at_rmt():
@@ -53,8 +64,8 @@ def test_zero_init_gives_zero_output_and_gate_starts_at_rmt():
         torch.testing.assert_close(gate(torch.randn(1, 4, 4, 32)), gate.fixed_rates.view(1, -1, 1).expand(1, -1, 16))
 
 
-def test_vanilla_attention_is_plain_multihead_attention():
-    """attn="vanilla": no decay, no rotary, no LCE -> exactly softmax(q k^T / sqrt(d)) v with output projection."""
+def test_no_decay_attention_is_plain_multihead_attention():
+    """attn="none": no decay, no rotary, no LCE -> exactly softmax(q k^T / sqrt(d)) v with output projection."""
     torch.manual_seed(0)
     attn = SpatialDecayAttention(32, 4, decay="none", lce_kernel_size=0, rotary=False)
     x = torch.randn(2, 3, 5, 32)
@@ -66,15 +77,17 @@ def test_vanilla_attention_is_plain_multihead_attention():
 
 
 def test_decay_changes_the_output():
-    base = _randomize(tiny(attn="vanilla"))
+    base = _randomize(tiny(attn="none"))
     x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([10, 900]), torch.tensor([2, 3])
     outs = {}
-    for attn in ATTN_DECAY:
+    for attn in DECAY_VARIANTS:
         model = tiny(attn=attn).eval()  # eval: no label dropout
         model.load_state_dict(base.state_dict(), strict=False)  # cag's gate params keep their init
         outs[attn] = model(x, t, y)
-    assert not torch.allclose(outs["vanilla"], outs["fixed"], atol=1e-4)
-    torch.testing.assert_close(outs["fixed"], outs["cag"])  # CAG starts exactly at RMT's decay
+    assert not torch.allclose(outs["none"], outs["fixed"], atol=1e-4)
+    assert not torch.allclose(outs["fixed"], outs["content"], atol=1e-4)  # another distance
+    for attn in ("learned", "cag"):  # both start exactly at RMT's decay
+        torch.testing.assert_close(outs["fixed"], outs[attn])
 
 
 def test_label_dropout_only_in_training():
@@ -132,7 +145,7 @@ def test_trains_one_step():
     assert torch.count_nonzero(model.final_layer.linear.weight) > 0
 
 
-@pytest.mark.parametrize("attn", list(ATTN_DECAY))
+@pytest.mark.parametrize("attn", list(DECAY_VARIANTS))
 def test_grad_checkpointing_same_output_and_grads(attn):
     """set_grad_checkpointing (what engine.grad_checkpointing=true calls) recomputes each block in backward:
     the same loss and gradients, label dropout included (the RNG is drawn outside the blocks)."""

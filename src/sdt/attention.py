@@ -4,7 +4,9 @@
 projections, RMT's rotary embedding and LCE, and a ``DecayGate`` that turns the input into
 decay rates; the attention itself is one call to ``sdt.backends.spatial_decay_attention``.
 
-Decay variants (``decay=``), all ``bias = -|(s_i + s_j) / 2 * dist(i, j)|`` (see ``sdt.decay``):
+Decay variants (``decay=``), all ``bias = -|(s_i + s_j) / 2 * dist(i, j)|``. The names and their
+properties come from the one table ``sdt.decay.DECAY_VARIANTS``; this copy for the reader is
+checked against it by the tests:
 
 | decay     | rate s (per head h)                          | dist        | parameters         |
 |-----------|----------------------------------------------|-------------|--------------------|
@@ -31,9 +33,9 @@ from torch import Tensor
 from timm.layers import register_notrace_function, register_notrace_module
 
 from .backends import LAYOUTS, check_backend, spatial_decay_attention
-from .decay import decay_rates, rate_logits
+from .decay import DECAY_VARIANTS, decay_rates, decay_variant, rate_logits
 
-DECAYS = ("none", "fixed", "learned", "cag", "content")
+DECAYS = tuple(DECAY_VARIANTS)  # the names, in the table's order
 ALPHAS = ("learned", "fixed")
 
 
@@ -56,12 +58,17 @@ def rotary_tables(grid: Tuple[int, int], head_dim: int, device: Optional[torch.d
 def apply_rotary(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
     """Rotate interleaved channel pairs (GPT-J style): (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin).
 
-    x: (..., L, d); sin, cos: (L, d). Returns x's shape and dtype.
+    x: (..., L, d); sin, cos: (L, d), any float dtype. Returns x's shape and dtype.
+
+    The tables are cast to x's dtype first: float32 tables (``rotary_tables``) would otherwise
+    promote bf16/fp16 q and k to float32 for the whole product (autocast leaves elementwise ops alone).
     """
+    sin = sin.to(x.dtype)
+    cos = cos.to(x.dtype)
     x_even = x[..., ::2]
     x_odd = x[..., 1::2]
     rotated = torch.stack([-x_odd, x_even], dim=-1).flatten(-2)
-    return (x * cos + rotated * sin).to(x.dtype)
+    return x * cos + rotated * sin
 
 
 @torch.jit.unused
@@ -84,8 +91,8 @@ class DecayGate(nn.Module):
     """Turns a (B, H, W, C) input into the decay rates the attention backends consume.
 
     Output: (B, n, L) float32 for token-dependent variants ("cag", "content"), (1, n, 1) for
-    per-head variants ("fixed", "learned"), None for "none". Always computed in float32, also
-    under autocast.
+    per-head variants ("fixed", "learned"), None for "none" (see ``sdt.decay.DECAY_VARIANTS``).
+    Always computed in float32, also under autocast.
     """
 
     def __init__(
@@ -98,16 +105,16 @@ class DecayGate(nn.Module):
             alpha: str = "learned",
     ):
         super().__init__()
-        if decay not in DECAYS:
-            raise ValueError(f"unknown decay {decay!r}; choose one of {DECAYS}")
+        variant = decay_variant(decay)
         if alpha not in ALPHAS:
             raise ValueError(f"unknown alpha {alpha!r}; choose one of {ALPHAS}")
-        self.decay = decay
+        self.decay = variant.name
         self.num_heads = num_heads
         self.init_value = init_value
         self.heads_range = heads_range
-        self.token_dependent = decay in ("cag", "content")
-        learnable = decay in ("learned", "cag", "content")
+        self.has_bias = variant.has_bias
+        self.token_dependent = variant.token_dependent
+        self.learnable = learnable = variant.learnable
         self.register_buffer("fixed_rates", decay_rates(num_heads, init_value, heads_range), persistent=False)
         self.weight = nn.Parameter(torch.zeros(num_heads, dim)) if self.token_dependent else None
         self.bias = nn.Parameter(torch.zeros(num_heads)) if learnable else None
@@ -138,9 +145,9 @@ class DecayGate(nn.Module):
         return F.logsigmoid(logits).flatten(1, 2).transpose(1, 2)
 
     def forward(self, x: Tensor) -> Optional[Tensor]:
-        if self.decay == "none":
+        if not self.has_bias:
             return None
-        if self.decay == "fixed":
+        if not self.learnable:  # RMT's fixed per-head rates
             return self.fixed_rates.view(1, -1, 1)
         alpha = self.alpha.float().view(1, -1, 1)
         if self.token_dependent:
@@ -199,7 +206,7 @@ class SpatialDecayAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.layout = layout
-        self.distance = "indicator" if decay == "content" else "manhattan"
+        self.distance = decay_variant(decay).distance or "manhattan"  # no bias for "none": unused
         self.backend = check_backend(backend)
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)

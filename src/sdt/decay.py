@@ -122,7 +122,7 @@ def _distance(delta: Tensor, kind: str) -> Tensor:
         return delta
     if kind == "indicator":
         return (delta > 0).to(delta.dtype)
-    raise ValueError(f"unknown distance {kind!r}; choose one of {DISTANCES}")
+    raise ValueError("unknown distance '" + kind + "'; expected 'manhattan' or 'indicator'")  # TorchScript: no f-strings
 
 
 def grid_distance(height: int, width: int, kind: str = "manhattan", device: Optional[torch.device] = None) -> Tensor:

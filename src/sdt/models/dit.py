@@ -12,8 +12,10 @@ DiT's architecture (facebookresearch/DiT ``models.py``) with one change: each bl
     N blocks, adaLN-Zero: shift/scale/gate from c for the attention and the MLP
     final layer: adaLN LayerNorm + Linear -> (B, H/p, W/p, p*p*C_out) -> unpatchify (B, C_out, H, W)
 
-``attn``: "vanilla" (decay="none": plain DiT attention), "fixed" (RMT's per-head decay), "cag"
-(SDT's data-dependent decay). All three use DiT's absolute sin-cos embedding and no rotary and no
+``attn``: a decay variant of ``sdt.decay.DECAY_VARIANTS``, spelt as for the backbones: "none"
+(plain DiT attention), "fixed" (RMT's per-head decay), "cag" (SDT's data-dependent decay), or the
+ablations "learned" and "content". "vanilla", DiT's old name for "none", is still read (saved
+configs of older runs). Every variant uses DiT's absolute sin-cos embedding and no rotary and no
 LCE (our choice), so that the decay bias is the only difference between them.
 
 Configurations are created by name with ``create_dit`` (``dit_s_2`` ... ``dit_xl_8`` as in DiT,
@@ -34,10 +36,13 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models import checkpoint
 
 from ..attention import SpatialDecayAttention
+from ..decay import DECAY_ALIASES, DECAY_VARIANTS, decay_variant
 
-__all__ = ["DiT", "create_dit", "list_dits", "DIT_CONFIGS", "ATTN_DECAY"]
+__all__ = ["DiT", "create_dit", "list_dits", "DIT_CONFIGS"]
 
-ATTN_DECAY = {"vanilla": "none", "fixed": "fixed", "cag": "cag"}
+# Transitional, derived from the table: the names ``attn`` reads -> the variant. Goes once
+# generate.py validates with ``sdt.decay.decay_variant`` instead.
+ATTN_DECAY = {**{name: name for name in DECAY_VARIANTS}, **DECAY_ALIASES}
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -126,7 +131,8 @@ class DiT(nn.Module):
         patch_size: p; the image height and width must be multiples of it.
         in_channels: image channels C (1 or 3 for pixels, 4 for SD latents).
         hidden_size, depth, num_heads, mlp_ratio: transformer width D, blocks, heads, MLP ratio.
-        attn: "vanilla" (no decay), "fixed" (RMT decay) or "cag" (SDT decay).
+        attn: a name of ``sdt.decay.DECAY_VARIANTS``: "none" (no decay), "fixed" (RMT decay), "cag" (SDT
+            decay), "learned" or "content"; "vanilla" is read as "none". ``self.attn`` holds the name.
         class_dropout_prob: label dropout for classifier-free guidance (0: no null class).
         num_classes: number of classes.
         learn_sigma: also predict the variance interpolation (output 2C channels).
@@ -152,8 +158,7 @@ class DiT(nn.Module):
             attn_backend: str = "auto",
     ):
         super().__init__()
-        if attn not in ATTN_DECAY:
-            raise ValueError(f"unknown attn {attn!r}; choose one of {tuple(ATTN_DECAY)}")
+        attn = decay_variant(attn).name
         if input_size % patch_size:
             raise ValueError(f"input_size={input_size} is not a multiple of patch_size={patch_size}")
         self.in_channels = in_channels
@@ -170,7 +175,7 @@ class DiT(nn.Module):
         grid = input_size // patch_size
         self.register_buffer("pos_embed", self.sincos_pos_embed((grid, grid)), persistent=False)
         self.blocks = nn.ModuleList([
-            DiTBlock(hidden_size, num_heads, mlp_ratio, ATTN_DECAY[attn], init_value, heads_range, attn_backend)
+            DiTBlock(hidden_size, num_heads, mlp_ratio, attn, init_value, heads_range, attn_backend)
             for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.grad_checkpointing = False
