@@ -142,3 +142,31 @@ def test_models_table_counts_on_the_meta_device_with_progress(capsys):
     nano = timm.create_model("sdt_h_nano", num_classes=1000)
     assert f"| {sum(p.numel() for p in nano.parameters()):,} |" in rows[0]  # the same count as a real model
     assert "counting FLOPs" in err and "2/2" in err
+
+
+def test_cli_choices_defaults_and_recipe_help_come_from_the_library():
+    from sdt.config import available_recipes, load_config
+    from sdt.data import DATASETS
+    from sdt.decay import DECAY_VARIANTS
+    from sdt.diffusion import OBJECTIVES
+    from sdt.fid import DEFAULT_EXTRACTOR
+    from sdt.train import TrainConfig
+
+    commands = next(a for a in cli.build_parser()._actions if isinstance(a, cli.argparse._SubParsersAction)).choices
+    options = {name: {a.dest: a for a in p._actions} for name, p in commands.items()}
+    gen = options["gen-train"]
+    assert set(DECAY_VARIANTS) <= set(gen["attn"].choices) and tuple(gen["objective"].choices) == OBJECTIVES
+    assert tuple(gen["dataset"].choices) == DATASETS == tuple(options["eval"]["dataset"].choices)
+    assert DEFAULT_EXTRACTOR in options["fid"]["extractor"].help
+    def listed(command: str) -> List[str]:
+        return options[command]["recipe"].help.split("(")[1].split(")")[0].split(", ")
+
+    train_recipes = []
+    for recipe in available_recipes():  # every shipped classification recipe, and only those, in train's help
+        try:
+            load_config(TrainConfig, recipe)
+            train_recipes.append(recipe)
+        except ValueError:
+            pass
+    assert {"quick", "fashion-mnist", "imagenet"} <= set(train_recipes) and listed("train") == train_recipes
+    assert "gen-fashion-mnist" in listed("gen-train") and not set(listed("gen-train")) & set(train_recipes)

@@ -1,13 +1,13 @@
 """The ``sdt`` command: a thin layer over the library.
 
-    sdt train             train a classifier from a recipe (quick, fashion-mnist, imagenet)
+    sdt train             train a classifier from a recipe (``sdt train --help`` lists them)
     sdt eval              evaluate a checkpoint (or a hub folder): top-1/top-5, per-class accuracy, confusion matrix
     sdt export-hub        a finished training run in timm's hub layout (config.json, model.safetensors, README.md)
     sdt models            the model table (parameters, GFLOPs, the papers' numbers)
     sdt viz               decay / gate / attention maps for a query location
     sdt convert           RMT checkpoint -> rmt_* / sdt_h_* safetensors
     sdt export            ONNX (checked with onnxruntime) or TorchScript
-    sdt gen-train         train a class-conditional DiT (vanilla / fixed / cag attention) on Fashion-MNIST
+    sdt gen-train         train a class-conditional DiT (decay variants of sdt.decay: none / fixed / cag ...) on Fashion-MNIST
     sdt sample            class-conditional samples from a generation run: PNG grid + .npz of uint8 images
     sdt fid               FID (in-domain extractor by default, or Inception from a local file) + conditional accuracy
 
@@ -17,6 +17,31 @@ import argparse
 import logging
 import sys
 from typing import Any, Dict, List, Optional
+
+from .config import available_recipes
+from .data import DATASETS
+from .decay import DECAY_ALIASES, DECAY_VARIANTS
+from .diffusion import OBJECTIVES, SAMPLERS
+from .fid import DEFAULT_EXTRACTOR
+
+
+def _recipes_for(config_class_path: str) -> str:
+    """The shipped recipes (``sdt.config.available_recipes``) that are configs of ``module:Class``,
+    for a command's help: each command lists the recipes it can run."""
+    import importlib
+
+    from .config import ConfigError, load_config
+
+    module, name = config_class_path.split(":")
+    config_class = getattr(importlib.import_module(module, __package__), name)
+    fitting = []
+    for recipe in available_recipes():
+        try:
+            load_config(config_class, recipe)
+        except ConfigError:
+            continue
+        fitting.append(recipe)
+    return ", ".join(fitting)
 
 
 def add_models_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -171,7 +196,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
                "  sdt train --recipe imagenet --data-dir /data/imagenet -o engine.amp=bf16\n"
                "  sdt train --output runs/rmt --resume                       # continue after a crash\n"
                "  torchrun --nproc-per-node 4 -m sdt.cli train --recipe imagenet --data-dir /data/imagenet")
-    add_run_arguments(p, "recipe name (quick, fashion-mnist, imagenet) or path to a YAML file", "runs/<model>-<date>-<time>")
+    add_run_arguments(p, f"recipe name ({_recipes_for('.train:TrainConfig')}) or path to a YAML file",
+                      "runs/<model>-<date>-<time>")
     p.add_argument("--model", help="model name (= -o model.name=...)")
     p.add_argument("--data-dir", help="dataset folder (= -o data.data_dir=...)")
     p.add_argument("--epochs", type=int, help="= -o engine.epochs=...")
@@ -201,7 +227,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--input-size", type=int, help="test-time resolution (default: the training resolution)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--model", help="model name (needed for a weights file outside a run folder)")
-    p.add_argument("--dataset", choices=("fashion-mnist", "folder"), help="default: the run's dataset")
+    p.add_argument("--dataset", choices=DATASETS, help="default: the run's dataset (for a hub folder: fashion-mnist)")
     p.add_argument("--data-dir", help="dataset folder (default: the run's)")
     p.add_argument("--ema", action="store_true", help="for a checkpoint folder: evaluate its EMA weights")
     p.add_argument("--output", help="where eval.json and confusion.png go")
@@ -245,7 +271,7 @@ def run_export_hub(args: argparse.Namespace) -> int:
 
 def add_gen_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "gen-train", help="train a class-conditional DiT (vanilla / fixed / cag attention)",
+        "gen-train", help=f"train a class-conditional DiT (attention decay: {' / '.join(DECAY_VARIANTS)})",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a class-conditional diffusion transformer (sdt.models.dit) with DDPM or flow matching, "
                     "on the engine of 'sdt train' (same checkpoints, exact resume, progress bars, torchrun). "
@@ -257,11 +283,13 @@ def add_gen_train_parser(subparsers: argparse._SubParsersAction) -> None:
                "  sdt gen-train --output runs/gen-ddpm --objective ddpm -o model.learn_sigma=true\n"
                "  sdt gen-train --output runs/gen-cag --resume                  # continue after a crash\n"
                "  torchrun --nproc-per-node 8 -m sdt.cli gen-train --model dit_s_2 --dataset folder --data-dir /data/x")
-    add_run_arguments(p, "recipe name or YAML file (default gen-fashion-mnist)", "runs/<model>-<attn>-<date>-<time>")
+    add_run_arguments(p, f"recipe name ({_recipes_for('.generate:GenConfig')}) or YAML file (default gen-fashion-mnist)",
+                      "runs/<model>-<attn>-<date>-<time>")
     p.add_argument("--model", help="DiT config, e.g. dit_n_4, dit_s_2 (= -o model.name=...)")
-    p.add_argument("--attn", choices=("vanilla", "fixed", "cag"), help="attention kind (= -o model.attn=...)")
-    p.add_argument("--objective", choices=("ddpm", "flow"), help="DiT's epsilon DDPM or SiT's flow matching")
-    p.add_argument("--dataset", choices=("fashion-mnist", "folder"), help="= -o data.dataset=...")
+    p.add_argument("--attn", choices=(*DECAY_VARIANTS, *DECAY_ALIASES),
+                   help="the attention's decay variant, sdt.decay.DECAY_VARIANTS (= -o model.attn=...)")
+    p.add_argument("--objective", choices=OBJECTIVES, help="ddpm: DiT's epsilon DDPM; flow: SiT's flow matching")
+    p.add_argument("--dataset", choices=DATASETS, help="= -o data.dataset=...")
     p.add_argument("--data-dir", help="dataset folder (= -o data.data_dir=...)")
     p.add_argument("--epochs", type=int, help="= -o engine.epochs=...")
     p.add_argument("--batch-size", type=int, help="global batch size (= -o engine.batch_size=...)")
@@ -286,7 +314,7 @@ def _recipe_and_overrides(args: argparse.Namespace, flags: Dict[str, str], confi
         return None
     recipe = args.recipe or default_recipe
     if not recipe:
-        raise ConfigError("choose a recipe, e.g. --recipe quick (recipes: quick, fashion-mnist, imagenet)")
+        raise ConfigError(f"choose a recipe, e.g. --recipe quick (recipes: {', '.join(available_recipes())})")
     return load_config(config_class, recipe, overrides)
 
 
@@ -313,7 +341,8 @@ def add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--classes", default=None, metavar="C0,C1,...",
                    help="comma-separated class indices to sample (default: every class); -1: unconditional "
                         "(needs a model trained with label dropout)")
-    p.add_argument("--sampler", default=None, help="ddim | ddpm (DDPM objective), heun | euler (flow)")
+    p.add_argument("--sampler", default=None, help=", ".join(f"{' | '.join(names)} ({objective} objective)"
+                                                              for objective, names in SAMPLERS.items()))
     p.add_argument("--steps", type=int, default=None, help="sampling steps (DDPM: respaced)")
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (1: none)")
     p.add_argument("--seed", type=int, default=0)
@@ -362,7 +391,7 @@ def add_fid_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-reference", type=int, default=0, help="use the first N reference images (default: all)")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX .gz files")
     p.add_argument("--extractor", default=None,
-                   help="timm model[.tag] with local weights giving pre-logit features (default: sdt_h_nano.fmnist; "
+                   help=f"timm model[.tag] with local weights giving pre-logit features (default: {DEFAULT_EXTRACTOR}; "
                         "with --extractor-checkpoint: the model of its run)")
     p.add_argument("--extractor-checkpoint", default=None,
                    help="a classifier from 'sdt train': its run folder, a checkpoint folder or a weights file in it "

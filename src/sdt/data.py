@@ -43,7 +43,7 @@ class DataError(SdtError, ValueError):
 @dataclass
 class DataConfig:
     """Where the images come from and how they are turned into tensors."""
-    dataset: str = "fashion-mnist"      # "fashion-mnist" or "folder" (ImageFolder / ImageNet layout)
+    dataset: str = "fashion-mnist"      # one of DATASETS: "fashion-mnist" or "folder" (ImageFolder / ImageNet layout)
     data_dir: Optional[str] = None      # default: /usr/share/datasets/fashion-mnist for fashion-mnist
     val_size: int = 5000                # fashion-mnist: training images held out for model selection
     train_subset: Optional[int] = None  # use only the first N training images (quick runs, tests)
@@ -71,6 +71,7 @@ class AugConfig:
     smoothing: float = 0.1                     # label smoothing
 
 
+DATASETS = ("fashion-mnist", "folder")  # data.dataset: Fashion-MNIST's IDX files, or an ImageFolder / ImageNet layout
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos", "random")  # timm's create_transform
 
 
@@ -84,7 +85,7 @@ def _range_checker(section: str, cfg: Any):
 def check_data_config(cfg: DataConfig, aug: Optional[AugConfig] = None) -> None:
     """Each data (and augmentation) setting on its own, before any file is read: ``DataError``."""
     require = _range_checker("data", cfg)
-    require(cfg.dataset in ("fashion-mnist", "folder"), "dataset", "fashion-mnist or folder")
+    require(cfg.dataset in DATASETS, "dataset", " or ".join(DATASETS))
     require(cfg.dataset != "folder" or bool(cfg.data_dir), "data_dir", "a folder for data.dataset=folder "
             "(pass --data-dir /path/to/imagenet)")
     require(cfg.val_size >= 0, "val_size", ">= 0")
@@ -268,7 +269,7 @@ def raw_dataset(cfg: DataConfig, split: str, in_chans: int = 3) -> Dataset:
             raise DataError("data.dataset=folder needs a folder: pass --data-dir /path/to/imagenet")
         ds = FolderImages(cfg.data_dir, split, "L" if num_channels(cfg, in_chans) == 1 else "RGB")
     else:
-        raise DataError(f"unknown data.dataset {cfg.dataset!r}; use 'fashion-mnist' or 'folder'")
+        raise DataError(f"unknown data.dataset {cfg.dataset!r}; use one of {DATASETS}")
     subset = {"train": cfg.train_subset, "val": cfg.val_subset, "test": cfg.test_subset}[split]
     if subset is not None and subset < len(ds):
         classes = ds.classes

@@ -29,7 +29,8 @@ from .data import (SEED_STRIDE, Batch, DataConfig, DataError, check_data_config,
                    resolve_num_classes, split_datasets)
 from .diffusion import OBJECTIVES, SAMPLERS, create_objective
 from .engine import DistInfo, EngineConfig, RunParts, Trainer, all_reduce_sum, progress_bar, run_task
-from .models.dit import ATTN_DECAY, DiT, create_dit
+from .decay import DECAY_ALIASES, DECAY_VARIANTS, DecayVariantError, decay_variant
+from .models.dit import DiT, create_dit
 from .plots import save_image_grid
 
 _logger = logging.getLogger("sdt")
@@ -38,7 +39,7 @@ _logger = logging.getLogger("sdt")
 @dataclass
 class GenModelConfig:
     name: str = "dit_n_4"                # sdt.models.dit.list_dits()
-    attn: str = "cag"                    # "vanilla" (plain DiT), "fixed" (RMT decay), "cag" (SDT decay)
+    attn: str = "cag"                    # a sdt.decay.DECAY_VARIANTS name: "none" (plain DiT), "fixed" (RMT), "cag" (SDT), ...
     objective: str = "flow"              # "ddpm" (DiT: epsilon, linear betas, T=1000) or "flow" (SiT: velocity)
     learn_sigma: bool = False            # ddpm only: learned variance with the hybrid loss
     num_classes: Optional[int] = None    # None: the dataset's class count
@@ -98,8 +99,12 @@ def check_gen_config(cfg: GenConfig) -> None:
     """Config values that cannot work, as a ``ConfigError`` / ``DataError`` naming the key."""
     if not 0 <= cfg.aug.hflip <= 1:
         raise ConfigError(f"aug.hflip must be a probability in [0, 1], got {cfg.aug.hflip}")
-    if cfg.model.attn not in ATTN_DECAY:
-        raise ConfigError(f"model.attn must be one of {tuple(ATTN_DECAY)}, got {cfg.model.attn!r}")
+    try:
+        decay_variant(cfg.model.attn)
+    except DecayVariantError:
+        aliases = "".join(f"; {alias!r} is read as {name!r}" for alias, name in DECAY_ALIASES.items())
+        raise ConfigError(f"model.attn must be one of {tuple(DECAY_VARIANTS)} (sdt.decay.DECAY_VARIANTS{aliases}), "
+                          f"got {cfg.model.attn!r}") from None
     if cfg.model.objective not in OBJECTIVES:
         raise ConfigError(f"model.objective must be one of {OBJECTIVES}, got {cfg.model.objective!r}")
     if cfg.model.learn_sigma and cfg.model.objective != "ddpm":

@@ -56,7 +56,10 @@ class TrainConfig:
 @torch.no_grad()
 def classification_counts(model: nn.Module, loader: DataLoader, num_classes: int, dist_info: DistInfo) -> Dict[str, Any]:
     """Confusion matrix (K, K) [true, predicted], top-5 hits, summed cross-entropy, image count and
-    forward-pass seconds over ``loader``, summed across processes."""
+    forward-pass seconds over ``loader``, summed across processes.
+
+    Ours, not torchmetrics' ``MulticlassConfusionMatrix``: torchmetrics is only an extra (``fid``), and
+    the confusion matrix is one ``bincount`` summed in the same all-reduce as the other counts."""
     was_training = model.training
     model.eval()
     device = dist_info.device
