@@ -14,9 +14,11 @@ and a fake implementation (``register_fake``), so ``torch.compile`` traces it as
 in the forward and one in the backward graph: no graph break, and nothing of size L^2 anywhere.
 ``lse`` is saved for the backward and is not differentiable.
 
-Kernels: on CPU the fused C++ kernel (``fused.py``; float32, other dtypes are computed in float32
-and cast back), on CUDA the Triton kernels (``triton.py``, imported on first CUDA use), whose
-float32 dots follow ``torch.get_float32_matmul_precision()`` ("highest": exact "ieee" dots, else TF32).
+Kernels: on CPU the fused C++ kernel (``fused.py``; float32 and bfloat16 q/k/v as they are, with
+float32 logits, bias and accumulation, so bf16 autocast has no float32 round trip; other dtypes are
+computed in float32 and cast back), on CUDA the Triton kernels (``triton.py``, imported on first
+CUDA use), whose float32 dots follow ``torch.get_float32_matmul_precision()`` ("highest": exact
+"ieee" dots, else TF32).
 """
 from typing import Tuple
 
@@ -26,7 +28,7 @@ from torch import Tensor
 from ._layout import flat_rates
 
 # q/k/v dtypes the C++ kernel takes as they are; anything else is computed in float32 and cast back.
-CPU_KERNEL_DTYPES = (torch.float32,)
+CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _cpu_ops():

@@ -75,7 +75,9 @@ class Stem(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return _to_nhwc(self.conv(x))
+        # contiguous NHWC: the residual stream of every block then keeps this layout (an elementwise op
+        # follows its first operand), so LayerNorm and the Linears run on it without a copy
+        return _to_nhwc(self.conv(x)).contiguous()
 
 
 class Downsample(nn.Module):
@@ -87,7 +89,7 @@ class Downsample(nn.Module):
         self.norm = nn.BatchNorm2d(dim_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        return _to_nhwc(self.norm(self.conv(_to_nchw(x))))
+        return _to_nhwc(self.norm(self.conv(_to_nchw(x)))).contiguous()  # as Stem: contiguous NHWC
 
 
 class ConvFFN(nn.Module):
@@ -171,7 +173,9 @@ class SpatialDecayStage(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.downsample(x)
-        rotary = rotary_tables((x.shape[1], x.shape[2]), self.head_dim, x.device)
+        # in the activations' dtype (bf16 under autocast, as q and k are): no float32 round trip per rotation
+        sin, cos = rotary_tables((x.shape[1], x.shape[2]), self.head_dim, x.device)
+        rotary = (sin.to(x.dtype), cos.to(x.dtype))
         for block in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = checkpoint(block, x, rotary)
@@ -206,7 +210,8 @@ class ProjectionHead(nn.Module):
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.act(self.norm(_to_nchw(self.proj(x))))
+        # contiguous: a strided (B, H, W, C) input makes Linear a bmm over a copy of the weight per (b, h)
+        x = self.act(self.norm(_to_nchw(self.proj(x.contiguous()))))
         if self.pool_type == "":
             return _to_nhwc(x)
         x = self.drop(self.global_pool(x))
