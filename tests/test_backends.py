@@ -4,6 +4,10 @@ Tolerances: float32 1e-4 relative to the largest reference value (the issue's bo
 are ~1e-6). bfloat16 inputs: 2e-2 relative (a few bf16 ulps: every backend computes in float32 and
 rounds once at the end, gradients of the inputs are rounded to bf16 too).
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import timm
 import torch
@@ -239,6 +243,19 @@ def test_fused_disabled_falls_back_to_the_chunked_loop(monkeypatch):
     monkeypatch.setenv("SDT_FUSED", "maybe")
     with pytest.raises(ValueError, match="SDT_FUSED='maybe'"):
         fused_module.load()
+
+
+def test_building_the_fused_kernel_hides_torchs_cuda_home_warning(tmp_path):
+    """torch.utils.cpp_extension logs "No CUDA runtime is found, using CUDA_HOME=..." when it is imported where
+    a CUDA toolkit exists and no GPU does; the CPU-only build does not use CUDA, so users must not see it.
+    A fresh interpreter (the warning comes once, at import), a CUDA_HOME that exists and no visible GPU."""
+    script = ("import logging; from sdt.backends import fused; assert fused.load() is not None, fused._failed; "
+              "assert not logging.getLogger('torch.utils.cpp_extension').filters; print('built')")
+    env = {**os.environ, "CUDA_HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": "", "SDT_FUSED": "1"}
+    env.pop("TORCH_LOGS", None)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "built" in result.stdout, result.stderr
+    assert "No CUDA runtime" not in result.stderr + result.stdout, result.stderr
 
 
 def test_chunk_rows_heuristic():

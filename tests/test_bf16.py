@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import sdt  # noqa: F401  registers the models
 from sdt.backends import fused as fused_module
+from sdt.backends import ops as ops_module
 from sdt.backends.reference import reference_attention
 
 BF16_TOL = 2e-2
@@ -167,13 +168,17 @@ def _randomise_gates(model: torch.nn.Module) -> None:
                 p.add_(torch.randn(p.shape, generator=generator) * 0.3)
 
 
-def test_bf16_autocast_training_step_of_sdt_h_nano(ops):
-    """forward + backward under torch.autocast('cpu', bfloat16): finite gradients for every parameter,
-    close to the float32 step's (same weights, same batch)."""
+def _nano_for_training() -> torch.nn.Module:
     torch.manual_seed(0)
     model = timm.create_model("sdt_h_nano", num_classes=10, in_chans=1, stem_stride=2, drop_path_rate=0.0)
     _randomise_gates(model)
-    model.train()
+    return model.train()
+
+
+def test_bf16_autocast_training_step_of_sdt_h_nano(ops):
+    """forward + backward under torch.autocast('cpu', bfloat16): finite gradients for every parameter,
+    close to the float32 step's (same weights, same batch)."""
+    model = _nano_for_training()
     x = torch.randn(4, 1, 28, 28)
     target = torch.tensor([0, 3, 5, 9])
     grads = {}
@@ -196,6 +201,40 @@ def test_bf16_autocast_training_step_of_sdt_h_nano(ops):
             ref = grads["fp32"][n]
             cosine = F.cosine_similarity(g.flatten().double(), ref.flatten().double(), dim=0).item()
             assert cosine > 0.9, f"{n}: cosine {cosine:.3f}"
+
+
+def test_bf16_autocast_runs_the_fused_kernel_in_bf16_and_an_optimizer_step_moves_the_gates(ops, monkeypatch):
+    """Under autocast the custom op hands the C++ kernel bf16 q, k, v (no float32 round trip) in the forward
+    and the backward; one AdamW step gives a finite loss and changes every gate parameter (the rates'
+    gradient reaches W_g, b and alpha through the kernel's float32 d(rates))."""
+    calls = []
+
+    class Recording:
+        def forward(self, q, *args):
+            calls.append(("forward", q.dtype))
+            return ops.forward(q, *args)
+
+        def backward(self, grad_out, q, *args):
+            calls.append(("backward", q.dtype))
+            return ops.backward(grad_out, q, *args)
+
+    monkeypatch.setattr(ops_module, "_cpu_ops", Recording)
+    model = _nano_for_training()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    gates = {n: p.detach().clone() for n, p in model.named_parameters() if ".gate." in n}
+    assert gates
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = F.cross_entropy(model(torch.randn(4, 1, 28, 28)).float(), torch.tensor([0, 3, 5, 9]))
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    assert {kind for kind, _ in calls} == {"forward", "backward"}
+    assert all(dtype == torch.bfloat16 for _, dtype in calls), calls
+    for n, p in model.named_parameters():
+        assert torch.isfinite(p).all(), n
+        if n in gates:
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
+            assert not torch.equal(p.detach(), gates[n]), f"{n} did not move"
 
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"

@@ -16,11 +16,12 @@ backend falls back to the chunked Function); ``SDT_FUSED=1`` makes a failed buil
 of a warning. The kernel is called through the custom op ``sdt::spatial_decay_attention``
 (``ops.py``), which gives it autograd and a fake implementation for ``torch.compile``.
 """
+import contextlib
 import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -43,6 +44,22 @@ def _setting() -> str:
     return value
 
 
+@contextlib.contextmanager
+def _quiet_cuda_home() -> Iterator[None]:
+    """Drop torch's "No CUDA runtime is found, using CUDA_HOME=..." warning, which torch.utils.cpp_extension
+    logs when it is first imported on a machine with a CUDA toolkit and no GPU: this build is CPU-only."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+
+    def drop(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def load():
     """The kernel's ops (``torch.ops.sdt_fused``), built on first use; None when disabled or the build failed."""
     global _ops, _failed
@@ -50,18 +67,19 @@ def load():
     if setting == "0" or _failed is not None:
         return None
     if _ops is None:
-        from torch.utils import cpp_extension
-
         log.info("building sdt's fused CPU attention kernel (once per machine, under a minute)")
         try:
-            cpp_extension.load(
-                name="sdt_fused_cpu",
-                sources=[str(Path(__file__).with_name("fused_cpu.cpp"))],
-                extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-                extra_ldflags=["-fopenmp"],
-                is_python_module=False,
-                verbose=False,
-            )
+            with _quiet_cuda_home():
+                from torch.utils import cpp_extension
+
+                cpp_extension.load(
+                    name="sdt_fused_cpu",
+                    sources=[str(Path(__file__).with_name("fused_cpu.cpp"))],
+                    extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"],
+                    is_python_module=False,
+                    verbose=False,
+                )
         except Exception as error:  # no compiler, no headers, ...: fall back, once, loudly
             _failed = f"{type(error).__name__}: " + "\n".join(str(error).strip().splitlines()[-3:])
             if setting == "1":
