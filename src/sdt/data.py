@@ -75,7 +75,7 @@ DATASETS = ("fashion-mnist", "folder")  # data.dataset: Fashion-MNIST's IDX file
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos", "random")  # timm's create_transform
 
 
-def _range_checker(section: str, cfg: Any):
+def _range_checker(section: str, cfg: Any) -> Callable[[bool, str, str], None]:
     def require(ok: bool, key: str, rule: str) -> None:
         if not ok:
             raise DataError(f"{section}.{key} must be {rule}, got {getattr(cfg, key)!r}")

@@ -43,7 +43,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -57,6 +57,9 @@ from .config import ConfigError, config_to_dict
 from .data import Batch, collate
 from .errors import SdtError
 from .plots import plot_curves
+
+if TYPE_CHECKING:
+    import tqdm
 
 _logger = logging.getLogger("sdt")
 
@@ -280,7 +283,7 @@ def final_val_metrics(output_dir: Path) -> Dict[str, float]:
     return {k: v for k, v in last.items() if k not in ("kind", "step", "epoch")}
 
 
-def progress_bar(total: int, desc: str, enabled: bool = True, initial: int = 0, unit: str = "img"):
+def progress_bar(total: int, desc: str, enabled: bool = True, initial: int = 0, unit: str = "img") -> "tqdm.tqdm":
     """A tqdm bar counting images (or ``unit``) on stderr (rate, ETA); in a log file (not a terminal) it
     writes a line every 30 s instead of every second."""
     from tqdm import tqdm
@@ -463,7 +466,7 @@ class Trainer:
 
     # -- loop -----------------------------------------------------------------------------------
 
-    def _autocast(self):
+    def _autocast(self) -> ContextManager[Any]:
         if self.cfg.amp == "none":
             return nullcontext()
         return torch.autocast(self.dist.device.type, dtype=torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16)

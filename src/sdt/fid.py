@@ -19,7 +19,7 @@ prints all three.
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -31,6 +31,9 @@ from .checkpoints import CheckpointError, load_into, load_weights
 from .config import ConfigError, load_config
 from .data import DataError, build_transform
 from .errors import SdtError
+
+if TYPE_CHECKING:
+    from torchmetrics.image.fid import FrechetInceptionDistance
 
 DEFAULT_EXTRACTOR = "sdt_h_nano.fmnist"
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's release asset
@@ -146,7 +149,7 @@ def in_domain_extractor(name: Optional[str] = None, checkpoint: Optional[str] = 
 
 
 def _pretrained_extractor(name: str) -> ClassifierFeatures:
-    arch = _known_model(name)
+    _known_model(name)  # a ConfigError, with suggestions, for an unknown name
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None or not cfg.file:
         source = cfg and (cfg.hf_hub_id or cfg.url)
@@ -176,7 +179,7 @@ def _head_classes(state: dict, arch: str, path: Path) -> int:
     return _tensor_dim(state, timm.models.get_pretrained_cfg(arch).classifier + ".weight", 0, arch, path)
 
 
-def inception_fid(weights_path: Optional[str]):
+def inception_fid(weights_path: Optional[str]) -> "FrechetInceptionDistance":
     """torchmetrics FID with torch-fidelity's Inception-v3 features from a local weights file.
 
     The file is read here without running code from it (``load_weights``), and torch-fidelity gets

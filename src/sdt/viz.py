@@ -15,7 +15,7 @@ A_col[c](r, r') * A_row[r'](c, c'), and its decay is the sum of the row and colu
 """
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,8 @@ from .decay import decomposed_biases, full_2d_bias
 IMAGE_NAMES = ("astronaut", "chelsea", "coffee")
 
 
-def load_image(source: str, size: Tuple[int, int], in_chans: int, mean, std) -> Tuple[Tensor, Tensor]:
+def load_image(source: str, size: Tuple[int, int], in_chans: int, mean: Sequence[float],
+               std: Sequence[float]) -> Tuple[Tensor, Tensor]:
     """Load an image file, a scikit-image sample (``astronaut``, ``chelsea``, ``coffee``) or a
     Fashion-MNIST test image (``fmnist:<index>``).
 
