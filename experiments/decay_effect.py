@@ -75,7 +75,8 @@ def main() -> None:
     no_decay.load_state_dict({k: v for k, v in weights.items() if k in no_decay.state_dict()})
     with torch.no_grad():
         a, b = trained(x), no_decay(x)
-    decay = cfg.model.kwargs.get("decay", "cag" if cfg.model.name.startswith("sdt_h") else "fixed")
+    # what the built model uses (a model's default, or per stage), not a guess from its name
+    decay = "/".join(dict.fromkeys(m.gate.decay for m in trained.modules() if isinstance(m, SpatialDecayAttention)))
     print(f"{run}: {cfg.model.name} (decay {decay}), first {len(y)} test images")
     print(f"  top-1 as trained {100 * (a.argmax(1) == y).float().mean():.2f}%, decay removed "
           f"{100 * (b.argmax(1) == y).float().mean():.2f}%; |logit change| / |logits| {(a - b).norm() / a.norm():.4f}; "

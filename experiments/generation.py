@@ -1,10 +1,12 @@
-"""DiT with vanilla, fixed (RMT) and CAG (SDT) attention on Fashion-MNIST: train, sample, score.
+"""DiT with no decay, fixed (RMT) and CAG (SDT) attention on Fashion-MNIST: train, sample, score.
 
     python experiments/generation.py --jobs 3                 # train (resumable), sample, FID, report
     python experiments/generation.py --report-only            # rebuild the table from finished runs
 
-Each kind is ``sdt gen-train --recipe gen-fashion-mnist --attn <kind>`` with the same seed, data
-order and steps, in ``<out>/<kind>``; a rerun skips finished runs and resumes unfinished ones, so
+Each kind is a decay variant of ``sdt.decay.DECAY_VARIANTS`` (default none, fixed, cag), trained by
+``sdt gen-train --recipe gen-fashion-mnist -o model.attn=<kind>`` with the same seed, data order and
+steps, in ``<out>/<kind>`` (a "none" run trained before DiT took that name lies in ``<out>/vanilla``
+and is used from there); a rerun skips finished runs and resumes unfinished ones, so
 the study can be spread over several sessions. Then, per run, ``--per-class`` samples of every class
 with the final EMA weights and the recipe's sampler (``<out>/<kind>/samples-<N>.npz``, the same seed
 for every kind), and against the Fashion-MNIST test set (10k images): the in-domain FID
@@ -26,24 +28,35 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List
 
 from sdt.checkpoints import checkpoint_dirs
+from sdt.decay import DECAY_ALIASES, DECAY_VARIANTS
 
 if TYPE_CHECKING:
     import torch
 
-KINDS = ("vanilla", "fixed", "cag")
+KINDS = ("none", "fixed", "cag")
+
+
+def run_folder(out: Path, kind: str) -> Path:
+    """``<out>/<kind>``, or the folder of an older name of that variant (``DECAY_ALIASES``) if only that exists."""
+    folder = out / kind
+    if not folder.exists():
+        for old in (alias for alias, name in DECAY_ALIASES.items() if name == kind):
+            if (out / old).exists():
+                return out / old
+    return folder
 
 
 def gen_train(out: Path, kind: str, extra: List[str]) -> None:
-    folder = out / kind
+    folder = run_folder(out, kind)
     if (folder / "summary.json").is_file():
         print(f"[skip] {folder} is finished")
         return
     if folder.exists() and not checkpoint_dirs(folder):
         shutil.rmtree(folder)  # stopped before its first checkpoint: nothing to resume
     cmd = [sys.executable, "-m", "sdt.cli", "gen-train", "--output", str(folder)]
-    cmd += ["--resume"] if folder.exists() else ["--attn", kind, *extra]
+    cmd += ["--resume"] if folder.exists() else ["-o", f"model.attn={kind}", *extra]
     print(f"[{'resume' if folder.exists() else 'train'}] {folder}")
-    log = out / f"{kind}.log"
+    log = out / f"{folder.name}.log"
     out.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
         subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
@@ -51,9 +64,9 @@ def gen_train(out: Path, kind: str, extra: List[str]) -> None:
 
 
 def sample(out: Path, kind: str, per_class: int, threads: int) -> Path:
-    prefix = out / kind / f"samples-{per_class * 10}"
+    prefix = run_folder(out, kind) / f"samples-{per_class * 10}"
     if not prefix.with_suffix(".npz").is_file():
-        subprocess.run([sys.executable, "-m", "sdt.cli", "sample", str(out / kind), "--out", str(prefix),
+        subprocess.run([sys.executable, "-m", "sdt.cli", "sample", str(run_folder(out, kind)), "--out", str(prefix),
                         "--per-class", str(per_class), "--seed", "0", "--threads", str(threads)], check=True)
     return prefix.with_suffix(".npz")
 
@@ -117,7 +130,7 @@ def sample_figure(out: Path, kinds: List[str], per_class: int) -> Path:
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    grids = [(kind, out / kind / f"samples-{per_class * 10}.png") for kind in kinds]
+    grids = [(kind, run_folder(out, kind) / f"samples-{per_class * 10}.png") for kind in kinds]
     grids = [(kind, path) for kind, path in grids if path.is_file()]
     fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.5), squeeze=False)
     for ax, (kind, path) in zip(axes[0], grids):
@@ -134,7 +147,7 @@ def sample_figure(out: Path, kinds: List[str], per_class: int) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="experiments/gen-runs")
-    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(DECAY_VARIANTS))
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (threads per run: cores / jobs)")
     parser.add_argument("--per-class", type=int, default=1000, help="samples per class for FID (default 1000: 10k)")
     parser.add_argument("--report-only", action="store_true")
@@ -150,11 +163,11 @@ def main() -> None:
             list(pool.map(lambda kind: gen_train(out, kind, extra), args.kinds))
     rows = []
     for kind in args.kinds:
-        summary_path = out / kind / "summary.json"
+        summary_path = run_folder(out, kind) / "summary.json"
         if not summary_path.is_file():
             continue
         summary = json.loads(summary_path.read_text())
-        scores_path = out / kind / f"scores-{args.per_class * 10}.json"
+        scores_path = run_folder(out, kind) / f"scores-{args.per_class * 10}.json"
         if not scores_path.is_file():
             if args.report_only:
                 continue

@@ -41,7 +41,7 @@ from ..decay import DECAY_ALIASES, DECAY_VARIANTS, decay_variant
 __all__ = ["DiT", "create_dit", "list_dits", "DIT_CONFIGS"]
 
 # Transitional, derived from the table: the names ``attn`` reads -> the variant. Goes once
-# generate.py validates with ``sdt.decay.decay_variant`` instead.
+# benchmarks/dit_throughput.py (its last user) names its kinds itself; use ``sdt.decay.decay_variant``.
 ATTN_DECAY = {**{name: name for name in DECAY_VARIANTS}, **DECAY_ALIASES}
 
 
