@@ -25,7 +25,7 @@ features_only, ``sdt models``' classifier table) does not apply; a plain registr
 ``timm.list_models()`` for classifiers.
 """
 import math
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.nn as nn
