@@ -36,14 +36,9 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models import checkpoint
 
 from ..attention import SpatialDecayAttention
-from ..decay import DECAY_ALIASES, DECAY_VARIANTS, decay_variant
+from ..decay import decay_variant
 
 __all__ = ["DiT", "create_dit", "list_dits", "DIT_CONFIGS"]
-
-# Transitional, derived from the table: the names ``attn`` reads -> the variant. Goes once
-# benchmarks/dit_throughput.py (its last user) names its kinds itself; use ``sdt.decay.decay_variant``.
-ATTN_DECAY = {**{name: name for name in DECAY_VARIANTS}, **DECAY_ALIASES}
-
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """x: (B, H, W, D); shift, scale: (B, D)."""
