@@ -319,3 +319,43 @@ def test_resume_uses_the_saved_config_and_warns_about_a_different_one(fake_fmnis
     with pytest.warns(UserWarning, match=r"saved config.yaml.*engine.epochs, engine.lr, which are ignored") as record:
         assert train(changed, str(run), resume="auto")["global_step"] == steps  # still the saved 1 epoch
     assert [w.filename for w in record if "saved config.yaml" in str(w.message)] == [__file__]
+
+
+def test_run_task_runs_a_task_of_ones_own(tmp_path: Path):
+    """A further task needs only a builder: run_task does the run folder, the counts, training, finish,
+    summary.json and report.md."""
+    from torch import nn
+
+    from sdt.data import AugConfig
+    from sdt.engine import RunParts, run_task
+    from sdt.train import ClassificationTask
+
+    class Pairs(torch.utils.data.Dataset):
+        def __init__(self, n: int):
+            self.x = torch.randn(n, 1, 4, 4, generator=torch.Generator().manual_seed(n))
+            self.y = (self.x.mean((1, 2, 3)) > 0).long()
+
+        def __len__(self) -> int:
+            return len(self.x)
+
+        def __getitem__(self, i: int):
+            return self.x[i], int(self.y[i])
+
+    finished = []
+
+    def build(cfg, info):
+        model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+        return RunParts(model, ClassificationTask(2, AugConfig(smoothing=0.0)), Pairs(64), Pairs(32), "linear", (1, 4, 4),
+                        summary={"model": "linear"}, report_title="Toy report",
+                        report_rows=lambda s: [("best val top-1", f"{s['best']['value']:.2f}%")],
+                        headline=lambda s: "toy done", finish=lambda trainer, s: finished.append(s["global_step"]))
+
+    cfg = TrainConfig(engine=EngineConfig(epochs=2, batch_size=16, warmup_epochs=0, log_every_steps=1, threads=1))
+    cfg.data.workers = 0
+    summary = run_task(TrainConfig, cfg, str(tmp_path / "run"), None, "toy", build)
+    assert finished == [8] and summary["global_step"] == 8
+    assert (summary["params"], summary["flops"], summary["input_size"]) == (34, 32, 4)
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert report.startswith("# Toy report") and "| best val top-1 |" in report and "![curves](curves.png)" in report
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["model"] == "linear"
+    assert "model linear: 0.00M parameters" in (tmp_path / "run" / "train.log").read_text()
