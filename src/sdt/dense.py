@@ -262,6 +262,9 @@ def create_backbone(name: str, in_chans: int = 3, out_indices: Optional[Sequence
     if fpn_channels < 1:
         raise ConfigError(f"fpn_channels must be at least 1, got {fpn_channels}")
     if name in TORCHVISION_RESNETS:
+        if model_kwargs:
+            raise ConfigError(f"model arguments {model_kwargs} are for timm models; {name} (torchvision's ResNet) takes "
+                              f"none: drop them (e.g. -o model.kwargs={{}})")
         if pretrained is not None:
             raise ConfigError(f"pretrained weights for {name}: not supported (no network); use a timm resnet "
                               f"(e.g. resnet18) with a local file instead")

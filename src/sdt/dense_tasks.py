@@ -521,3 +521,25 @@ def _run_segment_cli(args: Any) -> int:
     cfg = _dense_cfg(args, SegmentConfig, {"backbone": "model.backbone"})
     run_segmentation(cfg or SegmentConfig(), args.output, args.resume)
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m sdt.dense_tasks detect|segment ...``: the commands before (and besides) ``sdt detect``;
+    bad input is one line on stderr and exit status 2, as in ``sdt``."""
+    import argparse
+    import sys
+
+    from .errors import SdtError
+
+    parser = argparse.ArgumentParser(prog="python -m sdt.dense_tasks")
+    add_dense_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except SdtError as e:
+        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
