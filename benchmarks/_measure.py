@@ -72,3 +72,11 @@ def environment() -> str:
 
     return (f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs visible, "
             f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+
+
+def load_average() -> str:
+    """The machine's load average (``os.getloadavg``): numbers taken above ~0.2 per CPU share the cores."""
+    import os
+
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs"

@@ -258,6 +258,20 @@ def test_building_the_fused_kernel_hides_torchs_cuda_home_warning(tmp_path):
     assert "No CUDA runtime" not in result.stderr + result.stdout, result.stderr
 
 
+def test_fx_trace_of_the_public_function_records_the_reference():
+    """Models reach spatial_decay_attention as an fx leaf (attention.py wraps it), but a user's own module
+    that calls ``sdt.spatial_decay_attention`` traces through it: the fx branch of the dispatch then picks
+    the reference, whose plain ops record (without it, ``auto`` would branch on a Proxy and fail)."""
+
+    class Direct(torch.nn.Module):
+        def forward(self, q, k, v, rates):
+            return sdt.spatial_decay_attention(q, k, v, rates, (3, 4))
+
+    graph = torch.fx.symbolic_trace(Direct())
+    q, k, v, rates = make_inputs(2, 2, (3, 4), 8, (2, 2, 12), "mixed")
+    assert relative_error(graph(q, k, v, rates), reference_attention(q, k, v, rates, (3, 4), "full", "manhattan")) < F32_TOL
+
+
 def test_chunk_rows_heuristic():
     assert 0 < chunk_rows(8, 4, 3136) * 8 * 4 * 3136 <= CHUNK_ELEMENTS
     assert chunk_rows(1, 1, 10) == 10
