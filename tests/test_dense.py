@@ -15,9 +15,9 @@ from sdt import rmt_config_to_kwargs
 from sdt.checkpoints import CheckpointError, checkpoint_dirs, load_weights
 from sdt.config import ConfigError, load_config
 from sdt.data import DataError
-from sdt.dense import (DETECTORS, SegmentationModel, TimmFPNBackbone, create_backbone, create_detector,
-                       create_segmenter, load_backbone_weights)
-from sdt.dense_tasks import (DetectConfig, DetectionTask, SegmentConfig, SegmentationTask, add_dense_commands,
+from sdt.dense import (DETECTORS, SegmentationModel, create_backbone, create_detector, create_segmenter,
+                       load_backbone_weights)
+from sdt.dense_tasks import (DetectConfig, DetectionTask, SegmentConfig, SegmentationTask, add_dense_commands, main,
                              run_detection, run_segmentation)
 from sdt.mosaic import (IGNORE_INDEX, FashionMosaics, MosaicConfig, check_detection_target, check_semantic_target)
 
@@ -25,7 +25,7 @@ RMT_FIXTURE = Path("/work/shared/fixtures/rmt")
 SMALL = {"stem_stride": 4}
 # fewer sampled anchors / proposals than torchvision's defaults: the same code paths, a fraction of the work
 LIGHT_RCNN = dict(rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=50, rpn_pre_nms_top_n_test=100,
-                  rpn_post_nms_top_n_test=30, rpn_batch_size_per_image=32, box_batch_size_per_image=32)
+                  rpn_post_nms_top_n_test=30, rpn_batch_size_per_image=32, box_batch_size_per_image=32, box_head_dim=32)
 
 
 @pytest.fixture(autouse=True)
@@ -63,6 +63,11 @@ def test_each_torchvision_detector_trains_and_predicts_on_the_backbone(name, kin
     assert backbone.out_channels == width and backbone.strides == [4, 8, 16, 32, 64]
     kwargs = LIGHT_RCNN if kind in ("fasterrcnn", "maskrcnn") else {}
     model = create_detector(kind, backbone, num_classes=11, canvas=64, **kwargs)
+    if kind in ("fasterrcnn", "maskrcnn"):
+        assert model.roi_heads.box_predictor.cls_score.out_features == 11
+        assert model.roi_heads.box_head.fc7.out_features == 32
+    if kind == "maskrcnn":
+        assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 11
     images = [torch.rand(1, 64, 64) for _ in range(2)]
     model.train()
     losses = model(images, _targets(2, 64, masks=kind == "maskrcnn"))
@@ -114,6 +119,8 @@ def test_input_not_a_multiple_of_the_stride_is_a_clear_error():
         create_detector("fcos", backbone, 1, canvas=64)
     with pytest.raises(ConfigError, match="unknown backbone 'sdt_h_nanoo'; did you mean sdt_h_nano"):
         create_backbone("sdt_h_nanoo")
+    with pytest.raises(ConfigError, match=r"tv_resnet18 \(torchvision's ResNet\) takes none.*model.kwargs=\{\}"):
+        create_backbone("tv_resnet18", model_kwargs={"stem_stride": 4})
 
 
 def test_frozen_stages_and_norm_eval():
@@ -416,3 +423,12 @@ def test_cli_commands_parse_and_refuse_overrides_on_resume(fake_fmnist: Path, tm
     args = parser.parse_args(["segment", "--output", str(tmp_path / "r"), "--resume", "-o", "engine.epochs=3"])
     with pytest.raises(ConfigError, match="--resume continues a run with its saved config"):
         args.func(args)
+
+
+def test_module_entry_point_reports_bad_input_in_one_line(fake_fmnist: Path, tmp_path: Path, capsys):
+    code = main(["segment", "--output", str(tmp_path / "r"), *[a for o in _run_overrides(fake_fmnist, **{"data.canvas": 60})
+                                                              for a in ("-o", o)]])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "error: data.max_side" not in err and "data.canvas=60 must be a multiple of the backbone's stride 32" in err
+    assert not (tmp_path / "r").exists()
