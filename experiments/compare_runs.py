@@ -17,7 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
-from sdt.engine import read_metrics, save_figure  # noqa: E402
+from sdt.engine import read_metrics  # noqa: E402
+from sdt.plots import save_figure  # noqa: E402
 
 
 def names(run: Path) -> Tuple[str, str]:

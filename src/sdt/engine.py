@@ -57,7 +57,6 @@ from .config import ConfigError, config_to_dict
 from .data import Batch, collate
 from .errors import SdtError
 from .plots import plot_curves
-from .plots import save_figure  # noqa: F401  (experiments/compare_runs.py imports it from here; it lives in sdt.plots)
 
 if TYPE_CHECKING:
     import tqdm
