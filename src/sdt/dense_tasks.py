@@ -451,7 +451,8 @@ def render_report(s: Dict[str, Any], cfg: Any) -> str:
     rows = [
         ("task", f"{s['task']} ({s['model']}) on `{s['backbone']}`, {s['params'] / 1e6:.2f}M parameters "
                  f"({s['backbone_params'] / 1e6:.2f}M backbone + FPN)"),
-        ("data", f"Fashion-MNIST mosaics (not COCO) {s['data']['canvas']}px, {s['data']['images']}, seed {s['data']['seed']}"),
+        ("data", "Fashion-MNIST mosaics (not COCO), {c}x{c}, {train} train / {val} val / {test} test, benchmark seed {seed}".format(
+            c=s["data"]["canvas"], seed=s["data"]["seed"], **s["data"]["images"])),
         ("epochs / global batch / processes", f"{cfg.engine.epochs} / {cfg.engine.batch_size} / {s['processes']}"),
         (f"best val {label}", f"{s['best']['value']:.2f} (epoch {s['best']['epoch']}, {s['best']['source']} weights)"),
         (f"test {label} (best weights)", f"{s['test'][metric]:.2f}"),
