@@ -156,7 +156,7 @@ def bench_layer(name: str, rounds: int, reps: int) -> str:
                                                            "manhattan")
             out = run_forward().float()
             errors[case] = f"{((out - references[kind]).abs().max() / references[kind].abs().max()).item():.1e}"
-        except Exception as error:  # noqa: BLE001  (timing below reports it)
+        except Exception:  # noqa: BLE001  (timing below reports it)
             errors[case] = "-"
     references.clear()
     forward_ms = time_cases(forward, rounds, reps, failures)

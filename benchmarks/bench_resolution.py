@@ -89,7 +89,7 @@ def main() -> None:
             if case[1] == "reference" and bias_gib > args.max_bias_gib:
                 skipped[case] = bias_gib
                 continue
-            runnable[case] = (lambda m: lambda: m(image))(model)
+            runnable[case] = (lambda m, x: lambda: m(x))(model, image)
         with torch.no_grad():
             times = interleaved_medians(runnable, args.rounds, warmup=0)
             for case, fn in runnable.items():

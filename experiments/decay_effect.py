@@ -48,7 +48,7 @@ def branch_sizes(model: torch.nn.Module, x: torch.Tensor) -> list:
         rows.append((tuple(inputs[0].shape[1:3]), (branch.norm() / inputs[0].norm()).item(),
                      (attention_only.norm() / branch.norm()).item()))
 
-    blocks = [m for m in model.modules() if hasattr(m, "attn") and isinstance(getattr(m, "attn"), SpatialDecayAttention)]
+    blocks = [m for m in model.modules() if hasattr(m, "attn") and isinstance(m.attn, SpatialDecayAttention)]
     handles = [b.norm1.register_forward_hook(lambda mod, inp, out, b=b: hook(b, inp, out)) for b in blocks]
     model(x)
     for h in handles:

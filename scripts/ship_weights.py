@@ -11,7 +11,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 

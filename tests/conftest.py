@@ -7,6 +7,7 @@ from typing import List
 
 import numpy as np
 import pytest
+import torch
 
 # A ~10k-parameter SDT-H (same code path as sdt_h_nano) on 16x16 inputs.
 TINY_MODEL = [
@@ -57,7 +58,7 @@ def tiny_overrides(data_dir: Path, **extra: str) -> List[str]:
     }
     values.update(extra)
     return TINY_MODEL + [f"{k}={v}" for k, v in values.items()]
-import torch
+
 
 # The test machine is small and shared: one intra-op thread avoids OpenMP oversubscription, which
 # made tiny element-wise ops ~50x slower under load.

@@ -173,7 +173,7 @@ def test_training_losses_are_zero_for_the_true_target():
     g = torch.Generator().manual_seed(0)
     # the loss draws t, then the noise, from the generator: replay that order to build the oracle
     g_oracle = torch.Generator().manual_seed(0)
-    t = torch.randint(0, 1000, (4,), generator=g_oracle)
+    _ = torch.randint(0, 1000, (4,), generator=g_oracle)  # t, drawn only to advance the generator
     noise = torch.randn(x.shape, generator=g_oracle)
     oracle = lambda x_t, t_, y: noise  # noqa: E731
     assert diffusion.training_losses(oracle, x, torch.zeros(4, dtype=torch.long), g)["loss"].max().item() == 0

@@ -9,4 +9,6 @@ from .attention import DecayGate, SpatialDecayAttention, apply_rotary, rotary_ta
 from .backends import spatial_decay_attention
 from .models import SpatialDecayTransformer, checkpoint_filter_fn, rmt_config_to_kwargs
 
+__all__ = ["DecayGate", "SpatialDecayAttention", "SpatialDecayTransformer", "apply_rotary", "checkpoint_filter_fn",
+           "rmt_config_to_kwargs", "rotary_tables", "spatial_decay_attention"]
 __version__ = "0.1.0"

@@ -141,7 +141,7 @@ def run_viz(args: argparse.Namespace) -> int:
             query = tuple(float(v) for v in args.query.split(","))
             assert len(query) == 2
         except (ValueError, AssertionError):
-            raise SystemExit(f"--query must be 'x,y' in pixels, got {args.query!r}")
+            raise SystemExit(f"--query must be 'x,y' in pixels, got {args.query!r}") from None
     else:
         query = (size[1] / 2, size[0] / 2)
     maps = attention_maps(model, image, query, args.block)
