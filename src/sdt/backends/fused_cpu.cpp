@@ -9,11 +9,12 @@
 //
 // q, k, v (and grad_out, out) are float32 or bfloat16, all of one dtype; rates, lse and the rate
 // gradient are always float32, and out, dq, dk, dv come back in q's dtype. bfloat16 forward: each task
-// widens its q rows and its sequences' k to float32 in cache, so the logits, the bias and the softmax
-// are exactly the float32 kernel's; the probabilities are rounded to bfloat16 for the P v GEMM
-// (bf16 x bf16 with float32 accumulation, as flash-attention does), which writes the bf16 output
-// directly. bfloat16 backward: the inputs are widened to float32 once (O(S L d), against the
-// O(S L^2 d) work), the float32 backward runs, and dq, dk, dv are rounded once at the end.
+// widens its q rows and its sequences' k and v to float32 in cache, so the logits, the bias, the softmax
+// and P v are the float32 kernel's, and the output is rounded to bf16 once. (A bf16 P v GEMM, with P
+// rounded to bf16, was 10-40% slower per call at this model's shapes, L = 28-196 and d = 16-32, where
+// oneDNN's small bf16 GEMMs lose to float32 ones, and twice as far from float32.) bfloat16 backward:
+// the inputs are widened to float32 once (O(S L d), against the O(S L^2 d) work), the float32
+// backward runs, and dq, dk, dv are rounded once at the end.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -50,15 +51,6 @@ inline float exp_nonpositive(float x) {
   return p * power;
 }
 
-// Round-to-nearest-even float32 -> bfloat16 on the bits, written out so that the loops vectorise
-// (the values are finite probabilities, so NaN needs no case).
-inline at::BFloat16 to_bfloat16(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  bits += 0x7FFFu + ((bits >> 16) & 1u);
-  return at::BFloat16(static_cast<uint16_t>(bits >> 16), at::BFloat16::from_bits());
-}
-
 constexpr int64_t kLanes = 16;  // floats per AVX-512 register
 
 struct Layout {
@@ -93,10 +85,8 @@ inline void for_each_key(const Layout& layout, const float* rates, int64_t query
   }
 }
 
-// The row of q k^T in `row` becomes softmax probabilities in `probs` (float32: `row` itself, bf16: its
-// own buffer); `row` is scratch. Returns the row's log-sum-exp.
-template <typename prob_t>
-inline float softmax_row(float* row, prob_t* probs, const float* rates, int64_t query, const Layout& layout) {
+// The row of q k^T in `row` becomes its softmax probabilities, in place. Returns the row's log-sum-exp.
+inline float softmax_row(float* row, const float* rates, int64_t query, const Layout& layout) {
   const float scale = layout.scale;
   for_each_key(layout, rates, query, [&](int64_t j, float, float pair) { row[j] = row[j] * scale - std::fabs(pair); });
   // The max and the exponentials run over blocks of kLanes floats with per-lane partial results, and
@@ -133,13 +123,8 @@ inline float softmax_row(float* row, prob_t* probs, const float* rates, int64_t 
   float total = 0.0f;
   for (int64_t l = 0; l < kLanes; ++l) total += lane_sum[l];
   const float inverse = 1.0f / total;
-  if constexpr (std::is_same_v<prob_t, float>) {
 #pragma omp simd
-    for (int64_t j = 0; j < tokens; ++j) probs[j] = row[j] * inverse;
-  } else {
-#pragma omp simd
-    for (int64_t j = 0; j < tokens; ++j) probs[j] = to_bfloat16(row[j] * inverse);
-  }
+  for (int64_t j = 0; j < tokens; ++j) row[j] *= inverse;
   return row_max + std::log(total);
 }
 
@@ -173,7 +158,7 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
 template <typename scalar_t>
 std::tuple<Tensor, Tensor> forward_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& rates,
                                         const Layout& layout, int64_t budget) {
-  constexpr bool widen = !std::is_same_v<scalar_t, float>;  // bf16: q, k to float32 per task
+  constexpr bool widen = !std::is_same_v<scalar_t, float>;  // bf16: q, k, v to float32 per task
   const int64_t sequences = q.size(0), tokens = q.size(1), dim = q.size(2);
   const Split split(sequences, tokens, budget);
   const auto f32 = q.options().dtype(at::kFloat);
@@ -190,15 +175,15 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& q, const Tensor& k, const 
     at::ThreadLocalStateGuard caller_state_guard(caller_state);
     at::NoGradGuard no_grad;  // out= GEMMs must not record autograd history
     auto logits_buffer = at::empty({split.group, split.rows, tokens}, f32);
-    // bf16 only: float32 copies of the task's q rows and k, and the probabilities rounded for P v
-    Tensor q_wide, k_wide, probs_buffer = logits_buffer;
+    // bf16 only: float32 copies of the task's q rows, k and v, and of its output rows before rounding
+    Tensor q_wide, k_wide, v_wide, out_wide;
     if constexpr (widen) {
       q_wide = at::empty({split.group, split.rows, dim}, f32);
       k_wide = at::empty({split.group, tokens, dim}, f32);
-      probs_buffer = at::empty({split.group, split.rows, tokens}, q.options());
+      v_wide = at::empty({split.group, tokens, dim}, f32);
+      out_wide = at::empty({split.group, split.rows, dim}, f32);
     }
     float* logits_data = logits_buffer.data_ptr<float>();
-    scalar_t* probs_data = probs_buffer.data_ptr<scalar_t>();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t first = (task / split.blocks) * split.group, start = (task % split.blocks) * split.rows;
       const int64_t count = std::min(split.group, sequences - first), rows = std::min(split.rows, tokens - start);
@@ -213,12 +198,20 @@ std::tuple<Tensor, Tensor> forward_impl(const Tensor& q, const Tensor& k, const 
       for (int64_t s = 0; s < count; ++s) {
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t offset = (s * split.rows + r) * tokens, seq = first + s, query = start + r;
-          lse_data[seq * tokens + query] = softmax_row(logits_data + offset, probs_data + offset,
-                                                       rates_data + seq * tokens, query, layout);
+          lse_data[seq * tokens + query] = softmax_row(logits_data + offset, rates_data + seq * tokens, query,
+                                                       layout);
         }
       }
       auto out_block = out.narrow(0, first, count).narrow(1, start, rows);
-      at::bmm_out(out_block, probs_buffer.narrow(0, 0, count).narrow(1, 0, rows), v.narrow(0, first, count));
+      // softmax_row turned the logits into probabilities
+      if constexpr (widen) {
+        auto v_group = v_wide.narrow(0, 0, count).copy_(v.narrow(0, first, count));
+        auto out_wide_block = out_wide.narrow(0, 0, count).narrow(1, 0, rows);
+        at::bmm_out(out_wide_block, logits, v_group);
+        out_block.copy_(out_wide_block);
+      } else {
+        at::bmm_out(out_block, logits, v.narrow(0, first, count));
+      }
     }
   });
   return {out, lse};
