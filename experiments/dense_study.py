@@ -2,7 +2,7 @@
 ResNet-18 FPN, detection (Faster R-CNN, box mAP) and segmentation (Semantic FPN, mIoU), several seeds.
 
     python experiments/dense_study.py --plan                       # measure images/s, print the CPU-hours plan
-    python experiments/dense_study.py --epochs 2 --train-images 2000 --seeds 3 --jobs 2   # train + report
+    python experiments/dense_study.py --epochs 3 --train-images 4000 --seeds 3 --jobs 2   # train + report (the defaults)
     python experiments/dense_study.py --report-only                # rebuild the tables from finished runs
     python experiments/dense_study.py --smoke                      # the whole pipeline on a tiny grid (minutes)
 
@@ -246,9 +246,9 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", choices=tuple(TASKS), default=list(TASKS))
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES))
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--train-images", type=int, default=2000)
-    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--train-images", type=int, default=4000)
+    parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                         help="more overrides for every run (they must be the same for all backbones)")
     parser.add_argument("--plan", action="store_true", help="measure images/s and print the CPU-hours plan; trains nothing")
