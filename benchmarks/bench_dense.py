@@ -7,7 +7,8 @@ and rmt_nano) at 2-4 canvas sizes.
 Cases are interleaved round by round and medians reported (``_measure.interleaved_medians``), so
 load from other processes hits every case alike; absolute numbers still need an idle machine. The
 load average (``os.getloadavg``) is printed before and after: quote the numbers only when it is
-low. The backbones use the recipes' setting (``stem_stride=4``: FPN inputs at strides 4-32).
+low. The backbones use the recipes' setting (``stem_stride=4``: FPN inputs at strides 4-32), and the
+R-CNN heads the ``detect-mosaic`` recipe's (``--torchvision-defaults``: torchvision's COCO settings).
 
     PYTHONPATH=src python benchmarks/bench_dense.py                       # both tables, canvas 128, batch 8
     PYTHONPATH=src python benchmarks/bench_dense.py --detector maskrcnn --canvas 192 --sizes 128 256 384 512
@@ -31,12 +32,17 @@ def _load() -> str:
     return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs"
 
 
+DETECTOR_KWARGS: Dict[str, object] = {}  # set in main: the detect-mosaic recipe's, or torchvision's defaults
+
+
 def _model(kind: str, backbone: str, canvas: int, fpn: int) -> torch.nn.Module:
     kwargs = None if backbone.startswith("tv_") else {"stem_stride": 4}
     if kind == "segment":
         return create_segmenter(create_backbone(backbone, in_chans=1, fpn_channels=fpn, extra_blocks="none",
                                                 model_kwargs=kwargs), 11)
-    return create_detector(kind, create_backbone(backbone, in_chans=1, fpn_channels=fpn, model_kwargs=kwargs), 11, canvas)
+    extra = DETECTOR_KWARGS if kind in ("fasterrcnn", "maskrcnn") else {}
+    return create_detector(kind, create_backbone(backbone, in_chans=1, fpn_channels=fpn, model_kwargs=kwargs), 11, canvas,
+                           **extra)
 
 
 def _batch(canvas: int, batch: int) -> Tuple[List[torch.Tensor], List[Dict[str, torch.Tensor]], torch.Tensor]:
@@ -119,16 +125,24 @@ def main() -> None:
     parser.add_argument("--scaling-batch", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--torchvision-defaults", action="store_true",
+                        help="R-CNN heads with torchvision's COCO settings instead of the detect-mosaic recipe's")
     parser.add_argument("--quick", action="store_true", help="canvas 64, batch 2, sizes 64 128, 1 round: a smoke run")
     args = parser.parse_args()
     if args.quick:
         args.canvas, args.batch, args.sizes, args.scaling_batch, args.rounds = 64, 2, [64, 128], 1, 1
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.torchvision_defaults:
+        from sdt.config import load_config
+        from sdt.dense_tasks import DetectConfig
+
+        DETECTOR_KWARGS.update(load_config(DetectConfig, "detect-mosaic").model.detector_kwargs)
     print(environment())
     print(f"before: {_load()}")
     for kind in (args.detector, "segment"):
-        print(f"\n## {kind} at {args.canvas}x{args.canvas}, batch {args.batch}, FPN width {args.fpn_channels}\n")
+        heads = "" if kind == "segment" else f", R-CNN settings {DETECTOR_KWARGS or 'torchvision defaults'}"
+        print(f"\n## {kind} at {args.canvas}x{args.canvas}, batch {args.batch}, FPN width {args.fpn_channels}{heads}\n")
         print(per_backbone(kind, args.canvas, args.batch, args.fpn_channels, args.rounds))
     print(f"\n## resolution scaling under {args.detector}, batch {args.scaling_batch}\n")
     print(scaling(args.detector, args.sizes, args.scaling_batch, args.fpn_channels, args.rounds))
