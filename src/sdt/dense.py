@@ -25,6 +25,7 @@ Labels: the detectors use torchvision's convention, class 0 is background, so ``
 counts it (10 Fashion-MNIST classes -> ``num_classes=11``, labels 1..10). The segmenter's class 0
 is the background class of the semantic map.
 """
+import math
 import re
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -35,7 +36,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
@@ -365,8 +365,8 @@ class SemanticFPNHead(nn.Module):
         groups = 32 if channels % 32 == 0 else 1
         self.strides = list(strides)
         self.branches = nn.ModuleList()
-        for i, stride in enumerate(self.strides):
-            ups = max(int(round(torch.log2(torch.tensor(stride / self.strides[0])).item())), 0)
+        for stride in self.strides:
+            ups = max(int(round(math.log2(stride / self.strides[0]))), 0)
             layers: List[nn.Module] = []
             for k in range(max(ups, 1)):
                 layers += [nn.Conv2d(in_channels if k == 0 else channels, channels, 3, padding=1, bias=False),
