@@ -34,11 +34,11 @@ from torch.utils.data import DataLoader, Dataset
 from .checkpoints import atomic_path, atomic_write, load_into, load_weights
 from .config import ConfigError
 from .data import Batch, DataError
-from . import engine
 from .engine import (DistInfo, EngineConfig, Trainer, check_engine_settings, eval_loader, final_val_metrics, read_metrics,
                      resolve_run, start_run)
 from .mosaic import (IGNORE_INDEX, MOSAIC_CLASSES, FashionMosaics, MosaicConfig, check_detection_target,
                      check_mosaic_config, check_semantic_target, describe)
+from .plots import plot_curves
 
 _logger = logging.getLogger("sdt")
 
@@ -356,15 +356,6 @@ def _check_first_targets(task: Any, dataset: FashionMosaics) -> None:
         task.semantic(dataset, indices, size, torch.device("cpu"))
 
 
-def _plot_curves(out: Path, metric: str) -> None:
-    """engine.plot_curves takes the records (metrics.jsonl read) since the run-sequence refactor, the path before."""
-    import inspect
-
-    first = next(iter(inspect.signature(engine.plot_curves).parameters))
-    source = read_metrics(out / "metrics.jsonl") if first == "records" else out / "metrics.jsonl"
-    engine.plot_curves(source, out / "curves.png", metric)
-
-
 def _run(kind: str, config_class: type, cfg: Any, output_dir: Optional[str], resume: Optional[str]) -> Dict[str, Any]:
     cfg, info, out, resume_from = resolve_run(config_class, cfg, output_dir, resume,
                                                   kind if cfg is None else f"{kind}-{cfg.model.backbone}")
@@ -418,7 +409,7 @@ def _run(kind: str, config_class: type, cfg: Any, output_dir: Optional[str], res
                        wall_seconds=train_wall, processes=info.world_size)
         if info.is_main:
             summary["final_val"] = final_val_metrics(out)
-            _plot_curves(out, task.metric)
+            plot_curves(read_metrics(out / "metrics.jsonl"), out / "curves.png", task.metric)
             samples = list(range(min(8, len(test_set))))
             if kind == "detect":
                 draw_detections(trainer.model, test_set, samples, out / "samples.png", cfg.model.score_thresh)
