@@ -1,12 +1,16 @@
 """What timm's own model test suite (tests/test_models.py of timm 1.0.31) checks, for every registered
-SDT-H and RMT model: forward and backward at the cfg's sizes, the default cfg's fields, features_only
+SDT-H, RMT and SDT-ViT model: forward and backward at the cfg's sizes, the default cfg's fields, features_only
 with each feature class, forward_intermediates, fx forward and backward through timm's feature
 extraction, TorchScript, and the shipped pretrained tag.
 
 Input sizes follow timm's rules (``_input_size``: the cfg's input size, each side capped at the
-check's target). Checks of the small (nano, tiny) models run by default; the S/B/L models and their
-full2d variants run under ``-m slow``, except the default-cfg checks, which are shapes only and run
-for every model on the meta device.
+check's target). Checks of the small (nano, tiny; sdt_vit_fm_*) models run by default; the S/B/L
+models, their full2d variants and the 224-px ViTs run under ``-m slow``, except the default-cfg
+checks, which are shapes only and run for every model on the meta device.
+
+The ViTs (``sdt.models.vit``) are isotropic: every block has the patch embedding's reduction,
+features_only gives timm's ViT default (the last 3 blocks, through ``forward_intermediates``), and
+their final norm is part of ``forward_features``.
 """
 import contextlib
 import math
@@ -21,6 +25,7 @@ from torchvision.models.feature_extraction import NodePathTracer, create_feature
 
 import sdt
 from sdt.attention import reference_backend
+from sdt.models import SpatialDecayViT
 
 MODELS = sorted(timm.list_models("sdt_*") + timm.list_models("rmt_*"))
 MODELS_WITH_TAGS = sorted(timm.list_models("sdt_*", include_tags=True) + timm.list_models("rmt_*", include_tags=True))
@@ -37,7 +42,13 @@ TARGET_BWD_FX_SIZE = 128
 
 
 def _heavy(name: str) -> bool:
+    if name.startswith("sdt_vit_"):
+        return not name.startswith("sdt_vit_fm_")  # the others are 224-px ViT-Ti/S/B
     return not any(f"_{size}" in name for size in SMALL)
+
+
+def _isotropic(model: torch.nn.Module) -> bool:
+    return isinstance(model, SpatialDecayViT)
 
 
 def _params(names):
@@ -66,7 +77,9 @@ def _test_sizes(cfg: dict, target: Optional[int] = None):
 
 
 def test_every_family_member_is_covered():
-    assert len(MODELS) == 15
+    assert len(MODELS) == 20
+    assert [n for n in MODELS if n.startswith("sdt_vit_")] == [
+        "sdt_vit_base", "sdt_vit_fm_small", "sdt_vit_fm_tiny", "sdt_vit_small", "sdt_vit_tiny"]
     for name in MODELS:
         assert timm.get_pretrained_cfg(name) is not None, name
     assert PRETRAINED == ["sdt_h_nano.fmnist"]
@@ -142,7 +155,8 @@ def _check_default_cfg(name: str) -> None:
     reduction = None
     for info in model.feature_info:
         assert info["module"] in modules and info["num_chs"] > 0
-        assert reduction is None or info["reduction"] == 2 * reduction
+        # hierarchical: each stage halves the grid; isotropic: every block keeps the patch grid
+        assert reduction is None or info["reduction"] == (1 if _isotropic(model) else 2) * reduction
         reduction = info["reduction"]
     assert model.feature_info[-1]["num_chs"] == model.num_features
     assert math.ceil(cfg["input_size"][1] / reduction) == pool_size[0]  # stride-2 convs round up
@@ -166,11 +180,13 @@ def test_model_default_cfgs_heavy_on_cpu(name):
 def test_model_forward_features(name, feature_cls):
     kwargs = {} if feature_cls is None else dict(feature_cls=feature_cls)
     model = timm.create_model(name, features_only=True, **kwargs).eval()
+    vit = name.startswith("sdt_vit_")
     channels, reductions = model.feature_info.channels(), model.feature_info.reduction()
-    assert len(channels) == 4
+    assert len(channels) == (3 if vit else 4)  # ViT: timm's default, the last 3 blocks
     output_fmt = getattr(model, "output_fmt", "NCHW")
-    # the getter asks forward_intermediates for timm's NCHW; the others keep the model's NHWC
-    assert output_fmt == ("NCHW" if feature_cls == "getter" else "NHWC")
+    # the getter (the ViTs' default) asks forward_intermediates for timm's NCHW; the others keep NHWC
+    getter = feature_cls == "getter" or (feature_cls is None and vit)
+    assert output_fmt == ("NCHW" if getter else "NHWC")
     feat_axis, spatial_axis = get_channel_dim(output_fmt), get_spatial_dim(output_fmt)
     size = _input_size(model.pretrained_cfg, TARGET_FFEAT_SIZE)
     x = torch.randn(1, *size)
@@ -192,13 +208,14 @@ def test_model_features_match_forward_intermediates(name):
     size = _input_size(model.pretrained_cfg, TARGET_FFEAT_SIZE)
     x = torch.randn(1, *size)
     with torch.no_grad():
-        expected = model.forward_intermediates(x, output_fmt="NHWC", intermediates_only=True)
         for feature_cls in (None, "getter", "hook", "fx"):
             kwargs = {} if feature_cls is None else dict(feature_cls=feature_cls)
             torch.manual_seed(0)
             features = timm.create_model(name, features_only=True, **kwargs).eval()
+            indices = list(features.feature_info.out_indices)
+            expected = model.forward_intermediates(x, indices=indices, output_fmt="NHWC", intermediates_only=True)
             outputs = features(x)
-            if feature_cls == "getter":
+            if getattr(features, "output_fmt", "NHWC") == "NCHW":  # the getter
                 outputs = [o.permute(0, 2, 3, 1) for o in outputs]
             assert len(outputs) == len(expected)
             for got, want in zip(outputs, expected):
@@ -210,6 +227,7 @@ def test_model_forward_intermediates(name):
     model = timm.create_model(name).eval()
     feature_info = timm.models.FeatureInfo(model.feature_info, list(range(len(model.feature_info))))
     channels, reductions = feature_info.channels(), feature_info.reduction()
+    last = len(channels) - 1
     size = _input_size(model.pretrained_cfg, TARGET_FFEAT_SIZE)
     x = torch.randn(1, *size)
     with torch.no_grad():
@@ -228,19 +246,23 @@ def test_model_forward_intermediates(name):
         nchw = model.forward_intermediates(x, intermediates_only=True)
         for a, b in zip(nhwc, nchw):
             assert torch.equal(a.permute(0, 3, 1, 2), b)
-        assert torch.equal(nhwc[-1], final)
+        normed = model.forward_intermediates(x, norm=True, output_fmt="NHWC", intermediates_only=True)
+        if _isotropic(model):  # forward_features ends with the final norm; norm=True applies it to each
+            assert torch.equal(normed[-1], final)
+            assert all(torch.equal(a, model.norm(b)) for a, b in zip(normed, nhwc))
+        else:  # no norm before the head: the option changes nothing
+            assert torch.equal(nhwc[-1], final)
+            assert all(torch.equal(a, b) for a, b in zip(normed, nhwc))
 
         # indices: an int takes the last n stages, a list those stages (negative from the end)
         last_two = model.forward_intermediates(x, indices=2, output_fmt="NHWC", intermediates_only=True)
-        assert [t.shape for t in last_two] == [t.shape for t in nhwc[2:]]
+        assert [t.shape for t in last_two] == [t.shape for t in nhwc[-2:]]
+        assert all(torch.equal(a, b) for a, b in zip(last_two, nhwc[-2:]))
         picked = model.forward_intermediates(x, indices=[0, -1], output_fmt="NHWC", intermediates_only=True)
-        assert torch.equal(picked[0], nhwc[0]) and torch.equal(picked[1], nhwc[3])
+        assert torch.equal(picked[0], nhwc[0]) and torch.equal(picked[1], nhwc[last])
         # stop_early: the same maps, the later stages not run
         early = model.forward_intermediates(x, indices=[1], stop_early=True, output_fmt="NHWC", intermediates_only=True)
         assert torch.equal(early[0], nhwc[1])
-        # norm: the model has no norm before its head, so the option changes nothing
-        normed = model.forward_intermediates(x, norm=True, output_fmt="NHWC", intermediates_only=True)
-        assert all(torch.equal(a, b) for a, b in zip(normed, nhwc))
         with pytest.raises(ValueError, match="output_fmt"):
             model.forward_intermediates(x, output_fmt="NLC")
 
@@ -291,12 +313,15 @@ def test_model_backward_fx(name):
     assert out.shape[-1] == 42 and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name", ["sdt_h_nano", "rmt_nano", "sdt_h_nano_full2d"])
-def test_plain_fx_symbolic_trace_matches_eager(name):
-    """torch.fx.symbolic_trace without timm's leaf lists: the attention's dispatch and the gate's autocast
-    handling are wrapped functions (torch.fx.wrap), so tracing works and the graph keeps any input size."""
+@pytest.mark.parametrize("name, kwargs", [
+    ("sdt_h_nano", {}), ("rmt_nano", {}), ("sdt_h_nano_full2d", {}),
+    ("sdt_vit_fm_tiny", dict(pos_embed="learned", rotary=True)), ("sdt_vit_fm_tiny", dict(pos_embed="sincos"))])
+def test_plain_fx_symbolic_trace_matches_eager(name, kwargs):
+    """torch.fx.symbolic_trace without timm's leaf lists: the attention's dispatch, the gate's autocast
+    handling and the ViT's position embeddings are wrapped functions (torch.fx.wrap), so tracing works
+    and the graph keeps any input size."""
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=10)
+    model = timm.create_model(name, num_classes=10, in_chans=3, **kwargs)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, sdt.DecayGate) and m.weight is not None:
