@@ -1,0 +1,221 @@
+"""Issue 18: where does data-dependent decay matter? Decay variants in a plain ViT (sdt_vit_fm_tiny),
+where attention is the only spatial mixer, on Fashion-MNIST subsets.
+
+    python experiments/vit_study.py --plan                 # the grid and its estimated CPU hours
+    python experiments/vit_study.py --smoke --out /tmp/vs  # tiny budget, end to end in minutes
+    python experiments/vit_study.py --jobs 2               # the study (resumable: rerun to continue)
+    python experiments/vit_study.py --report-only          # tables + plot from the finished runs
+
+Each run is ``sdt train --recipe ablation`` with ``model.name=sdt_vit_fm_tiny`` and the variant's
+``model.kwargs`` in ``<out>/<regime>-e<epochs>/<variant>-s<seed>``. Finished runs (summary.json)
+are skipped, killed ones resume from their last checkpoint (``experiments/ablation.py``'s rules).
+The report gives mean ± sd per variant and paired differences (same seed) with 95% t-intervals.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, List
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ablation import mean_std, t_quantile_975  # noqa: E402  the ablation's statistics
+
+from sdt.checkpoints import checkpoint_dirs  # noqa: E402
+
+MODEL = "sdt_vit_fm_tiny"
+VARIANTS = {  # name -> model.kwargs
+    "vit": dict(decay="none", pos_embed="learned"),   # what a user would pick instead
+    "nopos": dict(decay="none", pos_embed="none"),    # the floor: no position information at all
+    "fixed": dict(decay="fixed", pos_embed="none"),   # RMT's decay as the only prior
+    "learned": dict(decay="learned", pos_embed="none"),
+    "cag": dict(decay="cag", pos_embed="none"),       # SDT
+    "cag_pos": dict(decay="cag", pos_embed="learned"),
+}
+CENTRAL = ("vit", "nopos", "fixed", "cag")  # the three central comparisons need these at >= 5 seeds
+COMPARISONS = (("fixed", "nopos"), ("cag", "fixed"), ("cag", "vit"), ("learned", "fixed"), ("cag_pos", "vit"))
+REGIMES = {"2k": 2000, "6k": 6000}
+# Epochs per regime: about the same images seen (40k, 42k) in both; sized for ~4 h wall with --jobs 2 (docs/vit_study.md)
+EPOCHS = {"2k": 20, "6k": 7}
+
+
+def run_dir(out: Path, regime: str, variant: str, seed: int, epochs: int) -> Path:
+    return out / f"{regime}-e{epochs}" / f"{variant}-s{seed}"
+
+
+def grid(seeds: int, extra_seeds: int, regimes: List[str]) -> List[tuple]:
+    """Seed-major: after any prefix every variant has about the same number of seeds."""
+    out = []
+    for regime in regimes:
+        for seed in range(seeds):
+            for variant in VARIANTS:
+                if variant in CENTRAL or seed < extra_seeds:
+                    out.append((regime, variant, seed))
+    return out
+
+
+def train(out: Path, regime: str, variant: str, seed: int, epochs: int, extra: List[str]) -> None:
+    folder = run_dir(out, regime, variant, seed, epochs)
+    if (folder / "summary.json").is_file():
+        print(f"[skip] {folder} is finished")
+        return
+    if folder.exists() and not checkpoint_dirs(folder):
+        shutil.rmtree(folder)  # stopped before its first checkpoint: nothing to resume
+    if folder.exists():
+        cmd = [sys.executable, "-m", "sdt.cli", "train", "--output", str(folder), "--resume"]
+    else:
+        kw = [a for k, v in VARIANTS[variant].items() for a in ("-o", f"model.kwargs.{k}={v}")]
+        cmd = [sys.executable, "-m", "sdt.cli", "train", "--recipe", "ablation", "--output", str(folder),
+               "-o", f"model.name={MODEL}", *kw, "-o", f"engine.seed={seed}",
+               "-o", f"data.train_subset={REGIMES[regime]}", "-o", f"engine.epochs={epochs}", *extra]
+    print(f"[train] {folder}")
+    log = folder.parent / f"{folder.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
+
+
+def measure_throughput(batch: int = 64, steps: int = 4) -> Dict[str, float]:
+    """Training img/s (1 thread) of each variant from a few fwd+bwd steps."""
+    import timm
+    import torch
+
+    import sdt  # noqa: F401
+    torch.set_num_threads(1)
+    rates = {}
+    for name, kwargs in VARIANTS.items():
+        model = timm.create_model(MODEL, **kwargs).train()
+        x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+        torch.nn.functional.cross_entropy(model(x), y).backward()  # warm-up
+        start = time.perf_counter()
+        for _ in range(steps):
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+        rates[name] = batch * steps / (time.perf_counter() - start)
+    return rates
+
+
+def plan(args: argparse.Namespace) -> None:
+    rates = measure_throughput()
+    runs = grid(args.seeds, args.extra_seeds, args.regime)
+    cpu_s = sum(REGIMES[r] * EPOCHS[r] / rates[v] for r, v, _ in runs)
+    evals = len(runs) * (2000 * 2 + 10000) / (3 * statistics.mean(rates.values()))  # val/test forwards ~3x faster
+    print("measured 1-thread training img/s: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
+    print(f"load: {os.getloadavg()[0]:.2f}")
+    for regime in args.regime:
+        n = [v for r, v, _ in runs if r == regime]
+        print(f"regime {regime}: {REGIMES[regime]} images x {EPOCHS[regime]} epochs; "
+              + ", ".join(f"{v} x{n.count(v)}" for v in VARIANTS))
+    total = (cpu_s + evals) / 3600
+    print(f"{len(runs)} runs, about {total:.1f} core-hours; with --jobs 2 on 2 cores about {total / 2 / 1.0:.1f} h wall "
+          f"(training only {cpu_s / 3600:.1f} core-h)")
+
+
+def collect(out: Path) -> List[Dict]:
+    rows = []
+    for path in sorted(out.glob("*-e*/*-s*/summary.json")):
+        regime, epochs = path.parent.parent.name.rsplit("-e", 1)
+        variant, seed = path.parent.name.rsplit("-s", 1)
+        s = json.loads(path.read_text())
+        rows.append(dict(regime=regime, epochs=int(epochs), variant=variant, seed=int(seed),
+                         test_top1=s["test"]["top1"], val_top1=s["best"]["value"], params=s["params"],
+                         wall_seconds=s["wall_seconds"]))
+    return rows
+
+
+def paired(group: List[Dict], a: str, b: str) -> str:
+    xa = {x["seed"]: x["test_top1"] for x in group if x["variant"] == a}
+    xb = {x["seed"]: x["test_top1"] for x in group if x["variant"] == b}
+    d = [xa[s] - xb[s] for s in sorted(set(xa) & set(xb))]
+    if len(d) < 2:
+        return f"| {a} - {b} | {len(d)} | - | - |"
+    mean = statistics.mean(d)
+    half = t_quantile_975(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+    return f"| {a} - {b} | {len(d)} | {mean:+.2f} | [{mean - half:+.2f}, {mean + half:+.2f}] |"
+
+
+def report(out: Path) -> str:
+    rows = collect(out)
+    if not rows:
+        return "no finished runs yet"
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    lines = []
+    groups = sorted({(x["regime"], x["epochs"]) for x in rows})
+    for regime, epochs in groups:
+        g = [x for x in rows if (x["regime"], x["epochs"]) == (regime, epochs)]
+        lines += [f"### {MODEL}, {regime} training images, {epochs} epochs", "",
+                  "| variant | model.kwargs | seeds | test top-1 (%) | val top-1 (%) | params |", "|---|---|---:|---:|---:|---:|"]
+        for v, kw in VARIANTS.items():
+            rs = [x for x in g if x["variant"] == v]
+            if rs:
+                lines.append(f"| `{v}` | {kw} | {len(rs)} | {mean_std([x['test_top1'] for x in rs])} | "
+                             f"{mean_std([x['val_top1'] for x in rs])} | {rs[0]['params']:,} |")
+        lines += ["", "Paired differences (test top-1 points, same seed), 95% t-interval:", "",
+                  "| comparison | pairs | mean | 95% CI |", "|---|---:|---:|---:|"]
+        lines += [paired(g, a, b) for a, b in COMPARISONS] + [""]
+    text = "\n".join(lines)
+    (out / "results.md").write_text(text)
+    plot(rows, groups, out / "accuracy.png")
+    return text
+
+
+def plot(rows: List[Dict], groups: List[tuple], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 3.6), squeeze=False)
+    for ax, (regime, epochs) in zip(axes[0], groups):
+        names = [v for v in VARIANTS if any(x["variant"] == v and x["regime"] == regime and x["epochs"] == epochs for x in rows)]
+        for i, v in enumerate(names):
+            acc = [x["test_top1"] for x in rows if (x["variant"], x["regime"], x["epochs"]) == (v, regime, epochs)]
+            ax.bar(i, statistics.mean(acc), yerr=statistics.stdev(acc) if len(acc) > 1 else 0, capsize=4, color="#5b8def")
+            ax.plot([i] * len(acc), acc, "k.", alpha=0.6)
+        ax.set_xticks(range(len(names)), names)
+        ax.set_ylabel("test top-1 (%)")
+        ax.set_title(f"{regime} images, {epochs} epochs (mean ± sd, dots = seeds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="experiments/runs/vit_study")
+    parser.add_argument("--regime", choices=sorted(REGIMES), action="append")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds of the central variants")
+    parser.add_argument("--extra-seeds", type=int, default=3, help="seeds of learned and cag_pos")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--plan", action="store_true", help="print the grid and its estimated cost")
+    parser.add_argument("--smoke", action="store_true", help="tiny budget (1 epoch, 256 images, 1 seed)")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("-o", "--override", action="append", default=[])
+    args = parser.parse_args()
+    args.regime = args.regime or ["2k", "6k"]
+    if args.plan:
+        plan(args)
+        return
+    out = Path(args.out)
+    extra = [a for o in args.override for a in ("-o", o)]
+    extra += ["-o", f"engine.threads={max(1, (os.cpu_count() or 1) // args.jobs)}"]
+    epochs = dict(EPOCHS)
+    if args.smoke:
+        REGIMES.update({r: 256 for r in REGIMES})
+        epochs = {r: 1 for r in REGIMES}
+        args.seeds, args.extra_seeds, args.regime = 2, 1, ["2k"]
+        extra += ["-o", "data.val_subset=128", "-o", "data.test_subset=256", "-o", "engine.ckpt_every_steps=2"]
+    if not args.report_only:
+        runs = grid(args.seeds, args.extra_seeds, args.regime)
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(lambda g: train(out, g[0], g[1], g[2], epochs[g[0]], extra), runs))
+    print(report(out))
+
+
+if __name__ == "__main__":
+    main()
