@@ -8,7 +8,7 @@ ResNet-18 FPN, detection (Faster R-CNN, box mAP) and segmentation (Semantic FPN,
 
 Equal budget means the same recipe, data, number of training images (epochs x train_images) and
 schedule for every backbone; wall time is reported beside it, not equalised. Each run is
-``python -m sdt.dense_tasks detect|segment --recipe detect-mosaic|segment-mosaic`` with
+``python -m sdt.cli detect|segment --recipe detect-mosaic|segment-mosaic`` with
 ``model.backbone``, ``engine.seed``, ``engine.epochs`` and ``data.train_images`` set, in
 ``<out>/<task>-n<train_images>-e<epochs>/<backbone>-s<seed>`` (the budget is in the path, so grids of
 different budgets never mix). A rerun skips finished runs (``summary.json``) and resumes the others from
@@ -66,7 +66,7 @@ def train_one(out: Path, task: str, backbone: str, seed: int, train_images: int,
         return None
     if folder.exists() and not checkpoint_dirs(folder):
         shutil.rmtree(folder)  # stopped before its first checkpoint: nothing to resume
-    base = [sys.executable, "-m", "sdt.dense_tasks", task, "--output", str(folder)]
+    base = [sys.executable, "-m", "sdt.cli", task, "--output", str(folder)]
     if folder.exists():  # a resumed run keeps the config it saved
         cmd = base + ["--resume"]
         print(f"[resume] {folder}", flush=True)

@@ -17,8 +17,8 @@ from sdt.config import ConfigError, load_config
 from sdt.data import DataError
 from sdt.dense import (DETECTORS, SegmentationModel, create_backbone, create_detector, create_segmenter,
                        load_backbone_weights)
-from sdt.dense_tasks import (DetectConfig, DetectionTask, SegmentConfig, SegmentationTask, add_dense_commands, main,
-                             run_detection, run_segmentation)
+from sdt.cli import add_dense_parsers, main
+from sdt.dense_tasks import DetectConfig, DetectionTask, SegmentConfig, SegmentationTask, run_detection, run_segmentation
 from sdt.mosaic import (IGNORE_INDEX, FashionMosaics, MosaicConfig, check_detection_target, check_semantic_target)
 
 RMT_FIXTURE = Path("/work/shared/fixtures/rmt")
@@ -416,7 +416,7 @@ def test_bad_run_config_fails_before_any_file_is_written(fake_fmnist: Path, tmp_
 
 def test_cli_commands_parse_and_refuse_overrides_on_resume(fake_fmnist: Path, tmp_path: Path):
     parser = argparse.ArgumentParser(prog="sdt")
-    add_dense_commands(parser.add_subparsers(dest="command"))
+    add_dense_parsers(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["detect", "--backbone", "rmt_nano", "--detector", "fcos", "--epochs", "3",
                               "-o", "data.canvas=192"])
     assert args.command == "detect" and args.backbone == "rmt_nano" and args.dense_recipe == "detect-mosaic"
@@ -425,7 +425,7 @@ def test_cli_commands_parse_and_refuse_overrides_on_resume(fake_fmnist: Path, tm
         args.func(args)
 
 
-def test_module_entry_point_reports_bad_input_in_one_line(fake_fmnist: Path, tmp_path: Path, capsys):
+def test_cli_reports_bad_input_in_one_line(fake_fmnist: Path, tmp_path: Path, capsys):
     code = main(["segment", "--output", str(tmp_path / "r"), *[a for o in _run_overrides(fake_fmnist, **{"data.canvas": 60})
                                                               for a in ("-o", o)]])
     assert code == 2
@@ -435,13 +435,7 @@ def test_module_entry_point_reports_bad_input_in_one_line(fake_fmnist: Path, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("norm_eval", [
-    "true",
-    pytest.param("false", marks=pytest.mark.xfail(strict=True, reason=(
-        "sdt.engine: after the last step each DDP process keeps the BatchNorm running statistics of its own "
-        "batches (DDP broadcasts buffers at the start of a forward, not after it), so rank 1 scores its shard "
-        "with other statistics than the saved weights; fix: broadcast the buffers from rank 0 before evaluating"))),
-])
+@pytest.mark.parametrize("norm_eval", ["true", "false"])  # false failed before the engine broadcast BatchNorm buffers
 def test_two_process_detection_scores_the_same_map_as_one_process(fake_fmnist: Path, tmp_path: Path, norm_eval: str):
     # torchrun, gloo: each process scores its shard of the val mosaics; torchmetrics gathers the
     # detections, so the logged mAP must equal one process scoring all of them with the same weights
@@ -457,7 +451,7 @@ def test_two_process_detection_scores_the_same_map_as_one_process(fake_fmnist: P
                                                "model.detector_kwargs": json.dumps(LIGHT_RCNN),
                                                "model.norm_eval": norm_eval})  # true: BatchNorm statistics frozen
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "sdt.dense_tasks", "detect", "--output", str(run), *[a for o in overrides for a in ("-o", o)]]
+           "-m", "sdt.cli", "detect", "--output", str(run), *[a for o in overrides for a in ("-o", o)]]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     logged = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "val"][-1]

@@ -10,6 +10,8 @@
     sdt gen-train         train a class-conditional DiT (decay variants of sdt.decay: none / fixed / cag ...) on Fashion-MNIST
     sdt sample            class-conditional samples from a generation run: PNG grid + .npz of uint8 images
     sdt fid               FID (in-domain extractor by default, or Inception from a local file) + conditional accuracy
+    sdt detect            train a detector (SDT-H / RMT / ResNet backbone + FPN) on Fashion-MNIST mosaics, box mAP
+    sdt segment           train a Semantic-FPN segmenter on Fashion-MNIST mosaics, mIoU
 
 Each subcommand is one ``add_*_parser`` function (its arguments) and one ``run_*`` function.
 """
@@ -432,6 +434,53 @@ def run_fid(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_dense_parsers(subparsers: argparse._SubParsersAction) -> None:
+    """``sdt detect`` and ``sdt segment`` (sdt.dense_tasks): a run from a recipe, -o overrides, --output, --resume."""
+    for name, recipe, help_text in (
+            ("detect", "detect-mosaic", "train a detector (Faster/Mask R-CNN, RetinaNet, FCOS) on Fashion-MNIST mosaics"),
+            ("segment", "segment-mosaic", "train a Semantic-FPN segmenter on Fashion-MNIST mosaics")):
+        p = subparsers.add_parser(
+            name, help=help_text, formatter_class=argparse.RawDescriptionHelpFormatter,
+            description=f"{help_text[0].upper() + help_text[1:]} (a mosaic benchmark, not COCO; docs/dense.md). "
+                        "The run folder gets config.yaml, checkpoints, metrics.jsonl, TensorBoard logs, curves.png, "
+                        "samples.png, summary.json and report.md.",
+            epilog="examples:\n"
+                   f"  sdt {name}                                     # recipe {recipe}, sdt_h_nano\n"
+                   f"  sdt {name} --backbone rmt_nano --output runs/{name}-rmt\n"
+                   + ("  sdt detect --detector maskrcnn -o engine.epochs=4\n" if name == "detect" else "")
+                   + f"  sdt {name} --output runs/{name}-rmt --resume        # continue after a crash")
+        add_run_arguments(p, f"recipe name (default {recipe}) or path to a YAML file", f"runs/{name}-<backbone>-<date>-<time>")
+        p.add_argument("--backbone", help="= -o model.backbone=... (sdt_h_nano, rmt_nano, sdt_h_nano_full2d, tv_resnet18, ...)")
+        if name == "detect":
+            p.add_argument("--detector", choices=("fasterrcnn", "maskrcnn", "retinanet", "fcos"), help="= -o model.detector=...")
+        p.add_argument("--epochs", type=int, help="= -o engine.epochs=...")
+        p.add_argument("--batch-size", type=int, help="global batch size (= -o engine.batch_size=...)")
+        p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                       help="set any config value, e.g. -o data.canvas=192 -o model.frozen_stages=1 (repeatable)")
+        p.set_defaults(func=run_detect if name == "detect" else run_segment, dense_recipe=recipe)
+
+
+def _dense_cfg(args: argparse.Namespace, config_class: type, flags: Dict[str, str]) -> Optional[Any]:
+    return _recipe_and_overrides(args, {**flags, "epochs": "engine.epochs", "batch_size": "engine.batch_size"},
+                                 config_class, default_recipe=args.dense_recipe)
+
+
+def run_detect(args: argparse.Namespace) -> int:
+    from .dense_tasks import DetectConfig, run_detection
+
+    cfg = _dense_cfg(args, DetectConfig, {"backbone": "model.backbone", "detector": "model.detector"})
+    run_detection(cfg or DetectConfig(), args.output, args.resume)
+    return 0
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    from .dense_tasks import SegmentConfig, run_segmentation
+
+    cfg = _dense_cfg(args, SegmentConfig, {"backbone": "model.backbone"})
+    run_segmentation(cfg or SegmentConfig(), args.output, args.resume)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdt", description="Spatial Decay Transformers: models, training, evaluation.")
     debug_help = "on an error, show the full traceback (by default bad input is reported in one line)"
@@ -447,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_gen_train_parser(subparsers)
     add_sample_parser(subparsers)
     add_fid_parser(subparsers)
+    add_dense_parsers(subparsers)
     for subparser in subparsers.choices.values():  # `sdt train ... --debug` works as well as `sdt --debug train ...`
         subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser

@@ -1,6 +1,6 @@
 """Detection and semantic segmentation on top of ``sdt.engine``: configs, the two tasks (loss +
 library metrics), the runs (``run_detection`` / ``run_segmentation``: checks, training, test
-evaluation of the best weights, report, sample drawings) and their CLI commands.
+evaluation of the best weights, report, sample drawings); `sdt detect` / `sdt segment` (sdt.cli) run them.
 
     cfg = load_config(DetectConfig, "detect-mosaic", ["engine.epochs=1"])
     summary = run_detection(cfg, output_dir="runs/detect")
@@ -18,12 +18,10 @@ Metrics: torchmetrics' ``MeanAveragePrecision`` (COCO box mAP@[.5:.95], and mask
 backend faster-coco-eval, or pycocotools when only that is installed) and ``MulticlassJaccardIndex``
 (mIoU over the 11 classes, background included, as ADE20K's mIoU counts every class); all in percent.
 """
-import json
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -31,19 +29,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoints import atomic_path, atomic_write, load_into, load_weights
+from .checkpoints import atomic_path, load_into, load_weights
 from .config import ConfigError
 from .data import Batch, DataError
-from .engine import (DistInfo, EngineConfig, Trainer, check_engine_settings, eval_loader, final_val_metrics, read_metrics,
-                     resolve_run, start_run)
+from .engine import DistInfo, EngineConfig, RunParts, Trainer, check_engine_settings, eval_loader, run_task
 from .mosaic import (IGNORE_INDEX, MOSAIC_CLASSES, FashionMosaics, MosaicConfig, check_detection_target,
                      check_mosaic_config, check_semantic_target, describe)
-from .plots import plot_curves
 
-_logger = logging.getLogger("sdt")
 
 __all__ = ["DetectConfig", "SegmentConfig", "DetectionTask", "SegmentationTask", "build_detector", "build_segmenter",
-           "run_detection", "run_segmentation", "add_dense_commands", "coco_backend"]
+           "run_detection", "run_segmentation", "coco_backend"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,71 +351,90 @@ def _check_first_targets(task: Any, dataset: FashionMosaics) -> None:
         task.semantic(dataset, indices, size, torch.device("cpu"))
 
 
-def _run(kind: str, config_class: type, cfg: Any, output_dir: Optional[str], resume: Optional[str]) -> Dict[str, Any]:
-    cfg, info, out, resume_from = resolve_run(config_class, cfg, output_dir, resume,
-                                                  kind if cfg is None else f"{kind}-{cfg.model.backbone}")
-    # Every check on config, data and model runs before any file is written.
-    check_backbone_config(cfg.model)
-    check_mosaic_config(cfg.data)
-    check_engine_settings(cfg.engine)
-    datasets = {split: FashionMosaics(cfg.data, split) for split in ("train", "val")}
-    num_classes = FashionMosaics.num_classes
-    torch.manual_seed(cfg.engine.seed)
-    if kind == "detect":
-        model = build_detector(cfg.model, cfg.data.canvas, num_classes)
-        task: Any = DetectionTask(datasets["train"], num_classes, masks=cfg.model.detector == "maskrcnn")
-    else:
-        model = build_segmenter(cfg.model, num_classes)
-        task = SegmentationTask(datasets["train"], num_classes, MOSAIC_CLASSES)
-    stride = model.backbone.stride
-    if cfg.data.canvas % stride:
-        raise ConfigError(f"data.canvas={cfg.data.canvas} must be a multiple of the backbone's stride {stride}")
-    for ds in datasets.values():
-        _check_first_targets(task, ds)
-    params = sum(p.numel() for p in model.parameters())
-    backbone_params = sum(p.numel() for p in model.backbone.parameters())
-    trainer = Trainer(cfg.engine, model, task, datasets["train"], datasets["val"], out, info,
-                      workers=cfg.data.workers, resume_from=resume_from)
+def _builder(kind: str) -> Callable[[Any, DistInfo], RunParts]:
+    """The ``sdt.engine.run_task`` builder of a detection or segmentation run: every check on config,
+    data and model (nothing is written yet), then the parts; ``finish`` scores the best validation
+    weights on the test mosaics and draws samples."""
 
-    with start_run(cfg, out, info, resume_from is not None):
-        what = cfg.model.detector if kind == "detect" else "semantic-fpn"
-        _logger.info("%s %s on %s: %.2fM parameters (backbone + FPN %.2fM); %d processes on %s; output %s",
-                     kind, what, cfg.model.backbone, params / 1e6, backbone_params / 1e6, info.world_size, info.device, out)
-        _logger.info("data: Fashion-MNIST mosaics %dx%d, %d train / %d val", cfg.data.canvas, cfg.data.canvas,
-                     len(datasets["train"]), len(datasets["val"]))
-        wall_start = time.perf_counter()
-        summary = trainer.fit()
-        train_wall = time.perf_counter() - wall_start
-
-        test_set = FashionMosaics(cfg.data, "test")
-        if info.distributed:
-            dist.barrier()
-        best_path = out / "best.safetensors"
-        load_into(trainer.model, load_weights(best_path), best_path)
-        loader = eval_loader(test_set, trainer.batch_size_per_rank, cfg.data.workers, info)
-        start = time.perf_counter()
+    def build(cfg: Any, info: DistInfo) -> RunParts:
+        check_backbone_config(cfg.model)
+        check_mosaic_config(cfg.data)
+        check_engine_settings(cfg.engine)
+        datasets = {split: FashionMosaics(cfg.data, split) for split in ("train", "val")}
+        num_classes = FashionMosaics.num_classes
+        torch.manual_seed(cfg.engine.seed)
         if kind == "detect":
-            test = task.evaluate(trainer.model, loader, info)
+            model = build_detector(cfg.model, cfg.data.canvas, num_classes)
+            task: Any = DetectionTask(datasets["train"], num_classes, masks=cfg.model.detector == "maskrcnn")
         else:
-            test = task.evaluate(trainer.model, loader, info, per_class=True)
-        test_seconds = time.perf_counter() - start
-        summary.update(task=kind, model=what, backbone=cfg.model.backbone, params=params, backbone_params=backbone_params,
-                       data=describe(cfg.data), test=test, test_images_per_s=len(test_set) / max(test_seconds, 1e-9),
-                       wall_seconds=train_wall, processes=info.world_size)
-        if info.is_main:
-            summary["final_val"] = final_val_metrics(out)
-            plot_curves(read_metrics(out / "metrics.jsonl"), out / "curves.png", task.metric)
-            samples = list(range(min(8, len(test_set))))
+            model = build_segmenter(cfg.model, num_classes)
+            task = SegmentationTask(datasets["train"], num_classes, MOSAIC_CLASSES)
+        stride = model.backbone.stride
+        if cfg.data.canvas % stride:
+            raise ConfigError(f"data.canvas={cfg.data.canvas} must be a multiple of the backbone's stride {stride}")
+        for ds in datasets.values():
+            _check_first_targets(task, ds)
+        what = cfg.model.detector if kind == "detect" else "semantic-fpn"
+        label = "box mAP@[.5:.95]" if kind == "detect" else "mIoU"
+
+        def finish(trainer: Trainer, summary: Dict[str, Any]) -> None:
+            test_set = FashionMosaics(cfg.data, "test")
+            if info.distributed:
+                dist.barrier()
+            best_path = trainer.output_dir / "best.safetensors"
+            load_into(trainer.model, load_weights(best_path), best_path)
+            loader = eval_loader(test_set, trainer.batch_size_per_rank, cfg.data.workers, info)
+            start = time.perf_counter()
+            test = (task.evaluate(trainer.model, loader, info) if kind == "detect"
+                    else task.evaluate(trainer.model, loader, info, per_class=True))
+            summary.update(test=test, test_images_per_s=len(test_set) / max(time.perf_counter() - start, 1e-9))
+            if info.is_main:
+                samples = list(range(min(8, len(test_set))))
+                if kind == "detect":
+                    draw_detections(trainer.model, test_set, samples, trainer.output_dir / "samples.png", cfg.model.score_thresh)
+                else:
+                    draw_segmentations(trainer.model, test_set, samples, trainer.output_dir / "samples.png")
+
+        def report_rows(s: Dict[str, Any]) -> List[Tuple[str, str]]:
+            images = s["data"]["images"]
+            rows = [
+                ("task", f"{kind} ({what}) on `{cfg.model.backbone}`, {s['params'] / 1e6:.2f}M parameters "
+                         f"({s['backbone_params'] / 1e6:.2f}M backbone + FPN)"),
+                ("data", f"Fashion-MNIST mosaics (not COCO), {cfg.data.canvas}x{cfg.data.canvas}, {images['train']} train / "
+                         f"{images['val']} val / {images['test']} test, benchmark seed {cfg.data.seed}"),
+                ("epochs / global batch / processes", f"{cfg.engine.epochs} / {cfg.engine.batch_size} / {s['processes']}"),
+                (f"best val {label}", f"{s['best']['value']:.2f} (epoch {s['best']['epoch']}, {s['best']['source']} weights)"),
+                (f"test {label} (best weights)", f"{s['test'][task.metric]:.2f}"),
+            ]
+            t = s["test"]
             if kind == "detect":
-                draw_detections(trainer.model, test_set, samples, out / "samples.png", cfg.model.score_thresh)
+                rows.append(("test mAP@.5 / mAP@.75 / AR@100", f"{t['map_50']:.2f} / {t['map_75']:.2f} / {t['mar_100']:.2f}"))
+                if "mask_map" in t:
+                    rows.append(("test mask mAP / mask mAP@.5", f"{t['mask_map']:.2f} / {t['mask_map_50']:.2f}"))
             else:
-                draw_segmentations(trainer.model, test_set, samples, out / "samples.png")
-            atomic_write(out / "summary.json", json.dumps(summary, indent=2))
-            atomic_write(out / "report.md", render_report(summary, cfg))
-            _logger.info("done: best val %s %.2f (epoch %d, %s), test %s %.2f, report %s", task.metric,
-                         summary["best"]["value"], summary["best"]["epoch"], summary["best"]["source"], task.metric,
-                         test[task.metric], out / "report.md")
-        return summary
+                rows.append(("test pixel accuracy / loss", f"{t['pixel_acc']:.2f}% / {t['loss']:.4f}"))
+            rows += [("wall time (train + val, this segment)", f"{s['wall_seconds'] / 60:.1f} min"),
+                     ("training throughput", f"{s['train_images_per_s']:.1f} images/s"),
+                     ("test throughput (with metric)", f"{s['test_images_per_s']:.1f} images/s")]
+            return rows
+
+        def headline(s: Dict[str, Any]) -> str:
+            return (f"best val {task.metric} {s['best']['value']:.2f} (epoch {s['best']['epoch']}, {s['best']['source']}), "
+                    f"test {task.metric} {s['test'][task.metric]:.2f}")
+
+        return RunParts(model=model, task=task, train_set=datasets["train"], val_set=datasets["val"],
+                        name=f"{kind} {what} on {cfg.model.backbone}", input_shape=tuple(datasets["train"][0][0].shape),
+                        summary=dict(task=kind, model=what, backbone=cfg.model.backbone,
+                                     backbone_params=sum(p.numel() for p in model.backbone.parameters()),
+                                     data=describe(cfg.data)),
+                        report_title=f"{kind.capitalize()} report", report_rows=report_rows, headline=headline,
+                        finish=finish, figures=["Test mosaics: ![samples](samples.png)"])
+
+    return build
+
+
+def _default_name(kind: str) -> Callable[[Any], str]:
+    return lambda cfg: f"{kind}-{cfg.model.backbone}"
 
 
 def run_detection(cfg: DetectConfig, output_dir: Optional[str] = None, resume: Optional[str] = None) -> Dict[str, Any]:
@@ -428,110 +442,9 @@ def run_detection(cfg: DetectConfig, output_dir: Optional[str] = None, resume: O
     weights on the test mosaics (box mAP). ``resume``: ``"auto"`` or a checkpoint folder (the run then
     continues with the config saved in ``output_dir``). Writes the run folder of ``sdt.engine`` plus
     summary.json, report.md, curves.png and samples.png; returns the summary."""
-    return _run("detect", DetectConfig, cfg, output_dir, resume)
+    return run_task(DetectConfig, cfg, output_dir, resume, _default_name("detect"), _builder("detect"))
 
 
 def run_segmentation(cfg: SegmentConfig, output_dir: Optional[str] = None, resume: Optional[str] = None) -> Dict[str, Any]:
     """As ``run_detection``, for semantic segmentation (Semantic-FPN head, mIoU)."""
-    return _run("segment", SegmentConfig, cfg, output_dir, resume)
-
-
-def render_report(s: Dict[str, Any], cfg: Any) -> str:
-    metric = "map" if s["task"] == "detect" else "miou"
-    label = "box mAP@[.5:.95]" if metric == "map" else "mIoU"
-    rows = [
-        ("task", f"{s['task']} ({s['model']}) on `{s['backbone']}`, {s['params'] / 1e6:.2f}M parameters "
-                 f"({s['backbone_params'] / 1e6:.2f}M backbone + FPN)"),
-        ("data", "Fashion-MNIST mosaics (not COCO), {c}x{c}, {train} train / {val} val / {test} test, benchmark seed {seed}".format(
-            c=s["data"]["canvas"], seed=s["data"]["seed"], **s["data"]["images"])),
-        ("epochs / global batch / processes", f"{cfg.engine.epochs} / {cfg.engine.batch_size} / {s['processes']}"),
-        (f"best val {label}", f"{s['best']['value']:.2f} (epoch {s['best']['epoch']}, {s['best']['source']} weights)"),
-        (f"test {label} (best weights)", f"{s['test'][metric]:.2f}"),
-    ]
-    if metric == "map":
-        rows.append(("test mAP@.5 / mAP@.75 / AR@100", f"{s['test']['map_50']:.2f} / {s['test']['map_75']:.2f} / {s['test']['mar_100']:.2f}"))
-        if "mask_map" in s["test"]:
-            rows.append(("test mask mAP / mask mAP@.5", f"{s['test']['mask_map']:.2f} / {s['test']['mask_map_50']:.2f}"))
-    else:
-        rows.append(("test pixel accuracy / loss", f"{s['test']['pixel_acc']:.2f}% / {s['test']['loss']:.4f}"))
-    rows += [("wall time (train + val, this segment)", f"{s['wall_seconds'] / 60:.1f} min"),
-             ("training throughput", f"{s['train_images_per_s']:.1f} images/s"),
-             ("test throughput (with metric)", f"{s['test_images_per_s']:.1f} images/s")]
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return (f"# {s['task'].capitalize()} report\n\n| | |\n|---|---|\n{table}\n\n![curves](curves.png)\n\n"
-            f"Test mosaics: ![samples](samples.png)\n\nConfig: `config.yaml`; metrics: `metrics.jsonl`, `tb/`.\n")
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI (wired into sdt.cli by ``add_dense_commands(subparsers)``)
-
-
-def add_dense_commands(subparsers: Any) -> None:
-    """``sdt detect`` and ``sdt segment``: a run from a recipe, -o overrides, --output, --resume."""
-    import argparse
-
-    from .cli import add_run_arguments
-
-    for name, recipe, help_text in (
-            ("detect", "detect-mosaic", "train a detector (Faster/Mask R-CNN, RetinaNet, FCOS) on Fashion-MNIST mosaics"),
-            ("segment", "segment-mosaic", "train a Semantic-FPN segmenter on Fashion-MNIST mosaics")):
-        p = subparsers.add_parser(
-            name, help=help_text, formatter_class=argparse.RawDescriptionHelpFormatter,
-            description=f"{help_text[0].upper() + help_text[1:]} (a mosaic benchmark, not COCO; docs/dense.md). "
-                        "The run folder gets config.yaml, checkpoints, metrics.jsonl, TensorBoard logs, curves.png, "
-                        "samples.png, summary.json and report.md.",
-            epilog="examples:\n"
-                   f"  sdt {name}                                     # recipe {recipe}, sdt_h_nano\n"
-                   f"  sdt {name} --backbone rmt_nano --output runs/{name}-rmt\n"
-                   + ("  sdt detect --detector maskrcnn -o engine.epochs=4\n" if name == "detect" else "")
-                   + f"  sdt {name} --output runs/{name}-rmt --resume        # continue after a crash")
-        add_run_arguments(p, f"recipe name (default {recipe}) or path to a YAML file", f"runs/{name}-<backbone>-<date>-<time>")
-        p.add_argument("--backbone", help="= -o model.backbone=... (sdt_h_nano, rmt_nano, sdt_h_nano_full2d, tv_resnet18, ...)")
-        if name == "detect":
-            p.add_argument("--detector", choices=("fasterrcnn", "maskrcnn", "retinanet", "fcos"), help="= -o model.detector=...")
-        p.add_argument("--epochs", type=int, help="= -o engine.epochs=...")
-        p.add_argument("--batch-size", type=int, help="global batch size (= -o engine.batch_size=...)")
-        p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-                       help="set any config value, e.g. -o data.canvas=192 -o model.frozen_stages=1 (repeatable)")
-        p.set_defaults(func=_run_detect_cli if name == "detect" else _run_segment_cli, dense_recipe=recipe)
-
-
-def _dense_cfg(args: Any, config_class: type, flags: Dict[str, str]) -> Optional[Any]:
-    from .cli import _recipe_and_overrides
-
-    return _recipe_and_overrides(args, {**flags, "epochs": "engine.epochs", "batch_size": "engine.batch_size"},
-                                 config_class, default_recipe=args.dense_recipe)
-
-
-def _run_detect_cli(args: Any) -> int:
-    cfg = _dense_cfg(args, DetectConfig, {"backbone": "model.backbone", "detector": "model.detector"})
-    run_detection(cfg or DetectConfig(), args.output, args.resume)
-    return 0
-
-
-def _run_segment_cli(args: Any) -> int:
-    cfg = _dense_cfg(args, SegmentConfig, {"backbone": "model.backbone"})
-    run_segmentation(cfg or SegmentConfig(), args.output, args.resume)
-    return 0
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m sdt.dense_tasks detect|segment ...``: the commands before (and besides) ``sdt detect``;
-    bad input is one line on stderr and exit status 2, as in ``sdt``."""
-    import argparse
-    import sys
-
-    from .errors import SdtError
-
-    parser = argparse.ArgumentParser(prog="python -m sdt.dense_tasks")
-    add_dense_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except SdtError as e:
-        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return run_task(SegmentConfig, cfg, output_dir, resume, _default_name("segment"), _builder("segment"))

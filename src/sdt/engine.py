@@ -506,6 +506,13 @@ class Trainer:
     def evaluate(self) -> Dict[str, float]:
         """Validation metrics of the model and, if there is one, of its EMA (keys prefixed ``ema_``)."""
         loader = eval_loader(self.val_set, self.batch_size_per_rank, self.workers, self.dist)
+        if self.dist.distributed:
+            # Each process ends its last step with the BatchNorm statistics of its own batches (DDP
+            # broadcasts buffers before a forward, not after), so score every shard with rank 0's, the
+            # buffers that are saved.
+            for module in [unwrap(self.model)] + ([self.ema.module] if self.ema is not None else []):
+                for buffer in module.buffers():
+                    dist.broadcast(buffer, src=0)
         with self._autocast():
             metrics = self.task.evaluate(self.model, loader, self.dist)
             if self.ema is not None:
@@ -812,14 +819,15 @@ def run_task(config_class: type, cfg: Optional[Any], output_dir: Optional[str], 
     cfg, info, out, resume_from = resolve_run(config_class, cfg, output_dir, resume, default_name)
     parts = build(cfg, info)
     trainer = Trainer(cfg.engine, parts.model, parts.task, parts.train_set, parts.val_set, out, info,
-                      workers=cfg.data.workers, resume_from=resume_from, repeated_aug=cfg.data.repeated_aug)
+                      workers=cfg.data.workers, resume_from=resume_from, repeated_aug=getattr(cfg.data, "repeated_aug", 1))
     # counted once the Trainer has accepted the model (a model it refuses may not even run a forward pass)
     params, flops = count_params(trainer.model), count_flops(trainer.model, parts.input_shape, *parts.flops_inputs)
     size = "x".join(map(str, parts.input_shape[1:]))
     with start_run(cfg, out, info, resume_from is not None):  # holds the run folder's lock until the end
         _logger.info("model %s: %.2fM parameters, %.1f MMACs at %s; %d processes on %s; output %s",
                      parts.name, params / 1e6, flops / 1e6, size, info.world_size, info.device, out)
-        _logger.info("data %s: %d train / %d val images", cfg.data.dataset, len(parts.train_set), len(parts.val_set))
+        _logger.info("data %s: %d train / %d val images", getattr(cfg.data, "dataset", type(parts.train_set).__name__),
+                     len(parts.train_set), len(parts.val_set))
         wall_start = time.perf_counter()
         summary = trainer.fit()
         summary.update(parts.summary, params=params, flops=flops, input_size=parts.input_shape[-1],

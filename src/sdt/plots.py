@@ -47,6 +47,7 @@ def plot_curves(records: Sequence[Dict[str, Any]], out_path: PathLike, metric: s
     for prefix in ("", "ema_"):
         if evals and prefix + "loss" in evals[0]:
             axes[0].plot([r["epoch"] for r in evals], [r[prefix + "loss"] for r in evals], "o-", label=f"val loss {prefix.rstrip('_')}".strip())
+        if evals and prefix + metric in evals[0]:  # a task may score without a validation loss (detection mAP)
             axes[2].plot([r["epoch"] for r in evals], [r[prefix + metric] for r in evals], "o-", label=f"val {metric} {prefix.rstrip('_')}".strip())
     axes[1].plot([r["epoch"] for r in train], [r["lr"] for r in train])
     for ax, title in zip(axes, ("loss", "learning rate", f"validation {metric}")):
