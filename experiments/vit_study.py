@@ -185,6 +185,59 @@ def plot(rows: List[Dict], groups: List[tuple], path: Path) -> None:
     plt.close(fig)
 
 
+def gate_analysis(out: Path, images: int = 256) -> str:
+    """G = logsigmoid(x W_g + b) of every finished cag/cag_pos run on test images: per depth and head, the
+    mean G against the fixed rate lambda_h, and the mean G on object vs background patches (a 2x2
+    patch is background when all its pixels are 0 in the raw image). Writes gates.json and gates.md."""
+    import torch
+
+    from sdt.checkpoints import load_into, load_weights
+    from sdt.config import load_config
+    from sdt.engine import eval_loader, setup_distributed
+    from sdt.models.sdt_h import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    from sdt.train import TrainConfig, _datasets, create_model, resolve_in_chans, resolve_num_classes
+
+    background = (0.0 - FASHION_MNIST_MEAN[0]) / FASHION_MNIST_STD[0] + 1e-3
+    results, lines = [], ["| run | depth | head | lambda (fixed) | mean G | G object | G background |",
+                          "|---|---:|---:|---:|---:|---:|---:|"]
+    for summary in sorted(out.glob("*-e*/cag*-s*/summary.json")):
+        run = summary.parent
+        cfg = load_config(TrainConfig, str(run / "config.yaml"))
+        cfg.data.test_subset = images
+        cfg.model.in_chans = resolve_in_chans(cfg)
+        test_set = _datasets(cfg, ["test"])["test"]
+        cfg.model.num_classes = resolve_num_classes(cfg, test_set.classes)
+        net = create_model(cfg.model, cfg.model.num_classes, cfg.model.in_chans).eval()
+        load_into(net, load_weights(run / "best.safetensors"), run / "best.safetensors")
+        gates, masks = {}, []
+        hooks = [blk.attn.gate.register_forward_hook(
+            lambda m, inp, o, i=i: gates.setdefault(i, []).append(m.gate_map(inp[0])))
+            for i, blk in enumerate(net.blocks)]
+        with torch.no_grad():
+            for batch in eval_loader(test_set, 64, 0, setup_distributed("auto")):
+                x = batch.images
+                masks.append((torch.nn.functional.max_pool2d(x, 2) > background).flatten(1))  # (B, L) object
+                net(x)
+        for h in hooks:
+            h.remove()
+        obj = torch.cat(masks)[:, None, :]  # (N, 1, L)
+        for depth, maps in sorted(gates.items()):
+            g = torch.cat(maps)  # (N, heads, L)
+            fixed = net.blocks[depth].attn.gate.fixed_rates
+            for head in range(g.shape[1]):
+                gh, o = g[:, head], obj[:, 0]
+                row = dict(run=str(run.relative_to(out)), depth=depth, head=head, fixed=float(fixed[head]),
+                           mean=float(gh.mean()), std=float(gh.std()),
+                           object=float(gh[o].mean()), background=float(gh[~o].mean()))
+                results.append(row)
+                lines.append(f"| {row['run']} | {depth} | {head} | {row['fixed']:.3f} | {row['mean']:.3f} ± {row['std']:.3f} | "
+                             f"{row['object']:.3f} | {row['background']:.3f} |")
+    (out / "gates.json").write_text(json.dumps(results, indent=2))
+    text = "\n".join(lines)
+    (out / "gates.md").write_text(text)
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="experiments/runs/vit_study")
@@ -195,6 +248,7 @@ def main() -> None:
     parser.add_argument("--plan", action="store_true", help="print the grid and its estimated cost")
     parser.add_argument("--smoke", action="store_true", help="tiny budget (1 epoch, 256 images, 1 seed)")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--gates", action="store_true", help="only the gate analysis of the finished cag runs")
     parser.add_argument("-o", "--override", action="append", default=[])
     args = parser.parse_args()
     args.regime = args.regime or ["2k", "6k"]
@@ -202,6 +256,9 @@ def main() -> None:
         plan(args)
         return
     out = Path(args.out)
+    if args.gates:
+        print(gate_analysis(out))
+        return
     extra = [a for o in args.override for a in ("-o", o)]
     extra += ["-o", f"engine.threads={max(1, (os.cpu_count() or 1) // args.jobs)}"]
     epochs = dict(EPOCHS)
