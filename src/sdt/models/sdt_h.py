@@ -39,7 +39,7 @@ from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs,
 from timm.models import PretrainedCfg, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 
-from ..attention import DecayGate, SpatialDecayAttention, rotary_tables
+from ..attention import SpatialDecayAttention, rotary_tables
 
 __all__ = ["SpatialDecayTransformer", "checkpoint_filter_fn", "rmt_config_to_kwargs"]
 
@@ -235,7 +235,8 @@ class SpatialDecayTransformer(nn.Module):
         global_pool: "avg", "max", "avgmax", "catavgmax" or "" (no pooling).
         embed_dims, depths, num_heads, init_values, heads_ranges, mlp_ratios: per stage, as RMT.
         layouts: per stage "decomposed" or "full" (a single string applies to every stage).
-        decay: "cag" (SDT), "fixed" (RMT), "learned", "content" or "none"; per stage or one for all.
+        decay: a name of ``sdt.decay.DECAY_VARIANTS``: "cag" (SDT), "fixed" (RMT), "learned", "content"
+            or "none"; per stage or one for all.
         alpha: "learned" or "fixed" scale of the data-dependent decays.
         layerscales: per stage, whether blocks use layerscale (init ``layer_init_value``).
         projection_dim: width of the head's projection (RMT: 1024).
@@ -622,7 +623,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> SpatialDec
     )
 
 
-# RMT's released sizes (METHOD.md section 4 and RMT's classfication_release/RMT.py).
+# RMT's released sizes (RMT, Fan et al., CVPR 2024, and its released classfication_release/RMT.py).
 SIZES: Dict[str, Dict[str, Any]] = {
     "tiny": dict(embed_dims=(64, 128, 256, 512), depths=(2, 2, 8, 2), num_heads=(4, 4, 8, 16),
                  heads_ranges=(4, 4, 6, 6), mlp_ratios=(3, 3, 3, 3), drop_path_rate=0.1,
