@@ -189,7 +189,7 @@ def main() -> None:
         grid = [(regime, variant, seed) for regime in args.regime or ["low"]
                 for seed in range(args.seeds) for variant in args.variants]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            for done in pool.map(lambda g: train(out, g[0], g[1], g[2], args.epochs, extra), grid):
+            for _ in pool.map(lambda g: train(out, g[0], g[1], g[2], args.epochs, extra), grid):
                 pass
     print(report(out))
 

@@ -195,7 +195,8 @@ def gate_analysis(out: Path, images: int = 256) -> str:
     from sdt.config import load_config
     from sdt.engine import eval_loader, setup_distributed
     from sdt.models.sdt_h import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-    from sdt.train import TrainConfig, _datasets, create_model, resolve_in_chans, resolve_num_classes
+    from sdt.data import resolve_in_chans, resolve_num_classes
+    from sdt.train import TrainConfig, _datasets, create_model
 
     background = (0.0 - FASHION_MNIST_MEAN[0]) / FASHION_MNIST_STD[0] + 1e-3
     results, lines = [], ["| run | depth | head | lambda (fixed) | mean G | G object | G background |",
@@ -211,7 +212,7 @@ def gate_analysis(out: Path, images: int = 256) -> str:
         load_into(net, load_weights(run / "best.safetensors"), run / "best.safetensors")
         gates, masks = {}, []
         hooks = [blk.attn.gate.register_forward_hook(
-            lambda m, inp, o, i=i: gates.setdefault(i, []).append(m.gate_map(inp[0])))
+            lambda m, inp, o, i=i: gates.setdefault(i, []).append(m.gate_map(inp[0])))  # noqa: B023
             for i, blk in enumerate(net.blocks)]
         with torch.no_grad():
             for batch in eval_loader(test_set, 64, 0, setup_distributed("auto")):

@@ -209,7 +209,7 @@ class SpatialDecayViT(nn.Module):
         keep their own init (W_g = 0: every decay starts at RMT's)."""
         if self.pos_embed is not None:
             trunc_normal_(self.pos_embed, std=0.02)
-        for name, m in self.named_modules():
+        for m in self.modules():
             if isinstance(m, nn.Linear):
                 trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
