@@ -115,6 +115,20 @@ def _decay_tile(index_a, index_b, rate_a, rate_b, width, INDICATOR: tl.constexpr
 
 
 @triton.jit
+def _sequence_block(R, stride_r0, stride_r1, rate_inner, seq_len, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """This program's block of one sequence: its token offsets and mask, the channel offsets and mask,
+    the sequence's offset into (S, L, d) and into (S, L) tensors, and the pointer to its rates."""
+    seq = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D_PAD)
+    base = seq.to(tl.int64) * seq_len * HEAD_DIM
+    row_base = seq.to(tl.int64) * seq_len
+    rates = R + (seq // rate_inner).to(tl.int64) * stride_r0 + (seq % rate_inner).to(tl.int64) * stride_r1
+    return offs, offs < seq_len, offs_d, offs_d < HEAD_DIM, base, row_base, rates
+
+
+@triton.jit
 def _load_rows(A, B, offs, mask, offs_d, mask_d, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
     """Rows ``offs`` of two (L, d) matrices, zero-padded to (len(offs), D_PAD)."""
     offsets = offs[:, None] * HEAD_DIM + offs_d[None, :]
@@ -131,12 +145,8 @@ def _load_rows(A, B, offs, mask, offs_d, mask_d, HEAD_DIM: tl.constexpr, UPCAST:
 def _forward_kernel(Q, K, V, R, Out, Lse, stride_r0, stride_r1, stride_rl, rate_inner, seq_len, width, scale,
                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, INDICATOR: tl.constexpr,
                     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    seq = tl.program_id(0)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    mask_m, mask_d = offs_m < seq_len, offs_d < HEAD_DIM
-    base = seq.to(tl.int64) * seq_len * HEAD_DIM
-    rates = R + (seq // rate_inner).to(tl.int64) * stride_r0 + (seq % rate_inner).to(tl.int64) * stride_r1
+    offs_m, mask_m, offs_d, mask_d, base, row_base, rates = _sequence_block(R, stride_r0, stride_r1, rate_inner, seq_len,
+                                                                            HEAD_DIM, D_PAD, BLOCK_M)
 
     q = tl.load(Q + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :],
                 other=0.0)
@@ -165,7 +175,7 @@ def _forward_kernel(Q, K, V, R, Out, Lse, stride_r0, stride_r1, stride_rl, rate_
     acc = acc / row_sum[:, None]
     tl.store(Out + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], acc.to(Out.dtype.element_ty),
              mask=mask_m[:, None] & mask_d[None, :])
-    tl.store(Lse + seq.to(tl.int64) * seq_len + offs_m, (row_max + tl.log2(row_sum)) * LN2, mask=mask_m)
+    tl.store(Lse + row_base + offs_m, (row_max + tl.log2(row_sum)) * LN2, mask=mask_m)
 
 
 @triton.jit
@@ -188,13 +198,8 @@ def _backward_key_kernel(Q, K, V, R, DO, Lse, Delta, DK, DV, DRateCols, stride_r
                          PRECISION: tl.constexpr, UPCAST: tl.constexpr, RATES_GRAD: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One block of keys over every query block, in transposed (key, query) tiles: dk, dv, column sums."""
-    seq = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
-    mask_n, mask_d = offs_n < seq_len, offs_d < HEAD_DIM
-    base = seq.to(tl.int64) * seq_len * HEAD_DIM
-    row_base = seq.to(tl.int64) * seq_len
-    rates = R + (seq // rate_inner).to(tl.int64) * stride_r0 + (seq % rate_inner).to(tl.int64) * stride_r1
+    offs_n, mask_n, offs_d, mask_d, base, row_base, rates = _sequence_block(R, stride_r0, stride_r1, rate_inner, seq_len,
+                                                                            HEAD_DIM, D_PAD, BLOCK_N)
 
     k, v = _load_rows(K + base, V + base, offs_n, mask_n, offs_d, mask_d, HEAD_DIM, UPCAST)
     rate_n = tl.load(rates + offs_n * stride_rl, mask=mask_n, other=0.0)
@@ -233,13 +238,8 @@ def _backward_query_kernel(Q, K, V, R, DO, Lse, Delta, DQ, DRateCols, DRates, st
                            PRECISION: tl.constexpr, UPCAST: tl.constexpr, RATES_GRAD: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One block of queries over every key block: dq, and d(rates) = row sums + the key pass's column sums."""
-    seq = tl.program_id(0)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    mask_m, mask_d = offs_m < seq_len, offs_d < HEAD_DIM
-    base = seq.to(tl.int64) * seq_len * HEAD_DIM
-    row_base = seq.to(tl.int64) * seq_len
-    rates = R + (seq // rate_inner).to(tl.int64) * stride_r0 + (seq % rate_inner).to(tl.int64) * stride_r1
+    offs_m, mask_m, offs_d, mask_d, base, row_base, rates = _sequence_block(R, stride_r0, stride_r1, rate_inner, seq_len,
+                                                                            HEAD_DIM, D_PAD, BLOCK_M)
 
     q, grad_out = _load_rows(Q + base, DO + base, offs_m, mask_m, offs_d, mask_d, HEAD_DIM, UPCAST)
     rate_m = tl.load(rates + offs_m * stride_rl, mask=mask_m, other=0.0)
