@@ -79,9 +79,16 @@ def main() -> None:
                         help="models of the speed table (none: skip it)")
     parser.add_argument("--memory-size", type=int, default=0,
                         help="input side of the sdt_h_tiny_full2d memory table (0: skip; the target is at 1024)")
+    parser.add_argument("--freezing", action="store_true",
+                        help="inductor's freezing (weights folded as constants, oneDNN prepacked: PyTorch's advice for "
+                             "CPU inference; without it convolutions and GEMMs re-layout their weights every call)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(environment(), "float32, inference (no_grad)\n", flush=True)
+    if args.freezing:
+        from torch._inductor import config as inductor_config
+
+        inductor_config.freezing = True
+    print(environment(), "float32, inference (no_grad)", "freezing" if args.freezing else "no freezing", "\n", flush=True)
     if args.models:
         rows = [speed_row(name, args.repeats) for name in args.models]
         print(markdown_table(["model", "batch x input", "eager ms", "compiled ms", "speed-up", "compile s",
