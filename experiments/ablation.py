@@ -45,8 +45,9 @@ def run_dir(out: Path, regime: str, variant: str, seed: int, epochs: int) -> Pat
     return out / f"{regime}-e{epochs}" / f"{variant}-s{seed}"
 
 
-def train(out: Path, regime: str, variant: str, seed: int, epochs: int, extra: List[str]) -> None:
-    folder = run_dir(out, regime, variant, seed, epochs)
+def run_or_resume(folder: Path, new_run_args: List[str]) -> None:
+    """Train one run of a study in ``folder`` with ``sdt train``: skip it when finished, resume it
+    from its last checkpoint when killed, else start it with ``new_run_args`` (``--recipe``, ``-o``)."""
     if (folder / "summary.json").is_file():
         print(f"[skip] {folder} is finished")
         return
@@ -56,15 +57,19 @@ def train(out: Path, regime: str, variant: str, seed: int, epochs: int, extra: L
         cmd = [sys.executable, "-m", "sdt.cli", "train", "--output", str(folder), "--resume"]
         print(f"[resume] {folder}")
     else:
-        cmd = [sys.executable, "-m", "sdt.cli", "train", "--recipe", "ablation", "--output", str(folder),
-               "-o", f"model.kwargs.decay={variant}", "-o", f"engine.seed={seed}",
-               "-o", f"data.train_subset={REGIMES[regime]}", "-o", f"engine.epochs={epochs}", *extra]
+        cmd = [sys.executable, "-m", "sdt.cli", "train", "--output", str(folder), *new_run_args]
         print(f"[train] {folder}")
     log = folder.parent / f"{folder.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:  # several runs at once: each writes its own console log
         subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
     print(f"[done] {folder}")
+
+
+def train(out: Path, regime: str, variant: str, seed: int, epochs: int, extra: List[str]) -> None:
+    run_or_resume(run_dir(out, regime, variant, seed, epochs),
+                  ["--recipe", "ablation", "-o", f"model.kwargs.decay={variant}", "-o", f"engine.seed={seed}",
+                   "-o", f"data.train_subset={REGIMES[regime]}", "-o", f"engine.epochs={epochs}", *extra])
 
 
 def t_quantile_975(df: int) -> float:

@@ -15,9 +15,7 @@ import argparse
 import json
 import math
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,9 +23,8 @@ from pathlib import Path
 from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ablation import mean_std, t_quantile_975  # noqa: E402  the ablation's statistics
+from ablation import mean_std, run_or_resume, t_quantile_975  # noqa: E402  the ablation's runner and statistics
 
-from sdt.checkpoints import checkpoint_dirs  # noqa: E402
 
 MODEL = "sdt_vit_fm_tiny"
 VARIANTS = {  # name -> model.kwargs
@@ -61,24 +58,10 @@ def grid(seeds: int, extra_seeds: int, regimes: List[str]) -> List[tuple]:
 
 
 def train(out: Path, regime: str, variant: str, seed: int, epochs: int, extra: List[str]) -> None:
-    folder = run_dir(out, regime, variant, seed, epochs)
-    if (folder / "summary.json").is_file():
-        print(f"[skip] {folder} is finished")
-        return
-    if folder.exists() and not checkpoint_dirs(folder):
-        shutil.rmtree(folder)  # stopped before its first checkpoint: nothing to resume
-    if folder.exists():
-        cmd = [sys.executable, "-m", "sdt.cli", "train", "--output", str(folder), "--resume"]
-    else:
-        kw = [a for k, v in VARIANTS[variant].items() for a in ("-o", f"model.kwargs.{k}={v}")]
-        cmd = [sys.executable, "-m", "sdt.cli", "train", "--recipe", "ablation", "--output", str(folder),
-               "-o", f"model.name={MODEL}", *kw, "-o", f"engine.seed={seed}",
-               "-o", f"data.train_subset={REGIMES[regime]}", "-o", f"engine.epochs={epochs}", *extra]
-    print(f"[train] {folder}")
-    log = folder.parent / f"{folder.name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as f:
-        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
+    kw = [a for k, v in VARIANTS[variant].items() for a in ("-o", f"model.kwargs.{k}={v}")]
+    run_or_resume(run_dir(out, regime, variant, seed, epochs),
+                  ["--recipe", "ablation", "-o", f"model.name={MODEL}", *kw, "-o", f"engine.seed={seed}",
+                   "-o", f"data.train_subset={REGIMES[regime]}", "-o", f"engine.epochs={epochs}", *extra])
 
 
 def measure_throughput(batch: int = 64, steps: int = 4) -> Dict[str, float]:
