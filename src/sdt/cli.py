@@ -16,7 +16,6 @@
 Each subcommand is one ``add_*_parser`` function (its arguments) and one ``run_*`` function.
 """
 import argparse
-import logging
 import sys
 from typing import Any, Dict, List, Optional
 
@@ -512,10 +511,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     from .errors import SdtError
 
-    # torch logs this when it finds a CUDA toolkit but no GPU, the first time sdt builds its CPU kernel;
-    # the CPU build does not use CUDA, so on CPU machines it is noise
-    logging.getLogger("torch.utils.cpp_extension").addFilter(
-        lambda record: not str(record.msg).startswith("No CUDA runtime is found"))
     try:
         return args.func(args)
     except (SdtError, OSError) as e:
@@ -528,6 +523,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"sdt {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _end_processes()
+
+
+def _end_processes() -> None:
+    """Shut down torchrun's process group before the interpreter exits: a gloo group left to the
+    interpreter's teardown can abort a rank ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
