@@ -4,11 +4,15 @@ where attention is the only spatial mixer, on Fashion-MNIST subsets.
     python experiments/vit_study.py --plan                 # the grid and its estimated CPU hours
     python experiments/vit_study.py --smoke --out /tmp/vs  # tiny budget, end to end in minutes
     python experiments/vit_study.py --jobs 2               # the study (resumable: rerun to continue)
+    python experiments/vit_study.py --jobs 2 --until 21:20 # start no run after 21:20 (local time)
     python experiments/vit_study.py --report-only          # tables + plot from the finished runs
 
 Each run is ``sdt train --recipe ablation`` with ``model.name=sdt_vit_fm_tiny`` and the variant's
 ``model.kwargs`` in ``<out>/<regime>-e<epochs>/<variant>-s<seed>``. Finished runs (summary.json)
 are skipped, killed ones resume from their last checkpoint (``experiments/ablation.py``'s rules).
+The default ``--out`` is tracked by git without checkpoints and weights (its .gitignore), so the
+finished runs of one sitting are committed and the next sitting continues the grid; the gate
+analysis of a run is cached in its ``gates.json`` for the same reason.
 The report gives mean ± sd per variant and paired differences (same seed) with 95% t-intervals.
 """
 import argparse
@@ -20,7 +24,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ablation import mean_std, run_or_resume, t_quantile_975  # noqa: E402  the ablation's runner and statistics
@@ -57,7 +61,11 @@ def grid(seeds: int, extra_seeds: int, regimes: List[str]) -> List[tuple]:
     return out
 
 
-def train(out: Path, regime: str, variant: str, seed: int, epochs: int, extra: List[str]) -> None:
+def train(out: Path, regime: str, variant: str, seed: int, epochs: int, extra: List[str],
+          until: Optional[float] = None) -> None:
+    if until is not None and time.time() > until and not (run_dir(out, regime, variant, seed, epochs) / "summary.json").is_file():
+        print(f"[later] {run_dir(out, regime, variant, seed, epochs)}: past --until, left for the next sitting")
+        return
     kw = [a for k, v in VARIANTS[variant].items() for a in ("-o", f"model.kwargs.{k}={v}")]
     run_or_resume(run_dir(out, regime, variant, seed, epochs),
                   ["--recipe", "ablation", "-o", f"model.name={MODEL}", *kw, "-o", f"engine.seed={seed}",
@@ -224,18 +232,19 @@ def gate_analysis(out: Path, images: int = 256) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="experiments/runs/vit_study")
+    parser.add_argument("--out", default="experiments/results/vit_study")
     parser.add_argument("--regime", choices=sorted(REGIMES), action="append")
     parser.add_argument("--seeds", type=int, default=5, help="seeds of the central variants")
     parser.add_argument("--extra-seeds", type=int, default=3, help="seeds of learned and cag_pos")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--plan", action="store_true", help="print the grid and its estimated cost")
     parser.add_argument("--smoke", action="store_true", help="tiny budget (1 epoch, 256 images, 1 seed)")
+    parser.add_argument("--until", help="HH:MM (local time): start no new run after it, so a sitting ends cleanly")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--gates", action="store_true", help="only the gate analysis of the finished cag runs")
     parser.add_argument("-o", "--override", action="append", default=[])
     args = parser.parse_args()
-    args.regime = args.regime or ["2k", "6k"]
+    args.regime = args.regime or ["2k"]
     if args.plan:
         plan(args)
         return
@@ -251,10 +260,17 @@ def main() -> None:
         epochs = {r: 1 for r in REGIMES}
         args.seeds, args.extra_seeds, args.regime = 2, 1, ["2k"]
         extra += ["-o", "data.val_subset=128", "-o", "data.test_subset=256", "-o", "engine.ckpt_every_steps=2"]
+    until = None
+    if args.until:
+        hour, minute = (int(x) for x in args.until.split(":"))
+        now = time.localtime()
+        until = time.mktime((now.tm_year, now.tm_mon, now.tm_mday, hour, minute, 0, 0, 0, -1))
+        if until < time.time():
+            until += 86400  # tomorrow
     if not args.report_only:
         runs = grid(args.seeds, args.extra_seeds, args.regime)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            list(pool.map(lambda g: train(out, g[0], g[1], g[2], epochs[g[0]], extra), runs))
+            list(pool.map(lambda g: train(out, g[0], g[1], g[2], epochs[g[0]], extra, until), runs))
     print(report(out))
 
 
