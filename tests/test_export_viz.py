@@ -149,6 +149,53 @@ def test_untrained_sdt_decay_equals_rmt_and_plots(tmp_path):
     assert len(paths) == 4 and all(p.stat().st_size > 10_000 for p in paths)
 
 
+def _perturbed_vit(**kwargs):
+    model = timm.create_model("sdt_vit_fm_tiny", depth=2, **kwargs).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, sdt.DecayGate):
+                m.weight.normal_(std=0.5)
+    return model
+
+
+@pytest.mark.parametrize("rotary", [False, True])
+def test_vit_attention_maps_reproduce_the_layer_output(rotary):
+    """sdt_vit_* has one stack of blocks and no rotary by default: the maps of every block (block=None)
+    still give the attention output the layer computes, with and without rotary."""
+    model = _perturbed_vit(rotary=rotary, pos_embed="learned")
+    image = torch.randn(1, 1, 28, 28)
+    maps = attention_maps(model, image, (13, 6), block=None)
+    assert [m["label"] for m in maps] == ["block 1", "block 2"]
+    attn = model.blocks[1].attn
+    captured = []
+    hook = attn.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    with torch.no_grad():
+        model(image)
+    hook.remove()
+    x = captured[0]
+    height, width = x.shape[1:3]
+    with torch.no_grad():
+        q, k, v = attn._heads(attn.q(x)), attn._heads(attn.k(x)), attn._heads(attn.v(x))
+        if rotary:
+            sin, cos = sdt.rotary_tables((height, width), attn.head_dim)
+            q, k = sdt.apply_rotary(q, sin, cos), sdt.apply_rotary(k, sin, cos)
+        out = spatial_decay_attention(q, k, v, attn.gate(x), (height, width), attn.layout, attn.distance, "reference")
+    r, c = maps[1]["query"]
+    assert (r, c) == (3, 6)
+    got = torch.einsum("nl,nld->nd", maps[1]["attn"].flatten(1), v[0])
+    assert torch.allclose(got, out[0, :, r * width + c], atol=1e-5)
+    assert not torch.allclose(maps[1]["decay"], maps[1]["decay_fixed"])
+
+
+def test_attention_maps_reject_other_models_and_missing_blocks():
+    with pytest.raises(ValueError, match="sdt_vit_"):
+        attention_maps(timm.create_model("resnet18"), torch.randn(1, 3, 32, 32), (5, 5))
+    with pytest.raises(ValueError, match="block 7 does not exist: the block has 2 blocks"):
+        attention_maps(_perturbed_vit(), torch.randn(1, 1, 28, 28), (5, 5), block=7)
+    with pytest.raises(ValueError, match="block -5 does not exist: the stage has"):
+        attention_maps(_perturbed_sdt(), torch.randn(1, 1, 28, 28), (5, 5), block=-5)
+
+
 def test_query_outside_image_is_rejected():
     model = timm.create_model("rmt_nano").eval()
     with pytest.raises(ValueError, match="outside"):
@@ -182,6 +229,9 @@ def test_cli_models_export_convert_viz(tmp_path, capsys):
     assert main(["viz", "--model", "sdt_h_nano", "--in-chans", "1", "--num-classes", "10", "--image", "fmnist:3",
                  "--size", "28", "28", "-o", str(tmp_path / "viz_fmnist")]) == 0
     assert len(list((tmp_path / "viz_fmnist").glob("stage*.png"))) == 4
+    assert main(["viz", "--model", "sdt_vit_fm_tiny", "--in-chans", "1", "--num-classes", "10", "--image", "fmnist:3",
+                 "--block", "all", "-o", str(tmp_path / "viz_vit")]) == 0
+    assert sorted(p.name for p in (tmp_path / "viz_vit").iterdir()) == [f"block{i}.png" for i in range(1, 7)]
     assert main(["viz", "--model", "sdt_h_nano", "--image", "missing.png"]) == 2
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
     assert main(["viz", "--model", "sdt_h_nano", "--image", str(tmp_path / "broken.png")]) == 2

@@ -117,12 +117,24 @@ def add_viz_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
                    help="resize the image to this (default: the model's input size)")
     p.add_argument("--query", default=None, help="query location 'x,y' in resized-image pixels (default: centre)")
-    p.add_argument("--block", type=int, default=-1, help="block within each stage (default: last)")
+    p.add_argument("--block", type=_block_arg, default=-1,
+                   help="block within each stage, or within the stack of an sdt_vit_* model; 'all' draws every "
+                        "block (default: -1, the last)")
     p.add_argument("-o", "--out-dir", default="viz", help="folder for the PNGs (default: viz)")
     p.set_defaults(func=run_viz)
 
 
+def _block_arg(text: str) -> Optional[int]:
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give a block index (e.g. -1, 0, 3) or 'all', got {text!r}") from None
+
+
 def run_viz(args: argparse.Namespace) -> int:
+    from .config import ConfigError
     from .export import create_model_from_weights
     from .train import check_model_name
     from .viz import attention_maps, load_image, plot_attention_maps, warn_if_untrained
@@ -142,7 +154,7 @@ def run_viz(args: argparse.Namespace) -> int:
             query = tuple(float(v) for v in args.query.split(","))
             assert len(query) == 2
         except (ValueError, AssertionError):
-            raise SystemExit(f"--query must be 'x,y' in pixels, got {args.query!r}") from None
+            raise ConfigError(f"--query must be 'x,y' in pixels, e.g. --query 14,10; got {args.query!r}") from None
     else:
         query = (size[1] / 2, size[0] / 2)
     maps = attention_maps(model, image, query, args.block)

@@ -1,6 +1,7 @@
 """Look inside: decay, gate and attention maps of a spatial-decay model for one query location.
 
-``attention_maps(model, image, query_xy)`` returns, per stage (last block by default) and head:
+``attention_maps(model, image, query_xy)`` returns, per drawn layer (the last block of each stage of
+an SDT-H/RMT model, or the last block of a plain ``sdt_vit_*``, by default) and head:
 
 - ``gate``: G = logsigmoid(x W_g + b) over the grid (token-dependent decays only), (n, H, W);
 - ``decay_fixed``: exp(lambda_h * d(q, j)), RMT's decay from the query, (n, H, W);
@@ -72,9 +73,11 @@ def _query_maps(attn: SpatialDecayAttention, x: Tensor, query: Tuple[int, int]) 
     """Maps of one attention module for one query cell, from its input x (1, H, W, C)."""
     height, width = x.shape[1], x.shape[2]
     r, c = query
-    sin, cos = rotary_tables((height, width), attn.head_dim, x.device)
-    q = apply_rotary(attn._heads(attn.q(x)), sin, cos)[0]  # (n, L, d)
-    k = apply_rotary(attn._heads(attn.k(x)), sin, cos)[0]
+    q, k = attn._heads(attn.q(x)), attn._heads(attn.k(x))
+    if attn.use_rotary:
+        sin, cos = rotary_tables((height, width), attn.head_dim, x.device)
+        q, k = apply_rotary(q, sin, cos), apply_rotary(k, sin, cos)
+    q, k = q[0], k[0]  # (n, L, d)
     logits = (q @ k.transpose(-1, -2)) * attn.head_dim ** -0.5  # (n, L, L)
     gate = attn.gate
     rates = gate(x)
@@ -118,13 +121,37 @@ def _query_maps(attn: SpatialDecayAttention, x: Tensor, query: Tuple[int, int]) 
     return {k: v.reshape(n, height, width) for k, v in out.items()}
 
 
+def _attention_layers(model: nn.Module, block: Optional[int]) -> List[Tuple[str, SpatialDecayAttention]]:
+    """(label, attention module) of the layers to draw: ``block`` of every stage of an SDT-H/RMT model,
+    or of the one stack of blocks of a plain ViT (``sdt_vit_*``); every block when ``block`` is None."""
+    stages = getattr(model, "stages", None)
+    groups = [("stage", list(stage.blocks)) for stage in stages] if stages is not None else None
+    if groups is None and isinstance(getattr(model, "blocks", None), nn.Sequential):
+        groups = [("block", list(model.blocks))]
+    if groups is None or not all(isinstance(getattr(b, "attn", None), SpatialDecayAttention) for _, bs in groups for b in bs):
+        raise ConfigError(f"attention_maps needs an SDT-H/RMT model (with .stages) or an sdt_vit_* model (with .blocks), "
+                          f"got {type(model).__name__}")
+    layers = []
+    for index, (kind, blocks) in enumerate(groups):
+        if block is not None and not -len(blocks) <= block < len(blocks):
+            raise ConfigError(f"block {block} does not exist: the {kind} has {len(blocks)} blocks "
+                              f"(give -{len(blocks)}..{len(blocks) - 1}, or every block)")
+        chosen = range(len(blocks)) if block is None else [block % len(blocks)]
+        for b in chosen:
+            label = f"stage {index + 1}" if kind == "stage" and block is not None else (
+                f"stage {index + 1} block {b + 1}" if kind == "stage" else f"block {b + 1}")
+            layers.append((label, blocks[b].attn))
+    return layers
+
+
 @torch.no_grad()
 def attention_maps(model: nn.Module, image: Tensor, query_xy: Tuple[float, float],
-                   block: int = -1) -> List[Dict[str, Tensor]]:
+                   block: Optional[int] = -1) -> List[Dict[str, Tensor]]:
     """Decay, gate and attention maps for the query at pixel (x, y) of ``image`` (1, C, H, W).
 
-    Returns one dict per stage with the maps (n, h, w) described in the module docstring, plus
-    ``query`` (row, col) on that stage's grid and ``stage``.
+    ``block`` picks the block within each stage (SDT-H/RMT) or within the stack (``sdt_vit_*``);
+    None draws every block. Returns one dict per drawn layer with the maps (n, h, w) described in the
+    module docstring, plus ``query`` (row, col) on that layer's grid and ``label`` ("stage 2", "block 5").
     """
     if image.ndim != 4 or image.shape[0] != 1:
         raise DataError(f"image must be (1, C, H, W), got {tuple(image.shape)}")
@@ -132,12 +159,10 @@ def attention_maps(model: nn.Module, image: Tensor, query_xy: Tuple[float, float
     qx, qy = query_xy
     if not (0 <= qx < img_w and 0 <= qy < img_h):
         raise ConfigError(f"query ({qx}, {qy}) lies outside the {img_w}x{img_h} image; give x in [0, {img_w}) and y in [0, {img_h})")
-    stages = getattr(model, "stages", None)
-    if stages is None:
-        raise ConfigError("attention_maps needs an SDT-H/RMT model (with .stages)")
-    inputs: List[Tensor] = []
-    hooks = [stage.blocks[block].attn.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
-             for stage in stages]
+    layers = _attention_layers(model, block)
+    inputs: Dict[int, Tensor] = {}
+    hooks = [attn.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
+             for i, (_, attn) in enumerate(layers)]
     was_training = model.training
     model.eval()
     try:
@@ -147,18 +172,19 @@ def attention_maps(model: nn.Module, image: Tensor, query_xy: Tuple[float, float
             h.remove()
         model.train(was_training)
     results = []
-    for i, (stage, x) in enumerate(zip(stages, inputs)):
+    for i, (label, attn) in enumerate(layers):
+        x = inputs[i]
         height, width = x.shape[1:3]
         query = (min(int(qy * height / img_h), height - 1), min(int(qx * width / img_w), width - 1))
-        maps = _query_maps(stage.blocks[block].attn, x, query)
-        maps.update(query=query, stage=i)
+        maps = _query_maps(attn, x, query)
+        maps.update(query=query, label=label)
         results.append(maps)
     return results
 
 
 def plot_attention_maps(maps: List[Dict[str, Tensor]], display: Tensor, query_xy: Tuple[float, float],
                         out_dir: str, title: str = "") -> List[Path]:
-    """One PNG per stage: a row per head; columns gate G, RMT decay, model decay, attention without and
+    """One PNG per drawn layer (stage1.png, block3.png, ...): a row per head; columns gate G, RMT decay, model decay, attention without and
     with the decay, each over the image with a colour bar and the query marked. Returns the paths."""
     import matplotlib
 
@@ -193,10 +219,11 @@ def plot_attention_maps(maps: List[Dict[str, Tensor]], display: Tensor, query_xy
                 if h == 0:
                     ax.set_title(label, fontsize=9)
         grid = stage_maps["attn"].shape[1:]
-        fig.suptitle(f"{title} stage {stage_maps['stage'] + 1} ({grid[0]}x{grid[1]} grid), "
+        label = stage_maps["label"]
+        fig.suptitle(f"{title} {label} ({grid[0]}x{grid[1]} grid), "
                      f"query at pixel {tuple(query_xy)} -> cell {stage_maps['query']}")
         fig.tight_layout()
-        path = out / f"stage{stage_maps['stage'] + 1}.png"
+        path = out / f"{label.replace(' ', '')}.png"
         save_figure(fig, path, dpi=80)
         paths.append(path)
     return paths
