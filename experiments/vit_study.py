@@ -176,58 +176,127 @@ def plot(rows: List[Dict], groups: List[tuple], path: Path) -> None:
     plt.close(fig)
 
 
-def gate_analysis(out: Path, images: int = 256) -> str:
-    """G = logsigmoid(x W_g + b) of every finished cag/cag_pos run on test images: per depth and head, the
-    mean G against the fixed rate lambda_h, and the mean G on object vs background patches (a 2x2
-    patch is background when all its pixels are 0 in the raw image). Writes gates.json and gates.md."""
+def run_gates(run: Path, images: int = 256) -> List[Dict]:
+    """G = logsigmoid(x W_g + b) of one finished cag/cag_pos run on test images: per depth and head the
+    mean and sd of G, RMT's fixed rate lambda_h, and the mean G on object vs background patches (a 2x2
+    patch is background when all its pixels are 0 in the raw image). Cached in the run's gates.json,
+    since the committed study keeps the weights of seed 0 only."""
+    cache = run / "gates.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    if not (run / "best.safetensors").is_file():
+        print(f"[gates] {run}: no gates.json and no best.safetensors, skipped")
+        return []
     import torch
 
     from sdt.checkpoints import load_into, load_weights
     from sdt.config import load_config
+    from sdt.data import resolve_in_chans, resolve_num_classes
     from sdt.engine import eval_loader, setup_distributed
     from sdt.models.sdt_h import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-    from sdt.data import resolve_in_chans, resolve_num_classes
     from sdt.train import TrainConfig, _datasets, create_model
 
     background = (0.0 - FASHION_MNIST_MEAN[0]) / FASHION_MNIST_STD[0] + 1e-3
-    results, lines = [], ["| run | depth | head | lambda (fixed) | mean G | G object | G background |",
-                          "|---|---:|---:|---:|---:|---:|---:|"]
+    cfg = load_config(TrainConfig, str(run / "config.yaml"))
+    cfg.data.test_subset = images
+    cfg.model.in_chans = resolve_in_chans(cfg)
+    test_set = _datasets(cfg, ["test"])["test"]
+    cfg.model.num_classes = resolve_num_classes(cfg, test_set.classes)
+    net = create_model(cfg.model, cfg.model.num_classes, cfg.model.in_chans).eval()
+    load_into(net, load_weights(run / "best.safetensors"), run / "best.safetensors")
+    gates, masks = {}, []
+    hooks = [blk.attn.gate.register_forward_hook(
+        lambda m, inp, o, i=i: gates.setdefault(i, []).append(m.gate_map(inp[0])))  # noqa: B023
+        for i, blk in enumerate(net.blocks)]
+    with torch.no_grad():
+        for batch in eval_loader(test_set, 64, 0, setup_distributed("auto")):
+            masks.append((torch.nn.functional.max_pool2d(batch.images, 2) > background).flatten(1))  # (B, L) object
+            net(batch.images)
+    for h in hooks:
+        h.remove()
+    obj = torch.cat(masks)  # (N, L)
+    rows = []
+    for depth, maps in sorted(gates.items()):
+        g = torch.cat(maps)  # (N, heads, L)
+        fixed = net.blocks[depth].attn.gate.fixed_rates
+        for head in range(g.shape[1]):
+            gh = g[:, head]
+            rows.append(dict(depth=depth, head=head, fixed=float(fixed[head]), mean=float(gh.mean()), std=float(gh.std()),
+                             # spread over images of a token's G, averaged over tokens: content dependence
+                             std_over_images=float(gh.std(0).mean()),
+                             object=float(gh[obj].mean()), background=float(gh[~obj].mean())))
+    cache.write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+def gate_analysis(out: Path) -> str:
+    """The gates of every finished cag/cag_pos run (``run_gates``): a table per run, a summary per
+    variant and depth over seeds, and gates.png (mean G per head against the fixed rates, and G on
+    objects vs background). Writes gates.json and gates.md in ``out``."""
+    results = []
     for summary in sorted(out.glob("*-e*/cag*-s*/summary.json")):
         run = summary.parent
-        cfg = load_config(TrainConfig, str(run / "config.yaml"))
-        cfg.data.test_subset = images
-        cfg.model.in_chans = resolve_in_chans(cfg)
-        test_set = _datasets(cfg, ["test"])["test"]
-        cfg.model.num_classes = resolve_num_classes(cfg, test_set.classes)
-        net = create_model(cfg.model, cfg.model.num_classes, cfg.model.in_chans).eval()
-        load_into(net, load_weights(run / "best.safetensors"), run / "best.safetensors")
-        gates, masks = {}, []
-        hooks = [blk.attn.gate.register_forward_hook(
-            lambda m, inp, o, i=i: gates.setdefault(i, []).append(m.gate_map(inp[0])))  # noqa: B023
-            for i, blk in enumerate(net.blocks)]
-        with torch.no_grad():
-            for batch in eval_loader(test_set, 64, 0, setup_distributed("auto")):
-                x = batch.images
-                masks.append((torch.nn.functional.max_pool2d(x, 2) > background).flatten(1))  # (B, L) object
-                net(x)
-        for h in hooks:
-            h.remove()
-        obj = torch.cat(masks)[:, None, :]  # (N, 1, L)
-        for depth, maps in sorted(gates.items()):
-            g = torch.cat(maps)  # (N, heads, L)
-            fixed = net.blocks[depth].attn.gate.fixed_rates
-            for head in range(g.shape[1]):
-                gh, o = g[:, head], obj[:, 0]
-                row = dict(run=str(run.relative_to(out)), depth=depth, head=head, fixed=float(fixed[head]),
-                           mean=float(gh.mean()), std=float(gh.std()),
-                           object=float(gh[o].mean()), background=float(gh[~o].mean()))
-                results.append(row)
-                lines.append(f"| {row['run']} | {depth} | {head} | {row['fixed']:.3f} | {row['mean']:.3f} ± {row['std']:.3f} | "
-                             f"{row['object']:.3f} | {row['background']:.3f} |")
+        variant, seed = run.name.rsplit("-s", 1)
+        for row in run_gates(run):
+            results.append(dict(group=run.parent.name, variant=variant, seed=int(seed), **row))
+    if not results:
+        return "no finished cag runs yet"
     (out / "gates.json").write_text(json.dumps(results, indent=2))
+    lines = ["Per variant and depth, over heads and seeds: mean G, RMT's fixed rate, object - background G "
+             "(mean over seeds of the per-run head average, with its sd), and the spread of a token's G over images.", "",
+             "| group | variant | depth | seeds | mean G | fixed lambda | G object - background | sd of G over images |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    keys = sorted({(r["group"], r["variant"], r["depth"]) for r in results})
+    for group, variant, depth in keys:
+        rs = [r for r in results if (r["group"], r["variant"], r["depth"]) == (group, variant, depth)]
+        seeds = sorted({r["seed"] for r in rs})
+        contrast = [statistics.mean(r["object"] - r["background"] for r in rs if r["seed"] == s) for s in seeds]
+        lines.append(f"| {group} | {variant} | {depth} | {len(seeds)} | {statistics.mean(r['mean'] for r in rs):.3f} | "
+                     f"{statistics.mean(r['fixed'] for r in rs):.3f} | {mean_std(contrast).replace(' ', '')} | "
+                     f"{statistics.mean(r['std_over_images'] for r in rs):.3f} |")
+    lines += ["", "Per run, depth and head:", "",
+              "| run | depth | head | fixed lambda | mean G ± sd | G object | G background |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['group']}/{r['variant']}-s{r['seed']} | {r['depth']} | {r['head']} | {r['fixed']:.3f} | "
+              f"{r['mean']:.3f} ± {r['std']:.3f} | {r['object']:.3f} | {r['background']:.3f} |" for r in results]
     text = "\n".join(lines)
     (out / "gates.md").write_text(text)
+    plot_gates(results, out / "gates.png")
     return text
+
+
+def plot_gates(results: List[Dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = sorted({r["variant"] for r in results})
+    fig, axes = plt.subplots(2, len(variants), figsize=(6 * len(variants), 6.4), squeeze=False)
+    for col, variant in enumerate(variants):
+        rs = [r for r in results if r["variant"] == variant]
+        depths, heads = max(r["depth"] for r in rs) + 1, max(r["head"] for r in rs) + 1
+        ax = axes[0, col]
+        for head in range(heads):
+            xs = [d + (head - heads / 2) * 0.12 for d in range(depths)]
+            per = [[r["mean"] for r in rs if (r["depth"], r["head"]) == (d, head)] for d in range(depths)]
+            ax.plot(xs, [statistics.mean(p) for p in per], "o", label=f"head {head}: learned G")
+            ax.plot(xs, [next(r["fixed"] for r in rs if (r["depth"], r["head"]) == (d, head)) for d in range(depths)],
+                    "k_", markersize=10)
+        ax.set_xlabel("depth (block)")
+        ax.set_ylabel("mean G over tokens and images")
+        ax.set_title(f"{variant}: learned G per head (dots) vs RMT's fixed rate (bars)", fontsize=9)
+        ax.legend(fontsize=7)
+        ax = axes[1, col]
+        for i, key in enumerate(("object", "background")):
+            ax.bar([d + (i - 0.5) * 0.38 for d in range(depths)],
+                   [statistics.mean(r[key] for r in rs if r["depth"] == d) for d in range(depths)], width=0.38, label=key)
+        ax.set_xlabel("depth (block)")
+        ax.set_ylabel("mean G")
+        ax.set_title(f"{variant}: G on object vs background patches (over heads and seeds)", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main() -> None:
