@@ -21,9 +21,10 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from sdt.checkpoints import checkpoint_dirs
 
@@ -45,25 +46,44 @@ def run_dir(out: Path, regime: str, variant: str, seed: int, epochs: int) -> Pat
     return out / f"{regime}-e{epochs}" / f"{variant}-s{seed}"
 
 
-def run_or_resume(folder: Path, new_run_args: List[str]) -> None:
-    """Train one run of a study in ``folder`` with ``sdt train``: skip it when finished, resume it
-    from its last checkpoint when killed, else start it with ``new_run_args`` (``--recipe``, ``-o``)."""
+def deadline(hhmm: str) -> float:
+    """The next local time ``HH:MM`` as a Unix time (tomorrow when it has passed today): ``--until``."""
+    hour, _, minute = hhmm.partition(":")
+    if not (hour.isdigit() and minute.isdigit() and int(hour) < 24 and int(minute) < 60):
+        raise SystemExit(f"--until {hhmm!r}: expected a local time HH:MM, e.g. --until 21:20")
+    now = time.localtime()
+    until = time.mktime((now.tm_year, now.tm_mon, now.tm_mday, int(hour), int(minute), 0, 0, 0, -1))
+    return until + 86400 if until < time.time() else until
+
+
+def run_or_resume(folder: Path, new_run_args: List[str], command: str = "train", threads: Optional[int] = None,
+                  until: Optional[float] = None) -> bool:
+    """Run one cell of a study in ``folder`` with ``sdt <command>`` in its own process: skip it when
+    finished, resume it from its last checkpoint when killed, else start it with ``new_run_args``
+    (``--recipe``, ``-o``). ``threads`` sets OMP_NUM_THREADS for it; past ``until`` (a Unix time) an
+    unfinished cell is left for the next sitting. True when the cell is finished; a failed run raises
+    ``subprocess.CalledProcessError`` (its console log is ``<folder>.log``)."""
     if (folder / "summary.json").is_file():
-        print(f"[skip] {folder} is finished")
-        return
+        print(f"[skip] {folder} is finished", flush=True)
+        return True
+    if until is not None and time.time() > until:
+        print(f"[later] {folder}: past --until, left for the next sitting", flush=True)
+        return False
     if folder.exists() and not checkpoint_dirs(folder):
         shutil.rmtree(folder)  # stopped before its first checkpoint: nothing to resume
     if folder.exists():  # a resumed run keeps the config it saved
-        cmd = [sys.executable, "-m", "sdt.cli", "train", "--output", str(folder), "--resume"]
-        print(f"[resume] {folder}")
+        cmd = [sys.executable, "-m", "sdt.cli", command, "--output", str(folder), "--resume"]
+        print(f"[resume] {folder}", flush=True)
     else:
-        cmd = [sys.executable, "-m", "sdt.cli", "train", "--output", str(folder), *new_run_args]
-        print(f"[train] {folder}")
+        cmd = [sys.executable, "-m", "sdt.cli", command, "--output", str(folder), *new_run_args]
+        print(f"[{command}] {folder}", flush=True)
     log = folder.parent / f"{folder.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     with open(log, "a") as f:  # several runs at once: each writes its own console log
-        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
-    print(f"[done] {folder}")
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, env=env)
+    print(f"[done] {folder}", flush=True)
+    return True
 
 
 def train(out: Path, regime: str, variant: str, seed: int, epochs: int, extra: List[str]) -> None:

@@ -2,7 +2,8 @@
 ResNet-18 FPN, detection (Faster R-CNN, box mAP) and segmentation (Semantic FPN, mIoU), several seeds.
 
     python experiments/dense_study.py --plan                       # measure images/s, print the CPU-hours plan
-    python experiments/dense_study.py --epochs 3 --train-images 4000 --seeds 3 --jobs 2   # train + report (the defaults)
+    python experiments/dense_study.py --epochs 2 --train-images 4000 --seeds 3 --jobs 2   # train + report (the defaults)
+    python experiments/dense_study.py --until 07:50                # start no run after 07:50 (local time)
     python experiments/dense_study.py --report-only                # rebuild the tables from finished runs
     python experiments/dense_study.py --smoke                      # the whole pipeline on a tiny grid (minutes)
 
@@ -12,7 +13,9 @@ schedule for every backbone; wall time is reported beside it, not equalised. Eac
 ``model.backbone``, ``engine.seed``, ``engine.epochs`` and ``data.train_images`` set, in
 ``<out>/<task>-n<train_images>-e<epochs>/<backbone>-s<seed>`` (the budget is in the path, so grids of
 different budgets never mix). A rerun skips finished runs (``summary.json``) and resumes the others from
-their last checkpoint, so the grid can be stopped and continued. ``--jobs N`` trains N runs at once with
+their last checkpoint, so the grid can be stopped and continued; the default ``--out`` is tracked by git
+without checkpoints and weights (experiments/results/.gitignore), so one sitting's finished runs are
+committed and the next sitting continues the grid. ``--jobs N`` trains N runs at once with
 (cores / N) threads each. The report (``results.json``, ``results.md``, ``samples-<task>-<backbone>.png``)
 aggregates the finished runs: mean and standard deviation over seeds, and for each baseline the paired
 difference to sdt_h_nano (the same seed: the same data order and mosaics) with a paired t-test.
@@ -35,7 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from sdt.checkpoints import checkpoint_dirs
+sys.path.insert(0, str(Path(__file__).parent))
+from ablation import deadline, run_or_resume  # noqa: E402  the studies' runner
 
 BACKBONES = ("sdt_h_nano", "rmt_nano", "tv_resnet18")
 TASKS = {"detect": ("detect-mosaic", "map", "box mAP@[.5:.95]"), "segment": ("segment-mosaic", "miou", "mIoU")}
@@ -58,29 +62,17 @@ def run_dir(out: Path, task: str, backbone: str, seed: int, train_images: int, e
 
 
 def train_one(out: Path, task: str, backbone: str, seed: int, train_images: int, epochs: int, threads: int,
-              extra: List[str]) -> Optional[str]:
+              extra: List[str], until: Optional[float] = None) -> Optional[str]:
     """Run (or resume) one cell of the grid in its own process; the error text when it failed."""
     folder = run_dir(out, task, backbone, seed, train_images, epochs)
-    if (folder / "summary.json").is_file():
-        print(f"[skip] {folder} is finished", flush=True)
-        return None
-    if folder.exists() and not checkpoint_dirs(folder):
-        shutil.rmtree(folder)  # stopped before its first checkpoint: nothing to resume
-    base = [sys.executable, "-m", "sdt.cli", task, "--output", str(folder)]
-    if folder.exists():  # a resumed run keeps the config it saved
-        cmd = base + ["--resume"]
-        print(f"[resume] {folder}", flush=True)
-    else:
-        overrides = backbone_overrides(backbone) + [f"engine.seed={seed}", f"engine.epochs={epochs}",
-                                                    f"data.train_images={train_images}", f"engine.threads={threads}",
-                                                    "data.workers=0"] + extra
-        cmd = base + ["--recipe", TASKS[task][0]] + [a for o in overrides for a in ("-o", o)]
-        print(f"[train] {folder}", flush=True)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f"{folder.name}.log", "a") as log:
-        result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    if result.returncode:
-        return f"{folder}: exit status {result.returncode}, see {folder.parent / (folder.name + '.log')}"
+    overrides = backbone_overrides(backbone) + [f"engine.seed={seed}", f"engine.epochs={epochs}",
+                                                f"data.train_images={train_images}", f"engine.threads={threads}",
+                                                "data.workers=0"] + extra
+    try:
+        run_or_resume(folder, ["--recipe", TASKS[task][0], *(a for o in overrides for a in ("-o", o))],
+                      command=task, threads=threads, until=until)
+    except subprocess.CalledProcessError as error:
+        return f"{folder}: exit status {error.returncode}, see {folder.parent / (folder.name + '.log')}"
     return None
 
 
@@ -242,11 +234,12 @@ def plan(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("runs/dense-study"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default experiments/results/dense_study (tracked without weights); --smoke: runs/dense-study-smoke")
     parser.add_argument("--tasks", nargs="+", choices=tuple(TASKS), default=list(TASKS))
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES))
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--train-images", type=int, default=4000)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
@@ -254,6 +247,7 @@ def main() -> None:
     parser.add_argument("--plan", action="store_true", help="measure images/s and print the CPU-hours plan; trains nothing")
     parser.add_argument("--plan-steps", type=int, default=3)
     parser.add_argument("--budget-hours", type=float, default=3.0)
+    parser.add_argument("--until", help="HH:MM (local time): start no new run after it, so a sitting ends cleanly")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny grid (canvas 64, 16 mosaics, 1 epoch, 2 seeds) into <out>-smoke: checks the pipeline")
@@ -262,16 +256,19 @@ def main() -> None:
         plan(args)
         return
     if args.smoke:
-        args.out = args.out.with_name(args.out.name + "-smoke")
+        args.out = args.out or Path("runs/dense-study-smoke")
         args.seeds, args.epochs, args.train_images = 2, 1, 16
         args.override += ["data.canvas=64", "data.min_side=16", "data.max_side=32", "data.val_images=8",
                           "data.test_images=8", "engine.batch_size=8", "engine.ckpt_every_steps=1", "engine.log_every_steps=1"]
+    args.out = args.out or Path("experiments/results/dense_study")
+    until = deadline(args.until) if args.until else None
     if not args.report_only:
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
-        cells = [(t, b, s) for t in args.tasks for s in range(args.seeds) for b in args.backbones]
+        # seed-major: a grid stopped early (--until) has the same seeds in every (task, backbone) cell
+        cells = [(t, b, s) for s in range(args.seeds) for t in args.tasks for b in args.backbones]
         with ThreadPoolExecutor(args.jobs) as pool:
             errors = [e for e in pool.map(lambda c: train_one(args.out, c[0], c[1], c[2], args.train_images, args.epochs,
-                                                              threads, args.override), cells) if e]
+                                                              threads, args.override, until), cells) if e]
         for error in errors:
             print(f"[failed] {error}", file=sys.stderr)
     report(args.out)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ablation import mean_std, run_or_resume, t_quantile_975  # noqa: E402  the ablation's runner and statistics
+from ablation import deadline, mean_std, run_or_resume, t_quantile_975  # noqa: E402  the ablation's runner and statistics
 
 
 MODEL = "sdt_vit_fm_tiny"
@@ -63,13 +63,10 @@ def grid(seeds: int, extra_seeds: int, regimes: List[str]) -> List[tuple]:
 
 def train(out: Path, regime: str, variant: str, seed: int, epochs: int, extra: List[str],
           until: Optional[float] = None) -> None:
-    if until is not None and time.time() > until and not (run_dir(out, regime, variant, seed, epochs) / "summary.json").is_file():
-        print(f"[later] {run_dir(out, regime, variant, seed, epochs)}: past --until, left for the next sitting")
-        return
     kw = [a for k, v in VARIANTS[variant].items() for a in ("-o", f"model.kwargs.{k}={v}")]
     run_or_resume(run_dir(out, regime, variant, seed, epochs),
                   ["--recipe", "ablation", "-o", f"model.name={MODEL}", *kw, "-o", f"engine.seed={seed}",
-                   "-o", f"data.train_subset={REGIMES[regime]}", "-o", f"engine.epochs={epochs}", *extra])
+                   "-o", f"data.train_subset={REGIMES[regime]}", "-o", f"engine.epochs={epochs}", *extra], until=until)
 
 
 def measure_throughput(batch: int = 64, steps: int = 4) -> Dict[str, float]:
@@ -329,13 +326,7 @@ def main() -> None:
         epochs = {r: 1 for r in REGIMES}
         args.seeds, args.extra_seeds, args.regime = 2, 1, ["2k"]
         extra += ["-o", "data.val_subset=128", "-o", "data.test_subset=256", "-o", "engine.ckpt_every_steps=2"]
-    until = None
-    if args.until:
-        hour, minute = (int(x) for x in args.until.split(":"))
-        now = time.localtime()
-        until = time.mktime((now.tm_year, now.tm_mon, now.tm_mday, hour, minute, 0, 0, 0, -1))
-        if until < time.time():
-            until += 86400  # tomorrow
+    until = deadline(args.until) if args.until else None
     if not args.report_only:
         runs = grid(args.seeds, args.extra_seeds, args.regime)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
