@@ -40,7 +40,8 @@ VARIANTS = {  # name -> model.kwargs
     "cag_pos": dict(decay="cag", pos_embed="learned"),
 }
 CENTRAL = ("vit", "nopos", "fixed", "cag")  # the three central comparisons need these at >= 5 seeds
-COMPARISONS = (("fixed", "nopos"), ("cag", "fixed"), ("cag", "vit"), ("learned", "fixed"), ("cag_pos", "vit"))
+COMPARISONS = (("fixed", "nopos"), ("cag", "fixed"), ("cag", "vit"), ("fixed", "vit"), ("learned", "fixed"), ("cag_pos", "vit"),
+               ("cag_pos", "cag"))
 REGIMES = {"2k": 2000, "6k": 6000}
 # Epochs per regime: about the same images seen (40k, 42k) in both; sized for ~4 h wall with --jobs 2 (docs/vit_study.md)
 EPOCHS = {"2k": 20, "6k": 7}
