@@ -85,6 +85,32 @@ def test_each_torchvision_detector_trains_and_predicts_on_the_backbone(name, kin
         assert out[0]["masks"].shape[1:] == (1, 64, 64)
 
 
+@pytest.mark.parametrize("kind", DETECTORS)
+def test_bf16_autocast_trains_and_predicts_boxes_at_float32_precision(kind):
+    # bf16's 8-bit mantissa makes every value in [128, 256) a whole number: boxes decoded in bf16
+    # would sit on a 1-pixel grid there (a multiple of 4 px on COCO-sized images)
+    torch.manual_seed(0)
+    canvas = 256
+    backbone = create_backbone("sdt_h_nano", in_chans=1, fpn_channels=32, model_kwargs=SMALL)
+    kwargs = LIGHT_RCNN if kind in ("fasterrcnn", "maskrcnn") else {"score_thresh": 0.0}
+    model = create_detector(kind, backbone, num_classes=11, canvas=canvas, **kwargs)
+    images = [torch.rand(1, canvas, canvas)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(images, _targets(1, canvas, masks=kind == "maskrcnn"))
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images)
+    boxes = torch.cat([o["boxes"] for o in out])
+    assert boxes.dtype == torch.float32 and out[0]["scores"].dtype == torch.float32
+    upper = boxes[(boxes >= 128) & (boxes < 256)]
+    assert upper.numel() >= 20, upper.numel()
+    off_grid = (upper != upper.round()).float().mean()
+    assert off_grid > 0.5, f"{off_grid:.2f} of the box coordinates in [128, 256) px are not whole pixels"
+
+
 def test_full2d_backbone_and_torchvision_resnet_fpn_give_the_same_maps():
     for name, kwargs in (("sdt_h_nano_full2d", SMALL), ("tv_resnet18", None)):
         backbone = create_backbone(name, in_chans=1, fpn_channels=16, model_kwargs=kwargs)

@@ -296,6 +296,36 @@ def _anchors(strides: Sequence[int], single: bool) -> AnchorGenerator:
     return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(strides))
 
 
+def _float32(value: Any) -> Any:
+    """``value`` with every floating tensor in it (nested tuples, lists, dicts) cast to float32."""
+    if isinstance(value, Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_float32(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _float32(v) for k, v in value.items()}
+    return value
+
+
+def _float32_predictions(detector: nn.Module) -> nn.Module:
+    """Make the box and class predictions of ``detector``'s heads float32 under autocast.
+
+    torchvision decodes boxes in the dtype of the predicted offsets (``BoxCoder.decode_single``), and
+    bf16 has an 8-bit mantissa: under bf16 autocast every box coordinate in [128, 256) px would be a
+    whole pixel, in [512, 1024) a multiple of 4, which costs mAP at strict IoUs and quantises the
+    proposals the second stage trains on. The heads still compute in bf16; only their outputs (offsets
+    near 0, where bf16 is precise) are cast, so decoding, NMS and the losses run in float32. Forward
+    hooks keep torchvision's parameter names, so weights load as they are."""
+    heads = [detector.rpn.head, detector.roi_heads.box_predictor] if hasattr(detector, "rpn") else [detector.head]
+    for head in heads:
+        head.register_forward_hook(_float32_outputs)
+    return detector
+
+
+def _float32_outputs(module: nn.Module, args: Any, output: Any) -> Any:
+    return _float32(output)
+
+
 def create_detector(kind: str, backbone: nn.Module, num_classes: int, canvas: int,
                     image_mean: Sequence[float] = FASHION_MNIST_MEAN, image_std: Sequence[float] = FASHION_MNIST_STD,
                     box_head_dim: int = 1024, **kwargs: Any) -> nn.Module:
@@ -330,20 +360,23 @@ def create_detector(kind: str, backbone: nn.Module, num_classes: int, canvas: in
         heads = dict(box_head=TwoMLPHead(backbone.out_channels * 7 * 7, box_head_dim),
                      box_predictor=FastRCNNPredictor(box_head_dim, num_classes))
         if kind == "fasterrcnn":
-            return FasterRCNN(backbone, None, rpn_anchor_generator=anchors, box_roi_pool=pool, **heads, **common)
+            return _float32_predictions(FasterRCNN(backbone, None, rpn_anchor_generator=anchors, box_roi_pool=pool, **heads,
+                                                   **common))
         mask_pool = MultiScaleRoIAlign(featmap_names=names, output_size=14, sampling_ratio=2)
         from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
         # torchvision's default mask head and predictor, built here because the box predictor is ours
         mask_head = MaskRCNNHeads(backbone.out_channels, (256, 256, 256, 256), 1)
-        return MaskRCNN(backbone, None, rpn_anchor_generator=anchors, box_roi_pool=pool, mask_roi_pool=mask_pool,
-                        mask_head=mask_head, mask_predictor=MaskRCNNPredictor(256, 256, num_classes), **heads, **common)
+        return _float32_predictions(MaskRCNN(
+            backbone, None, rpn_anchor_generator=anchors, box_roi_pool=pool, mask_roi_pool=mask_pool, mask_head=mask_head,
+            mask_predictor=MaskRCNNPredictor(256, 256, num_classes), **heads, **common))
     if kind == "retinanet":
-        return RetinaNet(backbone, num_classes, anchor_generator=_anchors(backbone.strides, single=False), **common)
+        return _float32_predictions(RetinaNet(backbone, num_classes, anchor_generator=_anchors(backbone.strides, single=False),
+                                              **common))
     if backbone.out_channels % 32:
         raise ConfigError(f"FCOS's head normalises with GroupNorm(32 groups): the FPN width (fpn_channels="
                           f"{backbone.out_channels}) must be a multiple of 32")
-    return FCOS(backbone, num_classes, anchor_generator=_anchors(backbone.strides, single=True), **common)
+    return _float32_predictions(FCOS(backbone, num_classes, anchor_generator=_anchors(backbone.strides, single=True), **common))
 
 
 # ---------------------------------------------------------------------------------------------
