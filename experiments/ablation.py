@@ -57,18 +57,18 @@ def deadline(hhmm: str) -> float:
 
 
 def run_or_resume(folder: Path, new_run_args: List[str], command: str = "train", threads: Optional[int] = None,
-                  until: Optional[float] = None) -> bool:
+                  until: Optional[float] = None) -> None:
     """Run one cell of a study in ``folder`` with ``sdt <command>`` in its own process: skip it when
     finished, resume it from its last checkpoint when killed, else start it with ``new_run_args``
     (``--recipe``, ``-o``). ``threads`` sets OMP_NUM_THREADS for it; past ``until`` (a Unix time) an
-    unfinished cell is left for the next sitting. True when the cell is finished; a failed run raises
+    unfinished cell is left for the next sitting. A failed run raises
     ``subprocess.CalledProcessError`` (its console log is ``<folder>.log``)."""
     if (folder / "summary.json").is_file():
         print(f"[skip] {folder} is finished", flush=True)
-        return True
+        return
     if until is not None and time.time() > until:
         print(f"[later] {folder}: past --until, left for the next sitting", flush=True)
-        return False
+        return
     if folder.exists() and not checkpoint_dirs(folder):
         shutil.rmtree(folder)  # stopped before its first checkpoint: nothing to resume
     if folder.exists():  # a resumed run keeps the config it saved
@@ -83,7 +83,6 @@ def run_or_resume(folder: Path, new_run_args: List[str], command: str = "train",
     with open(log, "a") as f:  # several runs at once: each writes its own console log
         subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, env=env)
     print(f"[done] {folder}", flush=True)
-    return True
 
 
 def train(out: Path, regime: str, variant: str, seed: int, epochs: int, extra: List[str]) -> None:

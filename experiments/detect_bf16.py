@@ -13,6 +13,7 @@ import torch
 
 from sdt.checkpoints import load_into, load_weights
 from sdt.config import load_config
+from sdt.dense import prediction_heads
 from sdt.dense_tasks import DetectConfig, DetectionTask, build_detector
 from sdt.engine import DistInfo, eval_loader
 from sdt.mosaic import FashionMosaics
@@ -30,7 +31,7 @@ def main() -> None:
     load_into(model, load_weights(args.run / "best.safetensors"), args.run / "best.safetensors")
     task = DetectionTask(test, test.num_classes, masks=cfg.model.detector == "maskrcnn")
     loader = eval_loader(test, cfg.engine.batch_size, 0, DistInfo())
-    heads = [model.rpn.head, model.roi_heads.box_predictor] if hasattr(model, "rpn") else [model.head]
+    heads = prediction_heads(model)
     hooks = [dict(h._forward_hooks) for h in heads]
     print(f"{args.run}: {cfg.model.detector} on {cfg.model.backbone}, {len(test)} test mosaics of {cfg.data.canvas} px\n")
     print("| precision | box mAP | mAP@.5 | mAP@.75 | seconds |\n|---|---:|---:|---:|---:|")

@@ -316,10 +316,15 @@ def _float32_predictions(detector: nn.Module) -> nn.Module:
     proposals the second stage trains on. The heads still compute in bf16; only their outputs (offsets
     near 0, where bf16 is precise) are cast, so decoding, NMS and the losses run in float32. Forward
     hooks keep torchvision's parameter names, so weights load as they are."""
-    heads = [detector.rpn.head, detector.roi_heads.box_predictor] if hasattr(detector, "rpn") else [detector.head]
-    for head in heads:
+    for head in prediction_heads(detector):
         head.register_forward_hook(_float32_outputs)
     return detector
+
+
+def prediction_heads(detector: nn.Module) -> List[nn.Module]:
+    """The modules whose outputs torchvision decodes into boxes and scores: the RPN head and the box
+    predictor of an R-CNN, the head of RetinaNet / FCOS."""
+    return [detector.rpn.head, detector.roi_heads.box_predictor] if hasattr(detector, "rpn") else [detector.head]
 
 
 def _float32_outputs(module: nn.Module, args: Any, output: Any) -> Any:
@@ -360,23 +365,24 @@ def create_detector(kind: str, backbone: nn.Module, num_classes: int, canvas: in
         heads = dict(box_head=TwoMLPHead(backbone.out_channels * 7 * 7, box_head_dim),
                      box_predictor=FastRCNNPredictor(box_head_dim, num_classes))
         if kind == "fasterrcnn":
-            return _float32_predictions(FasterRCNN(backbone, None, rpn_anchor_generator=anchors, box_roi_pool=pool, **heads,
-                                                   **common))
-        mask_pool = MultiScaleRoIAlign(featmap_names=names, output_size=14, sampling_ratio=2)
-        from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+            detector = FasterRCNN(backbone, None, rpn_anchor_generator=anchors, box_roi_pool=pool, **heads, **common)
+        else:
+            mask_pool = MultiScaleRoIAlign(featmap_names=names, output_size=14, sampling_ratio=2)
+            from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
-        # torchvision's default mask head and predictor, built here because the box predictor is ours
-        mask_head = MaskRCNNHeads(backbone.out_channels, (256, 256, 256, 256), 1)
-        return _float32_predictions(MaskRCNN(
-            backbone, None, rpn_anchor_generator=anchors, box_roi_pool=pool, mask_roi_pool=mask_pool, mask_head=mask_head,
-            mask_predictor=MaskRCNNPredictor(256, 256, num_classes), **heads, **common))
-    if kind == "retinanet":
-        return _float32_predictions(RetinaNet(backbone, num_classes, anchor_generator=_anchors(backbone.strides, single=False),
-                                              **common))
-    if backbone.out_channels % 32:
-        raise ConfigError(f"FCOS's head normalises with GroupNorm(32 groups): the FPN width (fpn_channels="
-                          f"{backbone.out_channels}) must be a multiple of 32")
-    return _float32_predictions(FCOS(backbone, num_classes, anchor_generator=_anchors(backbone.strides, single=True), **common))
+            # torchvision's default mask head and predictor, built here because the box predictor is ours
+            mask_head = MaskRCNNHeads(backbone.out_channels, (256, 256, 256, 256), 1)
+            detector = MaskRCNN(backbone, None, rpn_anchor_generator=anchors, box_roi_pool=pool, mask_roi_pool=mask_pool,
+                                mask_head=mask_head, mask_predictor=MaskRCNNPredictor(256, 256, num_classes), **heads,
+                                **common)
+    elif kind == "retinanet":
+        detector = RetinaNet(backbone, num_classes, anchor_generator=_anchors(backbone.strides, single=False), **common)
+    else:
+        if backbone.out_channels % 32:
+            raise ConfigError(f"FCOS's head normalises with GroupNorm(32 groups): the FPN width (fpn_channels="
+                              f"{backbone.out_channels}) must be a multiple of 32")
+        detector = FCOS(backbone, num_classes, anchor_generator=_anchors(backbone.strides, single=True), **common)
+    return _float32_predictions(detector)
 
 
 # ---------------------------------------------------------------------------------------------
