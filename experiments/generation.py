@@ -1,6 +1,7 @@
 """DiT with no decay, fixed (RMT) and CAG (SDT) attention on Fashion-MNIST: train, sample, score.
 
     python experiments/generation.py --jobs 3                 # train (resumable), sample, FID, report
+    python experiments/generation.py --until 21:20            # start no training run after 21:20 (local time)
     python experiments/generation.py --report-only            # rebuild the table from finished runs
 
 Each kind is a decay variant of ``sdt.decay.DECAY_VARIANTS`` (default none, fixed, cag), trained by
@@ -20,15 +21,16 @@ measures it.
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List
+from typing import TYPE_CHECKING, Dict, List, Optional
 
-from sdt.checkpoints import checkpoint_dirs
 from sdt.decay import DECAY_ALIASES, DECAY_VARIANTS
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ablation import deadline, run_or_resume  # noqa: E402  the studies' runner
 
 if TYPE_CHECKING:
     import torch
@@ -46,21 +48,9 @@ def run_folder(out: Path, kind: str) -> Path:
     return folder
 
 
-def gen_train(out: Path, kind: str, extra: List[str]) -> None:
-    folder = run_folder(out, kind)
-    if (folder / "summary.json").is_file():
-        print(f"[skip] {folder} is finished")
-        return
-    if folder.exists() and not checkpoint_dirs(folder):
-        shutil.rmtree(folder)  # stopped before its first checkpoint: nothing to resume
-    cmd = [sys.executable, "-m", "sdt.cli", "gen-train", "--output", str(folder)]
-    cmd += ["--resume"] if folder.exists() else ["-o", f"model.attn={kind}", *extra]
-    print(f"[{'resume' if folder.exists() else 'train'}] {folder}")
-    log = out / f"{folder.name}.log"
-    out.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as f:
-        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
-    print(f"[done] {folder}")
+def gen_train(out: Path, kind: str, extra: List[str], threads: int, until: Optional[float]) -> None:
+    run_or_resume(run_folder(out, kind), ["-o", f"model.attn={kind}", *extra], command="gen-train", threads=threads,
+                  until=until)
 
 
 def sample(out: Path, kind: str, per_class: int, threads: int) -> Path:
@@ -151,6 +141,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (threads per run: cores / jobs)")
     parser.add_argument("--per-class", type=int, default=1000, help="samples per class for FID (default 1000: 10k)")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--until", metavar="HH:MM", help="start no training run after this local time (resume later)")
     parser.add_argument("-o", "--override", action="append", default=[], help="extra gen-train overrides")
     args = parser.parse_args()
     out = Path(args.out)
@@ -159,8 +150,9 @@ def main() -> None:
         extra = [a for o in args.override for a in ("-o", o)]
         if not any(o.startswith("engine.threads=") for o in args.override):
             extra += ["-o", f"engine.threads={threads}"]
+        until = deadline(args.until) if args.until else None
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            list(pool.map(lambda kind: gen_train(out, kind, extra), args.kinds))
+            list(pool.map(lambda kind: gen_train(out, kind, extra, threads, until), args.kinds))
     rows = []
     for kind in args.kinds:
         summary_path = run_folder(out, kind) / "summary.json"
