@@ -1,7 +1,7 @@
 """DiT with no decay, fixed (RMT) and CAG (SDT) attention on Fashion-MNIST: train, sample, score.
 
     python experiments/generation.py --jobs 3                 # train (resumable), sample, FID, report
-    python experiments/generation.py --until 21:20            # start no training run after 21:20 (local time)
+    python experiments/generation.py --until 21:20            # start no training or sampling after 21:20 (local)
     python experiments/generation.py --report-only            # rebuild the table from finished runs
 
 Each kind is a decay variant of ``sdt.decay.DECAY_VARIANTS`` (default none, fixed, cag), trained by
@@ -23,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional
@@ -141,16 +142,16 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (threads per run: cores / jobs)")
     parser.add_argument("--per-class", type=int, default=1000, help="samples per class for FID (default 1000: 10k)")
     parser.add_argument("--report-only", action="store_true")
-    parser.add_argument("--until", metavar="HH:MM", help="start no training run after this local time (resume later)")
+    parser.add_argument("--until", metavar="HH:MM", help="start no training run or sampling after this local time (continue later)")
     parser.add_argument("-o", "--override", action="append", default=[], help="extra gen-train overrides")
     args = parser.parse_args()
     out = Path(args.out)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    until = deadline(args.until) if args.until else None
     if not args.report_only:
         extra = [a for o in args.override for a in ("-o", o)]
         if not any(o.startswith("engine.threads=") for o in args.override):
             extra += ["-o", f"engine.threads={threads}"]
-        until = deadline(args.until) if args.until else None
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             list(pool.map(lambda kind: gen_train(out, kind, extra, threads, until), args.kinds))
     rows = []
@@ -162,6 +163,9 @@ def main() -> None:
         scores_path = run_folder(out, kind) / f"scores-{args.per_class * 10}.json"
         if not scores_path.is_file():
             if args.report_only:
+                continue
+            if until is not None and time.time() > until:
+                print(f"[later] {run_folder(out, kind)}: sampling past --until, left for the next sitting")
                 continue
             scores_path.write_text(json.dumps(score_samples(sample(out, kind, args.per_class, os.cpu_count() or 1),
                                                             os.cpu_count() or 1)))
