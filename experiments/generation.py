@@ -54,6 +54,18 @@ def gen_train(out: Path, kind: str, extra: List[str], threads: int, until: Optio
                   until=until)
 
 
+def run_settings(folder: Path) -> Dict[str, str]:
+    """The DiT config and the sampling settings (sampler, steps, guidance) that a run's samples use."""
+    import yaml
+
+    from sdt.generate import SAMPLERS
+
+    cfg = yaml.safe_load((folder / "config.yaml").read_text())
+    sampler = cfg["sample"]["sampler"] or SAMPLERS[cfg["model"]["objective"]][0]
+    return {"model": cfg["model"]["name"],
+            "sampling": f"{sampler} {cfg['sample']['steps']} steps, cfg {cfg['sample']['cfg_scale']}"}
+
+
 def sample(out: Path, kind: str, per_class: int, threads: int) -> Path:
     prefix = run_folder(out, kind) / f"samples-{per_class * 10}"
     if not prefix.with_suffix(".npz").is_file():
@@ -101,12 +113,12 @@ def score_real(per_class: int, threads: int) -> Dict[str, float]:
 
 def report(out: Path, rows: List[Dict], real: Dict[str, float]) -> str:
     (out / "results.json").write_text(json.dumps({"runs": rows, "real": real}, indent=2))
-    lines = ["| attn | params | steps | final val loss (EMA) | FID (in-domain, 10k test) | conditional accuracy |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| attn | model | params | steps | sampling | final val loss (EMA) | FID (in-domain, 10k test) | "
+             "conditional accuracy |", "|---|---|---:|---:|---|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| `{r['attn']}` | {r['params']:,} | {r['steps']:,} | {r['val_loss_ema']:.4f} | {r['fid']:.2f} | "
-                     f"{100 * r['conditional_accuracy']:.1f}% |")
-    lines.append(f"| real training images | | | | {real['fid']:.2f} | {100 * real['conditional_accuracy']:.1f}% |")
+        lines.append(f"| `{r['attn']}` | {r['model']} | {r['params']:,} | {r['steps']:,} | {r['sampling']} | "
+                     f"{r['val_loss_ema']:.4f} | {r['fid']:.2f} | {100 * r['conditional_accuracy']:.1f}% |")
+    lines.append(f"| real training images | | | | | | {real['fid']:.2f} | {100 * real['conditional_accuracy']:.1f}% |")
     lines += ["", f"{(rows[0] if rows else real)['fid_text']}."]
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
@@ -169,7 +181,8 @@ def main() -> None:
                 continue
             scores_path.write_text(json.dumps(score_samples(sample(out, kind, args.per_class, os.cpu_count() or 1),
                                                             os.cpu_count() or 1)))
-        rows.append({"attn": kind, "params": summary["params"], "steps": summary["global_step"],
+        rows.append({"attn": kind, **run_settings(run_folder(out, kind)), "params": summary["params"],
+                     "steps": summary["global_step"],
                      "val_loss_ema": summary["final_val"].get("ema_loss", summary["final_val"]["loss"]),
                      **json.loads(scores_path.read_text())})
     real_path = out / f"scores-real-{args.per_class * 10}.json"
