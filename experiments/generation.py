@@ -125,8 +125,9 @@ def report(out: Path, rows: List[Dict], real: Dict[str, float]) -> str:
     return text
 
 
-def sample_figure(out: Path, kinds: List[str], per_class: int) -> Path:
-    """The kinds' sample grids (first 10 of each class, a row per class) side by side: ``<out>/samples.png``."""
+def sample_figure(out: Path, kinds: List[str], per_class: int) -> Optional[Path]:
+    """The kinds' sample grids (first 10 of each class, a row per class) side by side: ``<out>/samples.png``;
+    None while no kind has been sampled."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,6 +136,8 @@ def sample_figure(out: Path, kinds: List[str], per_class: int) -> Path:
 
     grids = [(kind, run_folder(out, kind) / f"samples-{per_class * 10}.png") for kind in kinds]
     grids = [(kind, path) for kind, path in grids if path.is_file()]
+    if not grids:
+        return None
     fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.5), squeeze=False)
     for ax, (kind, path) in zip(axes[0], grids):
         ax.imshow(Image.open(path), cmap="gray", vmin=0, vmax=255)
@@ -189,7 +192,8 @@ def main() -> None:
     if not real_path.is_file():
         real_path.write_text(json.dumps(score_real(args.per_class, os.cpu_count() or 1)))
     print(report(out, rows, json.loads(real_path.read_text())))
-    print(f"sample grids: {sample_figure(out, args.kinds, args.per_class)}")
+    figure = sample_figure(out, args.kinds, args.per_class)
+    print(f"sample grids: {figure}" if figure else "no kind sampled yet: no sample grids")
 
 
 if __name__ == "__main__":
