@@ -171,20 +171,21 @@ def main() -> None:
             list(pool.map(lambda kind: gen_train(out, kind, extra, threads, until), args.kinds))
     rows = []
     for kind in args.kinds:
-        summary_path = run_folder(out, kind) / "summary.json"
+        folder = run_folder(out, kind)
+        summary_path = folder / "summary.json"
         if not summary_path.is_file():
             continue
         summary = json.loads(summary_path.read_text())
-        scores_path = run_folder(out, kind) / f"scores-{args.per_class * 10}.json"
+        scores_path = folder / f"scores-{args.per_class * 10}.json"
         if not scores_path.is_file():
             if args.report_only:
                 continue
             if until is not None and time.time() > until:
-                print(f"[later] {run_folder(out, kind)}: sampling past --until, left for the next sitting")
+                print(f"[later] {folder}: sampling past --until, left for the next sitting")
                 continue
             scores_path.write_text(json.dumps(score_samples(sample(out, kind, args.per_class, os.cpu_count() or 1),
                                                             os.cpu_count() or 1)))
-        rows.append({"attn": kind, **run_settings(run_folder(out, kind)), "params": summary["params"],
+        rows.append({"attn": kind, **run_settings(folder), "params": summary["params"],
                      "steps": summary["global_step"],
                      "val_loss_ema": summary["final_val"].get("ema_loss", summary["final_val"]["loss"]),
                      **json.loads(scores_path.read_text())})
