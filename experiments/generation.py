@@ -3,6 +3,7 @@
     python experiments/generation.py --jobs 3                 # train (resumable), sample, FID, report
     python experiments/generation.py --until 21:20            # start no training or sampling after 21:20 (local)
     python experiments/generation.py --report-only            # rebuild the table from finished runs
+    python experiments/generation.py --extractor sdt_h_nano.fmnist   # score (or rescore) with this FID extractor
 
 Each kind is a decay variant of ``sdt.decay.DECAY_VARIANTS`` (default none, fixed, cag), trained by
 ``sdt gen-train --recipe gen-fashion-mnist -o model.attn=<kind>`` with the same seed, data order and
@@ -11,10 +12,13 @@ and is used from there); a rerun skips finished runs and resumes unfinished ones
 the study can be spread over several sessions. Then, per run, ``--per-class`` samples of every class
 with the final EMA weights and the recipe's sampler (``<out>/<kind>/samples-<N>.npz``, the same seed
 for every kind), and against the Fashion-MNIST test set (10k images): the in-domain FID
-(``sdt_h_nano.fmnist`` pre-logit features) and the conditional accuracy (that classifier's
-agreement with the conditioning labels); the same two scores for 10k real training images (the floor
-at this sample count). Writes ``results.json`` and ``results.md`` (a table) to ``<out>``; each run
-folder keeps its ``samples.png`` grid, and ``<out>/samples.png`` shows the kinds side by side.
+(pre-logit features of ``--extractor``, default the shipped ``sdt.fid.DEFAULT_EXTRACTOR``) and the
+conditional accuracy (that classifier's agreement with the conditioning labels); the same two scores
+for 10k real training images (the floor at this sample count). Scores and tables carry the
+extractor's tag in their names (``<out>/<kind>/scores-<N>-<tag>.json``, ``<out>/results-<tag>.json``
+and ``.md``), so rescoring the same samples with another extractor (``--extractor <tag>``) adds a
+table beside the first instead of replacing it. Each run folder keeps its ``samples.png`` grid, and
+``<out>/samples.png`` shows the kinds side by side.
 Training throughput is not in the table (the runs share the cores): ``benchmarks/dit_throughput.py``
 measures it.
 """
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional
 
 from sdt.decay import DECAY_ALIASES, DECAY_VARIANTS
+from sdt.fid import DEFAULT_EXTRACTOR
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ablation import deadline, run_or_resume  # noqa: E402  the studies' runner
@@ -74,31 +79,44 @@ def sample(out: Path, kind: str, per_class: int, threads: int) -> Path:
     return prefix.with_suffix(".npz")
 
 
-def score(images: "torch.Tensor", labels: "torch.Tensor", threads: int) -> Dict[str, float]:
-    """In-domain FID against the 10k test images and conditional accuracy of uint8 (N, 1, 28, 28) images."""
+def check_extractor(tag: str) -> None:
+    """Exit with the library's message (unknown name, no local weights) before any training or sampling."""
+    from sdt.errors import SdtError
+    from sdt.fid import in_domain_extractor
+
+    try:
+        in_domain_extractor(tag)
+    except SdtError as error:
+        raise SystemExit(f"--extractor {tag!r}: {error}") from None
+
+
+def score(images: "torch.Tensor", labels: "torch.Tensor", threads: int, extractor_tag: str) -> Dict[str, float]:
+    """In-domain FID against the 10k test images and conditional accuracy of uint8 (N, 1, 28, 28) images,
+    with the pretrained tag ``extractor_tag`` (local weights) as feature extractor and classifier."""
     import torch
 
     from sdt.data import fashion_mnist_tensors
-    from sdt.fid import DEFAULT_EXTRACTOR, compute_fid, conditional_accuracy, in_domain_extractor
+    from sdt.fid import compute_fid, conditional_accuracy, in_domain_extractor
 
     torch.set_num_threads(threads)
     real, _ = fashion_mnist_tensors("test")
-    extractor = in_domain_extractor()
-    fid = compute_fid(images, real, "Fashion-MNIST test", extractor, DEFAULT_EXTRACTOR)
-    return {"fid": fid.fid, "fid_text": str(fid), "conditional_accuracy": conditional_accuracy(extractor, images, labels)}
+    extractor = in_domain_extractor(extractor_tag)
+    fid = compute_fid(images, real, "Fashion-MNIST test", extractor, extractor_tag)
+    return {"fid": fid.fid, "fid_text": str(fid), "conditional_accuracy": conditional_accuracy(extractor, images, labels),
+            "extractor": extractor_tag}
 
 
-def score_samples(npz: Path, threads: int) -> Dict[str, float]:
+def score_samples(npz: Path, threads: int, extractor_tag: str) -> Dict[str, float]:
     import numpy as np
     import torch
 
     with np.load(npz) as data:
         images = torch.from_numpy(data["arr_0"]).permute(0, 3, 1, 2).contiguous()
         labels = torch.from_numpy(data["labels"]).long()
-    return score(images, labels, threads)
+    return score(images, labels, threads, extractor_tag)
 
 
-def score_real(per_class: int, threads: int) -> Dict[str, float]:
+def score_real(per_class: int, threads: int, extractor_tag: str) -> Dict[str, float]:
     """The same scores for real images: the first ``per_class`` training images of each class. The floor
     that a perfect generator would reach with this sample count (training and test images are different
     draws from the same distribution), and the classifier's own accuracy on real images."""
@@ -108,11 +126,12 @@ def score_real(per_class: int, threads: int) -> Dict[str, float]:
 
     images, labels = fashion_mnist_tensors("train")
     keep = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(10)])
-    return score(images[keep], labels[keep], threads)
+    return score(images[keep], labels[keep], threads, extractor_tag)
 
 
-def report(out: Path, rows: List[Dict], real: Dict[str, float]) -> str:
-    (out / "results.json").write_text(json.dumps({"runs": rows, "real": real}, indent=2))
+def report(out: Path, rows: List[Dict], real: Dict[str, float], extractor_tag: str) -> str:
+    (out / f"results-{extractor_tag}.json").write_text(json.dumps({"extractor": extractor_tag, "runs": rows, "real": real},
+                                                                  indent=2))
     lines = ["| attn | model | params | steps | sampling | final val loss (EMA) | FID (in-domain, 10k test) | "
              "conditional accuracy |", "|---|---|---:|---:|---|---:|---:|---:|"]
     for r in rows:
@@ -121,7 +140,7 @@ def report(out: Path, rows: List[Dict], real: Dict[str, float]) -> str:
     lines.append(f"| real training images | | | | | | {real['fid']:.2f} | {100 * real['conditional_accuracy']:.1f}% |")
     lines += ["", f"{(rows[0] if rows else real)['fid_text']}."]
     text = "\n".join(lines) + "\n"
-    (out / "results.md").write_text(text)
+    (out / f"results-{extractor_tag}.md").write_text(text)
     return text
 
 
@@ -157,12 +176,15 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (threads per run: cores / jobs)")
     parser.add_argument("--per-class", type=int, default=1000, help="samples per class for FID (default 1000: 10k)")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--extractor", default=DEFAULT_EXTRACTOR, metavar="TAG",
+                        help=f"FID extractor and classifier, a pretrained tag with local weights (default {DEFAULT_EXTRACTOR})")
     parser.add_argument("--until", metavar="HH:MM", help="start no training run or sampling after this local time (continue later)")
     parser.add_argument("-o", "--override", action="append", default=[], help="extra gen-train overrides")
     args = parser.parse_args()
     out = Path(args.out)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     until = deadline(args.until) if args.until else None
+    check_extractor(args.extractor)
     if not args.report_only:
         extra = [a for o in args.override for a in ("-o", o)]
         if not any(o.startswith("engine.threads=") for o in args.override):
@@ -176,23 +198,23 @@ def main() -> None:
         if not summary_path.is_file():
             continue
         summary = json.loads(summary_path.read_text())
-        scores_path = folder / f"scores-{args.per_class * 10}.json"
+        scores_path = folder / f"scores-{args.per_class * 10}-{args.extractor}.json"
         if not scores_path.is_file():
             if args.report_only:
                 continue
             if until is not None and time.time() > until:
                 print(f"[later] {folder}: sampling past --until, left for the next sitting")
                 continue
-            scores_path.write_text(json.dumps(score_samples(sample(out, kind, args.per_class, os.cpu_count() or 1),
-                                                            os.cpu_count() or 1)))
+            npz = sample(out, kind, args.per_class, os.cpu_count() or 1)
+            scores_path.write_text(json.dumps(score_samples(npz, os.cpu_count() or 1, args.extractor)))
         rows.append({"attn": kind, **run_settings(folder), "params": summary["params"],
                      "steps": summary["global_step"],
                      "val_loss_ema": summary["final_val"].get("ema_loss", summary["final_val"]["loss"]),
                      **json.loads(scores_path.read_text())})
-    real_path = out / f"scores-real-{args.per_class * 10}.json"
+    real_path = out / f"scores-real-{args.per_class * 10}-{args.extractor}.json"
     if not real_path.is_file():
-        real_path.write_text(json.dumps(score_real(args.per_class, os.cpu_count() or 1)))
-    print(report(out, rows, json.loads(real_path.read_text())))
+        real_path.write_text(json.dumps(score_real(args.per_class, os.cpu_count() or 1, args.extractor)))
+    print(report(out, rows, json.loads(real_path.read_text()), args.extractor))
     figure = sample_figure(out, args.kinds, args.per_class)
     print(f"sample grids: {figure}" if figure else "no kind sampled yet: no sample grids")
 

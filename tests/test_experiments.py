@@ -4,6 +4,7 @@ experiments/ is not a package; the runners import ablation the same way (its fol
 ``subprocess.run`` is replaced by a recorder, so these tests check which ``sdt`` command each state of
 a run folder leads to, not the training itself (tests/test_train.py covers resume).
 """
+import json
 import sys
 import time
 from pathlib import Path
@@ -85,3 +86,41 @@ def test_until_is_the_next_occurrence_of_that_time():
     assert 0 < ablation.deadline(soon) - now <= 3600
     passed = time.strftime("%H:%M", time.localtime(now - 3600))
     assert 22 * 3600 < ablation.deadline(passed) - now <= 23 * 3600 + 60
+
+
+def _scored_run(out: Path, kind: str, extractor: str, fid: float) -> None:
+    """A finished generation run folder with its scores under ``extractor``, as generation.py leaves it."""
+    folder = out / kind
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("model: {name: dit_n_2, objective: flow}\n"
+                                        "sample: {sampler: heun, steps: 10, cfg_scale: 1.5}\n")
+    (folder / "summary.json").write_text(json.dumps({"params": 1000, "global_step": 10,
+                                                     "final_val": {"loss": 0.3, "ema_loss": 0.29}}))
+    (folder / f"scores-10000-{extractor}.json").write_text(json.dumps(
+        {"fid": fid, "fid_text": f"FID {fid} ({extractor})", "conditional_accuracy": 0.9, "extractor": extractor}))
+
+
+def test_generation_report_is_per_extractor(tmp_path: Path, monkeypatch, capsys):
+    import generation
+
+    tag = generation.DEFAULT_EXTRACTOR
+    _scored_run(tmp_path, "none", tag, 5.25)
+    _scored_run(tmp_path, "cag", "some_other.extractor", 9.75)  # scored with another extractor only: not in this table
+    (tmp_path / f"scores-real-10000-{tag}.json").write_text(json.dumps(
+        {"fid": 1.5, "fid_text": "FID 1.5", "conditional_accuracy": 0.95, "extractor": tag}))
+    monkeypatch.setattr(sys, "argv", ["generation.py", "--out", str(tmp_path), "--kinds", "none", "cag", "--report-only"])
+    generation.main()
+    table = (tmp_path / f"results-{tag}.md").read_text()
+    assert "| `none` | dit_n_2 |" in table and "| 5.25 |" in table and "heun 10 steps, cfg 1.5" in table
+    assert "`cag`" not in table and "9.75" not in table
+    assert json.loads((tmp_path / f"results-{tag}.json").read_text())["extractor"] == tag
+    assert not (tmp_path / "results.md").exists()
+
+
+def test_generation_rejects_an_extractor_without_local_weights_before_training(tmp_path: Path, monkeypatch, calls):
+    import generation
+
+    monkeypatch.setattr(sys, "argv", ["generation.py", "--out", str(tmp_path), "--extractor", "resnet18.a1_in1k"])
+    with pytest.raises(SystemExit, match="--extractor 'resnet18.a1_in1k': extractor 'resnet18.a1_in1k' has no local weights"):
+        generation.main()
+    assert calls == [] and not any(tmp_path.iterdir())
