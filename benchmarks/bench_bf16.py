@@ -8,8 +8,14 @@ numbers only from an idle machine. Then the
 shipped Fashion-MNIST classifier (``sdt_h_nano.fmnist``) classifies the test set in float32 and
 under bf16 autocast, and the script prints how often the two top-1 predictions agree.
 
+``--layers`` adds what the GEMM layers alone gain: every ``nn.Linear`` and ``nn.Conv2d`` of each model
+runs on the input it gets in one float32 forward pass (captured by hooks), in float32 and under bf16
+autocast, interleaved; the table sums them per layer type, with their share of the model's float32
+time. A model cannot gain more from bf16 than its layers do, unless the rest of its time gains more.
+
     PYTHONPATH=src python benchmarks/bench_bf16.py                          # batch 8, 224x224, 5 rounds
     PYTHONPATH=src python benchmarks/bench_bf16.py --batch 1 --size 64 --rounds 1 --images 200   # smoke test
+    PYTHONPATH=src python benchmarks/bench_bf16.py --layers --images 0      # + the Linear/Conv2d layers alone
 """
 import argparse
 from typing import Callable, Dict, List
@@ -35,7 +41,7 @@ def inference(model: torch.nn.Module, images: torch.Tensor, bf16: bool) -> Calla
     return run
 
 
-def throughput(names: List[str], batch: int, size: int, rounds: int) -> str:
+def throughput(names: List[str], batch: int, size: int, rounds: int, seconds_out: Dict[str, float]) -> str:
     cases: Dict[str, Callable[[], None]] = {}
     for name in names:
         kwargs = {"img_size": size} if name.startswith("deit") else {}
@@ -44,6 +50,7 @@ def throughput(names: List[str], batch: int, size: int, rounds: int) -> str:
         cases[f"{name} fp32"] = inference(model, images, bf16=False)
         cases[f"{name} bf16"] = inference(model, images, bf16=True)
     seconds = interleaved_medians(cases, rounds)
+    seconds_out.update({name: seconds[f"{name} fp32"] for name in names})
     rows = []
     for name in names:
         fp32, bf16 = seconds[f"{name} fp32"], seconds[f"{name} bf16"]
@@ -54,6 +61,41 @@ def throughput(names: List[str], batch: int, size: int, rounds: int) -> str:
         table += (f"\n\nsdt_h_tiny bf16 autocast {speedup:.2f}x fp32 (target >= {TARGET_SPEEDUP}x: "
                   f"{'met' if speedup >= TARGET_SPEEDUP else 'NOT met'})")
     return table
+
+
+def layer_inputs(model: torch.nn.Module, images: torch.Tensor) -> List[tuple]:
+    """(type name, layer, its input) for every Linear and Conv2d, from one float32 inference call."""
+    captured: List[tuple] = []
+    hooks = [module.register_forward_pre_hook(lambda m, args: captured.append((type(m).__name__, m, args[0].clone())))
+             for module in model.modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
+    with torch.inference_mode():
+        model(images)
+    for hook in hooks:
+        hook.remove()
+    return captured
+
+
+def run_layers(captured: List[tuple], kind: str, bf16: bool) -> Callable[[], None]:
+    calls = [inference(layer, x, bf16) for layer_kind, layer, x in captured if layer_kind == kind]
+    return lambda: [call() for call in calls]
+
+
+def layers(names: List[str], batch: int, size: int, rounds: int, model_seconds: Dict[str, float]) -> str:
+    rows = []
+    for name in names:
+        kwargs = {"img_size": size} if name.startswith("deit") else {}
+        model = timm.create_model(name, **kwargs).eval()
+        captured = layer_inputs(model, torch.randn(batch, 3, size, size))
+        kinds = sorted({kind for kind, _, _ in captured})
+        cases = {f"{kind} {dtype}": run_layers(captured, kind, dtype == "bf16") for kind in kinds
+                 for dtype in ("fp32", "bf16")}
+        seconds = interleaved_medians(cases, rounds)
+        for kind in kinds:
+            fp32, bf16 = seconds[f"{kind} fp32"], seconds[f"{kind} bf16"]
+            count = sum(layer_kind == kind for layer_kind, _, _ in captured)
+            share = f"{100 * fp32 / model_seconds[name]:.0f}%" if name in model_seconds else ""
+            rows.append([name, f"{kind} x {count}", f"{1e3 * fp32:.1f}", f"{1e3 * bf16:.1f}", f"{fp32 / bf16:.2f}", share])
+    return markdown_table(["model", "layers", "fp32 ms", "bf16 autocast ms", "x fp32", "share of model fp32 time"], rows)
 
 
 def agreement(images_count: int, batch: int = 500) -> str:
@@ -88,13 +130,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--images", type=int, default=10000, help="Fashion-MNIST test images for the agreement "
                                                                     "check (0: skip it)")
+    parser.add_argument("--layers", action="store_true", help="also time the models' Linear and Conv2d layers alone")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(environment())
     print(f"batch {args.batch}, {args.size}x{args.size}, {args.rounds} rounds (median)\n")
+    model_seconds: Dict[str, float] = {}
     if args.models:
         print(load_average(), "(before)", flush=True)
-        print(throughput(args.models, args.batch, args.size, args.rounds))
+        print(throughput(args.models, args.batch, args.size, args.rounds, model_seconds))
+        if args.layers:
+            print("\n" + layers(args.models, args.batch, args.size, args.rounds, model_seconds))
         print(load_average(), "(after)")
     if args.images:
         print("\n" + agreement(args.images))
