@@ -97,7 +97,7 @@ def _scored_run(out: Path, kind: str, extractor: str, fid: float) -> None:
     (folder / "summary.json").write_text(json.dumps({"params": 1000, "global_step": 10,
                                                      "final_val": {"loss": 0.3, "ema_loss": 0.29}}))
     (folder / f"scores-10000-{extractor}.json").write_text(json.dumps(
-        {"fid": fid, "fid_text": f"FID {fid} ({extractor})", "conditional_accuracy": 0.9, "extractor": extractor}))
+        {"fid": fid, "fid_text": f"FID {fid} ({extractor})", "fid_halves": [fid + 1, fid + 2], "conditional_accuracy": 0.9, "extractor": extractor}))
 
 
 def test_generation_report_is_per_extractor(tmp_path: Path, monkeypatch, capsys):
@@ -111,7 +111,7 @@ def test_generation_report_is_per_extractor(tmp_path: Path, monkeypatch, capsys)
     monkeypatch.setattr(sys, "argv", ["generation.py", "--out", str(tmp_path), "--kinds", "none", "cag", "--report-only"])
     generation.main()
     table = (tmp_path / f"results-{tag}.md").read_text()
-    assert "| `none` | dit_n_2 |" in table and "| 5.25 |" in table and "heun 10 steps, cfg 1.5" in table
+    assert "| `none` | dit_n_2 |" in table and "| 5.25 | 6.25 / 7.25 |" in table and "heun 10 steps, cfg 1.5" in table
     assert "`cag`" not in table and "9.75" not in table
     assert json.loads((tmp_path / f"results-{tag}.json").read_text())["extractor"] == tag
     assert not (tmp_path / "results.md").exists()
