@@ -18,7 +18,7 @@ time. A model cannot gain more from bf16 than its layers do, unless the rest of 
     PYTHONPATH=src python benchmarks/bench_bf16.py --layers --images 0      # + the Linear/Conv2d layers alone
 """
 import argparse
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import timm
 import torch
@@ -41,16 +41,19 @@ def inference(model: torch.nn.Module, images: torch.Tensor, bf16: bool) -> Calla
     return run
 
 
-def throughput(names: List[str], batch: int, size: int, rounds: int, seconds_out: Dict[str, float]) -> str:
+def create(name: str, size: int) -> torch.nn.Module:
+    return timm.create_model(name, **({"img_size": size} if name.startswith("deit") else {})).eval()
+
+
+def throughput(names: List[str], batch: int, size: int, rounds: int) -> Tuple[str, Dict[str, float]]:
+    """The table, and each model's float32 seconds per call."""
     cases: Dict[str, Callable[[], None]] = {}
     for name in names:
-        kwargs = {"img_size": size} if name.startswith("deit") else {}
-        model = timm.create_model(name, **kwargs).eval()
+        model = create(name, size)
         images = torch.randn(batch, 3, size, size)
         cases[f"{name} fp32"] = inference(model, images, bf16=False)
         cases[f"{name} bf16"] = inference(model, images, bf16=True)
     seconds = interleaved_medians(cases, rounds)
-    seconds_out.update({name: seconds[f"{name} fp32"] for name in names})
     rows = []
     for name in names:
         fp32, bf16 = seconds[f"{name} fp32"], seconds[f"{name} bf16"]
@@ -60,7 +63,7 @@ def throughput(names: List[str], batch: int, size: int, rounds: int, seconds_out
         speedup = seconds["sdt_h_tiny fp32"] / seconds["sdt_h_tiny bf16"]
         table += (f"\n\nsdt_h_tiny bf16 autocast {speedup:.2f}x fp32 (target >= {TARGET_SPEEDUP}x: "
                   f"{'met' if speedup >= TARGET_SPEEDUP else 'NOT met'})")
-    return table
+    return table, {name: seconds[f"{name} fp32"] for name in names}
 
 
 def layer_inputs(model: torch.nn.Module, images: torch.Tensor) -> List[tuple]:
@@ -83,9 +86,7 @@ def run_layers(captured: List[tuple], kind: str, bf16: bool) -> Callable[[], Non
 def layers(names: List[str], batch: int, size: int, rounds: int, model_seconds: Dict[str, float]) -> str:
     rows = []
     for name in names:
-        kwargs = {"img_size": size} if name.startswith("deit") else {}
-        model = timm.create_model(name, **kwargs).eval()
-        captured = layer_inputs(model, torch.randn(batch, 3, size, size))
+        captured = layer_inputs(create(name, size), torch.randn(batch, 3, size, size))
         kinds = sorted({kind for kind, _, _ in captured})
         cases = {f"{kind} {dtype}": run_layers(captured, kind, dtype == "bf16") for kind in kinds
                  for dtype in ("fp32", "bf16")}
@@ -93,7 +94,7 @@ def layers(names: List[str], batch: int, size: int, rounds: int, model_seconds: 
         for kind in kinds:
             fp32, bf16 = seconds[f"{kind} fp32"], seconds[f"{kind} bf16"]
             count = sum(layer_kind == kind for layer_kind, _, _ in captured)
-            share = f"{100 * fp32 / model_seconds[name]:.0f}%" if name in model_seconds else ""
+            share = f"{100 * fp32 / model_seconds[name]:.0f}%"
             rows.append([name, f"{kind} x {count}", f"{1e3 * fp32:.1f}", f"{1e3 * bf16:.1f}", f"{fp32 / bf16:.2f}", share])
     return markdown_table(["model", "layers", "fp32 ms", "bf16 autocast ms", "x fp32", "share of model fp32 time"], rows)
 
@@ -135,10 +136,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(environment())
     print(f"batch {args.batch}, {args.size}x{args.size}, {args.rounds} rounds (median)\n")
-    model_seconds: Dict[str, float] = {}
     if args.models:
         print(load_average(), "(before)", flush=True)
-        print(throughput(args.models, args.batch, args.size, args.rounds, model_seconds))
+        table, model_seconds = throughput(args.models, args.batch, args.size, args.rounds)
+        print(table)
         if args.layers:
             print("\n" + layers(args.models, args.batch, args.size, args.rounds, model_seconds))
         print(load_average(), "(after)")
