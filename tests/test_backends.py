@@ -245,6 +245,25 @@ def test_fused_disabled_falls_back_to_the_chunked_loop(monkeypatch):
         fused_module.load()
 
 
+def test_fused_kernel_cache_is_per_cpu(monkeypatch):
+    """The kernel is built with -march=native and cached under ~/.cache/torch_extensions by name: with one
+    name for every CPU, a home directory carried from an AVX-512 machine to an AVX2 one (seen here between
+    sessions) would load the old build, which dies of SIGILL on its first AVX-512 instruction."""
+    from torch.utils import cpp_extension
+
+    names = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: names.append(kwargs["name"]))
+    monkeypatch.setattr(fused_module, "_ops", None)
+    monkeypatch.setattr(fused_module, "_failed", None)
+    monkeypatch.setenv("SDT_FUSED", "auto")
+    for flags in ("fpu sse2 avx2 avx512f avx512_bf16", "fpu sse2 avx2", "fpu sse2 avx2"):
+        monkeypatch.setattr(fused_module, "_cpu_identity", lambda flags=flags: "model name\t: AMD EPYC\nflags\t: " + flags)
+        fused_module.load()
+        monkeypatch.setattr(fused_module, "_ops", None)
+    assert len(names) == 3 and names[0] != names[1] and names[1] == names[2], names
+    assert fused_module._cpu_identity()  # this machine's, whatever it is
+
+
 def test_building_the_fused_kernel_hides_torchs_cuda_home_warning(tmp_path):
     """torch.utils.cpp_extension logs "No CUDA runtime is found, using CUDA_HOME=..." when it is imported where
     a CUDA toolkit exists and no GPU does; the CPU-only build does not use CUDA, so users must not see it.

@@ -11,14 +11,18 @@ O(threads * TASK_ELEMENTS) plus an (S, L) log-sum-exp.
 
 The kernel is compiled on first use with ``torch.utils.cpp_extension.load`` (20-60 s on 2 cores;
 cached under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), with
-``-march=native``: the build is for the machine it runs on. ``SDT_FUSED=0`` disables it (the
+``-march=native``: the build is for the machine it runs on. So the cache entry is named by the CPU
+(``_build_name``): a home directory that moves to a CPU without the first one's instructions (an
+AVX-512 build on an AVX2 machine) builds again instead of loading code that dies of SIGILL. ``SDT_FUSED=0`` disables it (the
 backend falls back to the chunked Function); ``SDT_FUSED=1`` makes a failed build an error instead
 of a warning. The kernel is called through the custom op ``sdt::spatial_decay_attention``
 (``ops.py``), which gives it autograd and a fake implementation for ``torch.compile``.
 """
 import contextlib
+import hashlib
 import logging
 import os
+import platform
 import warnings
 from pathlib import Path
 from typing import Iterator, Optional, Tuple
@@ -42,6 +46,23 @@ def _setting() -> str:
     if value not in ("0", "1", "auto"):
         raise ValueError(f"SDT_FUSED={value!r}: expected 0 (off), 1 (required) or auto")
     return value
+
+
+def _cpu_identity() -> str:
+    """What ``-march=native`` compiles for: the CPU's model and instruction-set flags (Linux), else what
+    ``platform`` knows."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    wanted = ("model name", "flags", "Features", "CPU part")  # x86 and aarch64 spellings
+    found = [line for line in lines if line.split(":")[0].strip() in wanted]
+    return "\n".join(sorted(set(found))) or f"{platform.machine()} {platform.processor()}"
+
+
+def _build_name() -> str:
+    """The extension's name, and so its cache directory: one per CPU the build was made for."""
+    return "sdt_fused_cpu_" + hashlib.sha256(_cpu_identity().encode()).hexdigest()[:12]
 
 
 @contextlib.contextmanager
@@ -73,7 +94,7 @@ def load():
                 from torch.utils import cpp_extension
 
                 cpp_extension.load(
-                    name="sdt_fused_cpu",
+                    name=_build_name(),
                     sources=[str(Path(__file__).with_name("fused_cpu.cpp"))],
                     extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
                     extra_ldflags=["-fopenmp"],
