@@ -70,8 +70,10 @@ def environment() -> str:
     import os
     import platform
 
-    return (f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs visible, "
-            f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    bf16 = "native" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "emulated"
+    return (f"torch {torch.__version__}, {platform.machine()} ({torch.backends.cpu.get_cpu_capability()}, bf16 {bf16}), "
+            f"{os.cpu_count()} CPUs visible, {torch.get_num_threads()} threads, "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
 
 
 def load_average() -> str:

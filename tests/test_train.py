@@ -298,6 +298,26 @@ def test_engine_settings_that_cannot_work_are_config_errors(change, message):
         check_engine_config(cfg, DistInfo(rank=0, world_size=2), num_train=100)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_autocast_on_a_cpu_without_bf16_instructions_warns(monkeypatch, native):
+    """On an AVX2-only CPU torch emulates bf16 and sdt_h_tiny inference ran 12x slower than float32
+    (benchmarks/bench_bf16.py, docs/benchmarks.md): a user asking for bf16 to go faster must hear it."""
+    import warnings
+
+    import sdt.engine
+
+    monkeypatch.setattr(sdt.engine, "cpu_has_native_bf16", lambda: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_engine_config(EngineConfig(batch_size=16, amp="bf16"), DistInfo(rank=0, world_size=1), num_train=100)
+        check_engine_config(EngineConfig(batch_size=16, amp="none"), DistInfo(rank=0, world_size=1), num_train=100)
+    messages = [str(w.message) for w in caught]
+    if native:
+        assert messages == [], messages
+    else:
+        assert len(messages) == 1 and "use engine.amp=none on this machine" in messages[0], messages
+
+
 def test_resume_uses_the_saved_config_and_warns_about_a_different_one(fake_fmnist: Path, tmp_path: Path):
     """A library caller's cfg is not silently replaced on resume: the same config (or None) resumes
     quietly, one that sets other values gets a warning naming the keys, and the saved config wins."""

@@ -348,6 +348,11 @@ def check_engine_settings(cfg: EngineConfig) -> None:
     require(cfg.eval_every_epochs >= 1, "eval_every_epochs", "at least 1")
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 GEMMs in hardware (oneDNN's check: AVX512-BF16 or AMX on x86)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def check_engine_config(cfg: EngineConfig, dist_info: DistInfo, num_train: int, model: Optional[nn.Module] = None) -> None:
     """Settings that cannot work, on their own or on this machine, data and ``model``: a
     ``ConfigError`` before anything runs or is written."""
@@ -362,6 +367,10 @@ def check_engine_config(cfg: EngineConfig, dist_info: DistInfo, num_train: int, 
                           f"(engine.batch_size={cfg.batch_size}); lower the batch size")
     if cfg.amp == "fp16" and dist_info.device.type != "cuda":
         raise ConfigError("engine.amp=fp16 needs a GPU; on CPU use engine.amp=bf16")
+    if cfg.amp == "bf16" and dist_info.device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn("engine.amp=bf16 on a CPU without bf16 instructions (AVX512-BF16 or AMX): torch emulates bf16 "
+                      "there, which is many times slower than float32 (sdt_h_tiny inference ran at 0.08x float32 on an "
+                      "AVX2-only EPYC, docs/benchmarks.md); use engine.amp=none on this machine", stacklevel=2)
     if cfg.sync_bn and dist_info.distributed and dist_info.device.type != "cuda":
         raise ConfigError("engine.sync_bn=true needs GPUs (torch's SyncBatchNorm is CUDA-only); on CPU each "
                           "process normalises with its own batch statistics: set engine.sync_bn=false")
