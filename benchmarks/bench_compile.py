@@ -31,6 +31,9 @@ CASES = {  # name: (batch, (C, H, W), model kwargs)
 
 def speed_row(name: str, repeats: int) -> list:
     batch, size, kwargs = CASES[name]
+    # Each model compiles from scratch, as in a process of its own: the models share forward code, and
+    # dynamo, seeing it again at another input size, would compile the next one with dynamic shapes.
+    torch._dynamo.reset()
     torch.manual_seed(0)
     model = timm.create_model(name, **kwargs).eval()
     x = torch.randn(batch, *size)
@@ -54,6 +57,7 @@ def speed_row(name: str, repeats: int) -> list:
 
 def memory_rows(size: int) -> list:
     torch.manual_seed(0)
+    torch._dynamo.reset()
     model = timm.create_model("sdt_h_tiny_full2d").eval()
     x = torch.randn(1, 3, size, size)
     compiled = torch.compile(model)
