@@ -92,6 +92,17 @@ def test_compiled_training_step_runs_the_custom_op_and_matches_eager(fused_kerne
         torch.testing.assert_close(grads["compiled"][1][n], ref, rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_compiled_model_follows_new_input_sizes(fused_kernel):
+    """A second and third input size make dynamo recompile with symbolic shapes: the rotary op then gets
+    symbolic grid sizes, and its fake implementation must give (H*W, d) tables for them."""
+    model = _randomised_nano().eval()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        for size in (28, 32, 40):
+            x = torch.randn(2, 1, size, size)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+
+
 def test_compiled_attention_without_rates_gradient_skips_it(fused_kernel):
     """Frozen rates: the backward op is asked for no rate gradient (the rates input gets none)."""
     generator = torch.Generator().manual_seed(0)
