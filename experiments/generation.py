@@ -99,20 +99,19 @@ def score(images: "torch.Tensor", labels: "torch.Tensor", threads: int, extracto
     import torch
 
     from sdt.data import fashion_mnist_tensors
-    from sdt.fid import compute_fid, conditional_accuracy, in_domain_extractor
+    from sdt.fid import compute_fids, conditional_accuracy, in_domain_extractor
 
     torch.set_num_threads(threads)
     real, _ = fashion_mnist_tensors("test")
     extractor = in_domain_extractor(extractor_tag)
-    fid = compute_fid(images, real, "Fashion-MNIST test", extractor, extractor_tag)
     halves = [[], []]
     for c in labels.unique():
         members = torch.nonzero(labels == c).flatten()
         halves[0].append(members[: len(members) // 2])
         halves[1].append(members[len(members) // 2:])
-    fid_halves = [compute_fid(images[torch.cat(half)], real, "Fashion-MNIST test", extractor, extractor_tag).fid
-                  for half in halves]
-    return {"fid": fid.fid, "fid_text": str(fid), "fid_halves": fid_halves,
+    fid, *fid_halves = compute_fids([images] + [images[torch.cat(half)] for half in halves], real,
+                                    "Fashion-MNIST test", extractor, extractor_tag)
+    return {"fid": fid.fid, "fid_text": str(fid), "fid_halves": [half.fid for half in fid_halves],
             "conditional_accuracy": conditional_accuracy(extractor, images, labels), "extractor": extractor_tag}
 
 

@@ -15,7 +15,7 @@ from sdt.checkpoints import CheckpointError
 from sdt.cli import main
 from sdt.config import ConfigError
 from sdt.data import FASHION_MNIST_MEAN, DataError
-from sdt.fid import compute_fid, conditional_accuracy, in_domain_extractor, inception_fid, load_samples
+from sdt.fid import compute_fid, compute_fids, conditional_accuracy, in_domain_extractor, inception_fid, load_samples
 
 
 class WritesAMarker:
@@ -135,6 +135,23 @@ def test_extractor_of_another_model_is_refused(fake_fmnist: Path, tmp_path: Path
         conditional_accuracy(fmnist, grey, torch.tensor([0, 10, 11, 3]))
     with pytest.raises(DataError, match="samples are"):
         compute_fid(grey, torch.zeros(4, 1, 32, 32, dtype=torch.uint8), "x", fmnist)
+
+
+def test_fids_of_several_sample_sets_match_one_at_a_time():
+    """compute_fids extracts the real features once; each set's FID is still its own, not a running mix."""
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8, generator=generator)
+    fakes = [torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8, generator=generator),
+             (real[:40].int() // 2).to(torch.uint8), real[20:].clone()]
+    extractor = in_domain_extractor()
+    together = compute_fids(fakes, real, "random", extractor)
+    alone = [compute_fid(fake, real, "random", extractor) for fake in fakes]
+    assert [r.num_fake for r in together] == [40, 40, 44]
+    for a, b in zip(together, alone):
+        assert abs(a.fid - b.fid) <= 1e-3 * b.fid, (a, b)
+    assert len({round(r.fid, 3) for r in together}) == 3
+    with pytest.raises(DataError, match="samples are"):
+        compute_fids([fakes[0], torch.zeros(4, 1, 32, 32, dtype=torch.uint8)], real, "x", extractor)
 
 
 def test_extractor_without_local_weights_fails_fast():

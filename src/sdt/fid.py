@@ -19,7 +19,7 @@ prints all three.
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -246,33 +246,49 @@ def _to_rgb(images: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def compute_fid(fake: Tensor, real: Tensor, reference: str, extractor: Optional[ClassifierFeatures] = None,
-                extractor_name: Optional[str] = None, inception_weights: Optional[str] = None,
-                batch_size: int = 500) -> FidResult:
-    """FID between uint8 image sets fake (N, C, H, W) and real (M, C, H, W) of the same image size.
+def compute_fids(fakes: Sequence[Tensor], real: Tensor, reference: str, extractor: Optional[ClassifierFeatures] = None,
+                 extractor_name: Optional[str] = None, inception_weights: Optional[str] = None,
+                 batch_size: int = 500) -> List[FidResult]:
+    """FID of each uint8 image set in ``fakes`` (N_k, C, H, W) against ``real`` (M, C, H, W), all of one
+    image size; the real features are extracted once for all of them.
 
     Uses ``extractor`` (default: the shipped in-domain one) or, with ``inception_weights``, Inception-v3
     (grey images are repeated to 3 channels; torchmetrics resizes to 299).
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    for images, which in ((fake, "samples"), (real, "reference images")):
+    named = [(real, "reference images")] + [(fake, "samples") for fake in fakes]
+    for images, which in named:
         if images.dtype != torch.uint8 or images.ndim != 4 or len(images) < 2:
             raise DataError(f"{which}: expected at least 2 uint8 (N, C, H, W) images, got {images.dtype} {tuple(images.shape)}")
-    if fake.shape[1:] != real.shape[1:]:
-        raise DataError(f"the samples are {tuple(fake.shape[1:])} (C, H, W) but the reference images "
-                        f"{tuple(real.shape[1:])}: FID compares images of one kind")
+    for fake in fakes:
+        if fake.shape[1:] != real.shape[1:]:
+            raise DataError(f"the samples are {tuple(fake.shape[1:])} (C, H, W) but the reference images "
+                            f"{tuple(real.shape[1:])}: FID compares images of one kind")
     if inception_weights is not None:
         metric, name, prepare = inception_fid(inception_weights), "inception-v3 (2048, pool3)", _to_rgb
     else:
         extractor = extractor or in_domain_extractor()
         extractor.check_images(real[:1])
-        metric = FrechetInceptionDistance(feature=extractor, reset_real_features=True)
+        metric = FrechetInceptionDistance(feature=extractor)
         name, prepare = f"{extractor_name or extractor.name} pre-logits ({extractor.num_features})", (lambda x: x)
-    for images, real_flag in ((real, True), (fake, False)):
-        for i in range(0, len(images), batch_size):
-            metric.update(prepare(images[i:i + batch_size]), real=real_flag)
-    return FidResult(float(metric.compute()), len(fake), len(real), reference, name)
+    metric.reset_real_features = False  # reset() below forgets only the previous samples' features
+    for i in range(0, len(real), batch_size):
+        metric.update(prepare(real[i:i + batch_size]), real=True)
+    results = []
+    for fake in fakes:
+        metric.reset()
+        for i in range(0, len(fake), batch_size):
+            metric.update(prepare(fake[i:i + batch_size]), real=False)
+        results.append(FidResult(float(metric.compute()), len(fake), len(real), reference, name))
+    return results
+
+
+def compute_fid(fake: Tensor, real: Tensor, reference: str, extractor: Optional[ClassifierFeatures] = None,
+                extractor_name: Optional[str] = None, inception_weights: Optional[str] = None,
+                batch_size: int = 500) -> FidResult:
+    """FID between uint8 image sets fake (N, C, H, W) and real (M, C, H, W): ``compute_fids`` for one set."""
+    return compute_fids([fake], real, reference, extractor, extractor_name, inception_weights, batch_size)[0]
 
 
 @torch.no_grad()
