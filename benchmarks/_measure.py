@@ -70,7 +70,9 @@ def environment() -> str:
     import os
     import platform
 
-    bf16 = "native" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "emulated"
+    from sdt.engine import cpu_has_native_bf16
+
+    bf16 = "native" if cpu_has_native_bf16() else "emulated"
     return (f"torch {torch.__version__}, {platform.machine()} ({torch.backends.cpu.get_cpu_capability()}, bf16 {bf16}), "
             f"{os.cpu_count()} CPUs visible, {torch.get_num_threads()} threads, "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")

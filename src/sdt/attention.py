@@ -66,7 +66,7 @@ def rotary_tables(grid: Tuple[int, int], head_dim: int, device: Optional[torch.d
     Under ``torch.compile`` the custom op ``sdt::rotary_tables`` computes them: one opaque node whose
     (L, d) outputs are materialised once per call. As plain pointwise code, inductor fused the sin
     and cos into every rotation's kernel and recomputed them for each batch element and head:
-    compiled ``sdt_h_tiny`` ran at 0.73x eager, 1.08x with the op (docs/benchmarks.md). Elsewhere
+    compiled ``sdt_h_tiny`` ran at 0.72x eager, 1.07x with the op (docs/benchmarks.md). Elsewhere
     (eager, TorchScript, the ONNX tracer, which knows no custom op) they are plain torch code.
 
     Returns:

@@ -257,13 +257,11 @@ def compute_fids(fakes: Sequence[Tensor], real: Tensor, reference: str, extracto
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    named = [(real, "reference images")] + [(fake, "samples") for fake in fakes]
-    for images, which in named:
+    for images, which in [(real, "reference images")] + [(fake, "samples") for fake in fakes]:
         if images.dtype != torch.uint8 or images.ndim != 4 or len(images) < 2:
             raise DataError(f"{which}: expected at least 2 uint8 (N, C, H, W) images, got {images.dtype} {tuple(images.shape)}")
-    for fake in fakes:
-        if fake.shape[1:] != real.shape[1:]:
-            raise DataError(f"the samples are {tuple(fake.shape[1:])} (C, H, W) but the reference images "
+        if images.shape[1:] != real.shape[1:]:
+            raise DataError(f"the samples are {tuple(images.shape[1:])} (C, H, W) but the reference images "
                             f"{tuple(real.shape[1:])}: FID compares images of one kind")
     if inception_weights is not None:
         metric, name, prepare = inception_fid(inception_weights), "inception-v3 (2048, pool3)", _to_rgb
