@@ -82,7 +82,7 @@ def test_every_family_member_is_covered():
         "sdt_vit_base", "sdt_vit_fm_small", "sdt_vit_fm_tiny", "sdt_vit_small", "sdt_vit_tiny"]
     for name in MODELS:
         assert timm.get_pretrained_cfg(name) is not None, name
-    assert PRETRAINED == ["sdt_h_nano.fmnist"]
+    assert PRETRAINED == ["sdt_h_nano.fmnist", "sdt_h_nano.fmnist_e30"]
 
 
 @pytest.mark.parametrize("name", _params(MODELS))

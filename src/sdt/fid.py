@@ -3,8 +3,9 @@ accuracy of an in-domain classifier on class-conditional samples.
 
 Extractors:
 - in-domain (default): the pre-logit features of a classifier trained on the same dataset. For
-  Fashion-MNIST the package ships ``sdt_h_nano.fmnist`` (512 features; see
-  docs/generation.md), so FIDs from different users compare. Any classifier trained with
+  Fashion-MNIST the package ships ``sdt_h_nano.fmnist_e30`` (512 features, 30 epochs; see
+  docs/generation.md), so FIDs from different users compare; ``sdt_h_nano.fmnist`` (12 epochs) is the
+  extractor of the FIDs published before it. Any classifier trained with
   ``sdt train`` works too (``in_domain_extractor(checkpoint=<run folder>)``).
 - Inception: torch-fidelity's FID Inception-v3 (2048 features) through torchmetrics, only from a
   local weights file (``weights-inception-2015-12-05-6726825d.pth``); never downloaded. Needs
@@ -35,7 +36,7 @@ from .errors import SdtError
 if TYPE_CHECKING:
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-DEFAULT_EXTRACTOR = "sdt_h_nano.fmnist"
+DEFAULT_EXTRACTOR = "sdt_h_nano.fmnist_e30"
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's release asset
 
 
