@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 import sdt  # noqa: F401  registers the models
 from sdt.attention import DECAYS, SpatialDecayAttention
 from sdt.backends import choose_backend, spatial_decay_attention
-from sdt.backends import fused as fused_module
+from sdt.backends import fused_cpu
 from sdt.backends.chunked import CHUNK_ELEMENTS, chunk_rows, chunked_attention
 from sdt.backends.flex import flex_decay_attention
 from sdt.backends.reference import reference_attention
@@ -191,7 +191,7 @@ def test_auto_dispatch_table():
 @pytest.fixture(scope="module")
 def fused_kernel():
     """The fused kernel must really be built here: a silent fallback to chunked would pass every test."""
-    assert fused_module.load() is not None, f"fused CPU kernel did not build: {fused_module._failed}"
+    assert fused_cpu.load() is not None, f"fused CPU kernel did not build: {fused_cpu._failed}"
 
 
 @pytest.mark.parametrize("rate_kind", list(RATE_SHAPES))
@@ -212,7 +212,7 @@ def test_fused_matches_reference(fused_kernel, rate_kind, distance, sign, layout
 def test_fused_tasks_odd_grids_batch_one(fused_kernel, monkeypatch, grid, task_elements):
     """Task sizes that cut sequences into row blocks with a partial last one, or group whole sequences."""
     tokens = grid[0] * grid[1]
-    monkeypatch.setattr(fused_module, "TASK_ELEMENTS", task_elements)  # read by the custom op on every call
+    monkeypatch.setattr(fused_cpu, "TASK_ELEMENTS", task_elements)  # read by the custom op on every call
     for batch in (1, 3):
         q, k, v, rates = make_inputs(batch, 2, grid, 4, (batch, 2, tokens), "mixed", seed=batch)
         assert_matches_reference(using("fused"), q, k, v, rates, grid)
@@ -235,14 +235,14 @@ def test_fused_refuses_other_devices_with_a_clear_error():
 
 def test_fused_disabled_falls_back_to_the_chunked_loop(monkeypatch):
     monkeypatch.setenv("SDT_FUSED", "0")
-    assert fused_module.load() is None
+    assert fused_cpu.load() is None
     q, k, v, rates = make_inputs(2, 2, (4, 5), 8, (2, 2, 20))
     with torch.no_grad():
         out = spatial_decay_attention(q, k, v, rates, (4, 5), "full", "manhattan", "fused")
     assert relative_error(out, reference_attention(q, k, v, rates, (4, 5), "full", "manhattan")) < F32_TOL
     monkeypatch.setenv("SDT_FUSED", "maybe")
     with pytest.raises(ValueError, match="SDT_FUSED='maybe'"):
-        fused_module.load()
+        fused_cpu.load()
 
 
 def test_fused_kernel_cache_is_per_cpu(monkeypatch):
@@ -253,22 +253,22 @@ def test_fused_kernel_cache_is_per_cpu(monkeypatch):
 
     names = []
     monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: names.append(kwargs["name"]))
-    monkeypatch.setattr(fused_module, "_ops", None)
-    monkeypatch.setattr(fused_module, "_failed", None)
+    monkeypatch.setattr(fused_cpu, "_ops", None)
+    monkeypatch.setattr(fused_cpu, "_failed", None)
     monkeypatch.setenv("SDT_FUSED", "auto")
     for flags in ("fpu sse2 avx2 avx512f avx512_bf16", "fpu sse2 avx2", "fpu sse2 avx2"):
-        monkeypatch.setattr(fused_module, "_cpu_identity", lambda flags=flags: "model name\t: AMD EPYC\nflags\t: " + flags)
-        fused_module.load()
-        monkeypatch.setattr(fused_module, "_ops", None)
+        monkeypatch.setattr(fused_cpu, "_cpu_identity", lambda flags=flags: "model name\t: AMD EPYC\nflags\t: " + flags)
+        fused_cpu.load()
+        monkeypatch.setattr(fused_cpu, "_ops", None)
     assert len(names) == 3 and names[0] != names[1] and names[1] == names[2], names
-    assert fused_module._cpu_identity()  # this machine's, whatever it is
+    assert fused_cpu._cpu_identity()  # this machine's, whatever it is
 
 
 def test_building_the_fused_kernel_hides_torchs_cuda_home_warning(tmp_path):
     """torch.utils.cpp_extension logs "No CUDA runtime is found, using CUDA_HOME=..." when it is imported where
     a CUDA toolkit exists and no GPU does; the CPU-only build does not use CUDA, so users must not see it.
     A fresh interpreter (the warning comes once, at import), a CUDA_HOME that exists and no visible GPU."""
-    script = ("import logging; from sdt.backends import fused; assert fused.load() is not None, fused._failed; "
+    script = ("import logging; from sdt.backends import fused_cpu; assert fused_cpu.load() is not None, fused_cpu._failed; "
               "assert not logging.getLogger('torch.utils.cpp_extension').filters; print('built')")
     env = {**os.environ, "CUDA_HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": "", "SDT_FUSED": "1"}
     env.pop("TORCH_LOGS", None)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import sdt  # noqa: F401  registers the models
-from sdt.backends import fused as fused_module
+from sdt.backends import fused_cpu
 from sdt.backends import ops as ops_module
 from sdt.backends.reference import reference_attention
 
@@ -28,8 +28,8 @@ BF16_TOL = 2e-2
 @pytest.fixture(scope="module")
 def ops():
     """The kernel must really be built: a silent fallback would test nothing here."""
-    built = fused_module.load()
-    assert built is not None, f"fused CPU kernel did not build: {fused_module._failed}"
+    built = fused_cpu.load()
+    assert built is not None, f"fused CPU kernel did not build: {fused_cpu._failed}"
     return built
 
 

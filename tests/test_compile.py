@@ -16,7 +16,7 @@ from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
 import sdt  # noqa: F401  registers the models
-from sdt.backends import fused as fused_module
+from sdt.backends import fused_cpu
 from sdt.backends import spatial_decay_attention
 from sdt.backends.reference import reference_attention
 
@@ -27,7 +27,7 @@ ROTARY_OP = torch.ops.sdt.rotary_tables.default
 
 @pytest.fixture(scope="module")
 def fused_kernel():
-    assert fused_module.load() is not None, f"fused CPU kernel did not build: {fused_module._failed}"
+    assert fused_cpu.load() is not None, f"fused CPU kernel did not build: {fused_cpu._failed}"
 
 
 def _randomised_nano(name="sdt_h_nano"):

@@ -12,7 +12,7 @@ import timm
 import torch
 
 import sdt  # noqa: F401  registers the models
-from sdt.backends import fused as fused_module
+from sdt.backends import fused_cpu
 from sdt.backends import spatial_decay_attention
 from sdt.backends.reference import reference_attention
 
@@ -41,7 +41,7 @@ def inputs(grid=(6, 5), batch=2, heads=2, dim=8, seed=0):
     return q, k, v, rates
 
 
-fused_needed = pytest.mark.skipif(fused_module.load() is None, reason="the fused kernel did not build here")
+fused_needed = pytest.mark.skipif(fused_cpu.load() is None, reason="the fused kernel did not build here")
 
 
 @fused_needed
@@ -55,7 +55,7 @@ def test_fused_forward_in_every_mode(mode, num_threads, layout):
     with threads(num_threads), MODES[mode]():
         q_, k_, v_, rates_ = (t.clone() for t in (q, k, v, rates))  # inference tensors under inference_mode
         out = spatial_decay_attention(q_, k_, v_, rates_, grid, layout, backend="fused")
-        raw_out, raw_lse = fused_module.load().forward(
+        raw_out, raw_lse = fused_cpu.load().forward(
             q_.flatten(0, 1).contiguous(), k_.flatten(0, 1).contiguous(), v_.flatten(0, 1).contiguous(),
             rates_.flatten(0, 1).contiguous(), grid[0], grid[1], False, 64)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
@@ -71,7 +71,7 @@ def test_fused_backward_op_in_every_mode(mode, num_threads):
     """The raw backward op, called directly, and through autograd (grad mode only)."""
     grid = (6, 5)
     q, k, v, rates = inputs(grid)
-    ops = fused_module.load()
+    ops = fused_cpu.load()
     flat = [t.flatten(0, 1).contiguous() for t in (q, k, v, rates)]
     out, lse = ops.forward(*flat, grid[0], grid[1], False, 64)
     grad_out = torch.randn_like(out)
@@ -89,7 +89,7 @@ def test_switching_modes_and_threads_in_one_process(monkeypatch):
     q, k, v, rates = inputs(grid)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, rates)]
     expected = reference_attention(q, k, v, rates, grid, "full", "manhattan")
-    monkeypatch.setattr(fused_module, "TASK_ELEMENTS", 64)  # many tasks even for this small input
+    monkeypatch.setattr(fused_cpu, "TASK_ELEMENTS", 64)  # many tasks even for this small input
     for num_threads in (2, 1, 2):
         for mode in ("inference_mode", "grad", "no_grad", "inference_mode", "grad"):
             with threads(num_threads), MODES[mode]():

@@ -14,7 +14,7 @@ and a fake implementation (``register_fake``), so ``torch.compile`` traces it as
 in the forward and one in the backward graph: no graph break, and nothing of size L^2 anywhere.
 ``lse`` is saved for the backward and is not differentiable.
 
-Kernels: on CPU the fused C++ kernel (``fused.py``; float32 and bfloat16 q/k/v as they are, with
+Kernels: on CPU the fused C++ kernel (``fused_cpu.py`` builds it; float32 and bfloat16 q/k/v as they are, with
 float32 logits, bias and accumulation, so bf16 autocast has no float32 round trip; other dtypes are
 computed in float32 and cast back), on CUDA the Triton kernels (``triton.py``, imported on first
 CUDA use), whose float32 dots follow ``torch.get_float32_matmul_precision()`` ("highest": exact
@@ -25,6 +25,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from . import fused_cpu
 from ._layout import flat_rates
 
 # q/k/v dtypes the C++ kernel takes as they are; anything else is computed in float32 and cast back.
@@ -32,9 +33,7 @@ CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _cpu_ops():
-    from .fused import load
-
-    ops = load()
+    ops = fused_cpu.load()
     if ops is None:
         raise RuntimeError("the fused CPU attention kernel is not built (SDT_FUSED=0 or a failed build): "
                            "use backend='chunked' or 'auto', which falls back to it")
@@ -60,10 +59,8 @@ def spatial_decay_attention_op(q: Tensor, k: Tensor, v: Tensor, rates: Tensor, h
         return triton_forward(q, k, v, rates, height, width, indicator, input_precision=_triton_precision())
     if q.device.type != "cpu":
         raise RuntimeError(f"sdt::spatial_decay_attention runs on CPU and CUDA, not {q.device.type}")
-    from .fused import TASK_ELEMENTS
-
     q_, k_, v_ = _cpu_inputs(q, k, v)
-    out, lse = _cpu_ops().forward(q_, k_, v_, rates.float().contiguous(), height, width, indicator, TASK_ELEMENTS)
+    out, lse = _cpu_ops().forward(q_, k_, v_, rates.float().contiguous(), height, width, indicator, fused_cpu.TASK_ELEMENTS)
     return out.to(q.dtype), lse
 
 
@@ -85,12 +82,10 @@ def spatial_decay_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, 
         return dq, dk, dv, drates if rates_grad else rates.new_empty(0)
     if q.device.type != "cpu":
         raise RuntimeError(f"sdt::spatial_decay_attention_backward runs on CPU and CUDA, not {q.device.type}")
-    from .fused import TASK_ELEMENTS
-
     # the C++ kernel forms the rate gradient in the same pass as dq, so it always returns one
     args = _cpu_inputs(grad_out, q, k, v, out)
     dq, dk, dv, drates = _cpu_ops().backward(*args, rates.float().contiguous(), lse.contiguous(), height, width,
-                                             indicator, TASK_ELEMENTS)
+                                             indicator, fused_cpu.TASK_ELEMENTS)
     return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), drates if rates_grad else rates.new_empty(0)
 
 
