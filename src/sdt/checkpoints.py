@@ -17,8 +17,9 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
+import timm
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -139,6 +140,27 @@ def load_into(model: nn.Module, state_dict: Dict[str, Tensor], path: PathLike) -
             f"{len(unexpected)} unexpected keys {unexpected[:3]}, {len(wrong_shape)} shape mismatches "
             f"(file vs model) {wrong_shape[:3]}. Was it trained with another model, num_classes or in_chans?")
     model.load_state_dict(state_dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hub folders: timm's Hugging Face layout (written by sdt.hub.export_run_to_hub)
+
+
+def is_hub_dir(path: PathLike) -> bool:
+    """Whether ``path`` is a folder in timm's hub layout (config.json beside model.safetensors)."""
+    path = Path(path)
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def load_hub_model(path: PathLike) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The model of a hub folder with its weights, and the timm data config of its preprocessing
+    (``input_size``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``, ``interpolation``; pass it to
+    ``timm.data.create_transform``). The model's ``pretrained_cfg["label_names"]`` names its classes."""
+    if not is_hub_dir(path):
+        raise CheckpointError(f"{path} is not a hub folder (it needs config.json and model.safetensors); "
+                              f"make one with `sdt.hub.export_run_to_hub(run, folder)`")
+    model = timm.create_model(f"local-dir:{Path(path)}", pretrained=True).eval()
+    return model, timm.data.resolve_data_config(model=model)
 
 
 # ---------------------------------------------------------------------------------------------

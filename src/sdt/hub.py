@@ -26,12 +26,10 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import timm
 from timm.models import save_for_hf
 from timm.models._hub import generate_readme  # push_to_hf_hub's model card writer
-from torch import nn
 
-from .checkpoints import CheckpointError, load_into, load_weights
+from .checkpoints import is_hub_dir, load_hub_model, load_into, load_weights
 from .config import ConfigError, load_config
 from .data import FASHION_MNIST_CLASSES, build_transform, raw_dataset
 from .engine import lock_run_folder, unlock_run_folder
@@ -42,23 +40,6 @@ __all__ = ["export_run_to_hub", "is_hub_dir", "load_hub_model"]
 
 HUB_FILES = ("config.json", "model.safetensors", "README.md")
 PathLike = Union[str, Path]
-
-
-def is_hub_dir(path: PathLike) -> bool:
-    """Whether ``path`` is a folder in timm's hub layout (config.json beside model.safetensors)."""
-    path = Path(path)
-    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
-
-
-def load_hub_model(path: PathLike) -> Tuple[nn.Module, Dict[str, Any]]:
-    """The model of a hub folder with its weights, and the timm data config of its preprocessing
-    (``input_size``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``, ``interpolation``; pass it to
-    ``timm.data.create_transform``). The model's ``pretrained_cfg["label_names"]`` names its classes."""
-    if not is_hub_dir(path):
-        raise CheckpointError(f"{path} is not a hub folder (it needs config.json and model.safetensors); "
-                              f"make one with `sdt.hub.export_run_to_hub(run, folder)`")
-    model = timm.create_model(f"local-dir:{Path(path)}", pretrained=True).eval()
-    return model, timm.data.resolve_data_config(model=model)
 
 
 def _normalization(cfg: TrainConfig) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:

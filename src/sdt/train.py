@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from . import models  # noqa: F401  (registers the models with timm)
-from .checkpoints import atomic_write, load_into, load_weights
+from .checkpoints import atomic_write, is_hub_dir, load_hub_model, load_into, load_weights
 from .config import ConfigError, load_config
 from .data import (AugConfig, Batch, DataConfig, ImageSamples, build_transform, check_data_config, check_images,
                    raw_dataset, resolve_in_chans, resolve_num_classes, split_datasets)
@@ -290,8 +290,6 @@ def evaluate_checkpoint(checkpoint: str, model: Optional[str] = None, dataset: O
     ``data_dir``). Model and data default to the run's config.yaml when there is one; ``input_size``
     may differ from training (the models accept any resolution).
     """
-    from .hub import is_hub_dir
-
     path = Path(checkpoint)
     if is_hub_dir(path):
         if model is not None or use_ema:
@@ -347,8 +345,6 @@ def _hub_eval_setup(path: Path, dataset: Optional[str], data_dir: Optional[str],
     """The model of a hub folder with the evaluation transform its pretrained_cfg describes
     (``timm.data.create_transform``), the ``split`` it is evaluated on and its label names."""
     from timm.data import create_transform
-
-    from .hub import load_hub_model
 
     net, data_config = load_hub_model(path)
     cfg = TrainConfig()
