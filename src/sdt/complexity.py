@@ -1,4 +1,4 @@
-"""Parameter and FLOP counts, and the model table printed by ``sdt models``.
+"""Parameter and FLOP counts, the papers' numbers and the list of this package's models (``sdt models``).
 
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` and reported as
 multiply-adds (one multiply-add = one FLOP), the convention of the RMT and SDT papers and of
@@ -66,25 +66,3 @@ def list_sdt_models() -> List[str]:
     names = [n for n in timm.list_models() if timm.models.model_entrypoint(n).__module__.startswith("sdt.")]
     order = {n: i for i, n in enumerate(timm.models._registry._model_entrypoints)}  # registration order
     return sorted(names, key=lambda n: (timm.models.model_entrypoint(n).__module__, order.get(n, 0)))
-
-
-def model_table(names: Optional[List[str]] = None, input_size: Tuple[int, int, int] = (3, 224, 224)) -> str:
-    """A markdown table: parameters and GFLOPs (multiply-adds) of each model beside the papers' numbers."""
-    from .engine import progress_bar
-
-    names = names or list_sdt_models()
-    lines = [
-        f"| model | params | GMACs @{input_size[1]}x{input_size[2]} | paper params | paper GFLOPs | paper top-1 |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    bar = progress_bar(len(names), "counting FLOPs", unit="model")
-    for name in names:
-        bar.set_postfix_str(name)
-        with torch.device("meta"):  # counts need shapes only: no weight init, no arithmetic (10x faster)
-            model = timm.create_model(name, num_classes=1000, in_chans=input_size[0])
-        paper = PAPER_NUMBERS.get(name, (None, None, None))
-        cells = [f"{v:g}" + suffix if v is not None else "-" for v, suffix in zip(paper, ("M", "G", ""))]
-        lines.append(f"| `{name}` | {count_params(model):,} | {count_flops(model, input_size) / 1e9:.2f} | " + " | ".join(cells) + " |")
-        bar.update()
-    bar.close()
-    return "\n".join(lines)
