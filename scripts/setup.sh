@@ -75,6 +75,7 @@ else
     fi
 fi
 PY=$env_dir/bin/python
+[ -x "$PY" ] || { echo "error: the environment $env_dir has no bin/python; deactivate it or recreate it" >&2; exit 1; }
 pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
 
 held=$(mktemp)
