@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 from _measure import environment, interleaved_medians, markdown_table, peak_memory_gib
-from sdt.dense import create_backbone, create_detector, create_segmenter
+from sdt.models.dense import create_backbone, create_detector, create_segmenter
 
 BACKBONES = ("sdt_h_nano", "rmt_nano", "tv_resnet18")
 SCALING = ("sdt_h_nano", "sdt_h_nano_full2d", "rmt_nano")

@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sdt.checkpoints import (CheckpointError, atomic_path, atomic_write, checkpoint_dirs, load_into, load_train_state,
-                             load_weights, remove_temp_checkpoints, save_weights, write_checkpoint)
+from sdt.engine.checkpoints import checkpoint_dirs, load_train_state, remove_temp_checkpoints, write_checkpoint
+from sdt.errors import CheckpointError
+from sdt.files import atomic_path, atomic_write, load_into, load_weights, save_weights
 from sdt.errors import SdtError
 
 

@@ -19,19 +19,21 @@ import argparse
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
-from .config import available_recipes
 from .data import DATASETS
 from .decay import DECAY_ALIASES, DECAY_VARIANTS
-from .diffusion import OBJECTIVES, SAMPLERS
-from .fid import DEFAULT_EXTRACTOR
+from .engine.config import available_recipes
+from .models.registry import check_model_name
+from .tasks.diffusion import OBJECTIVES, SAMPLERS
+from .tools.fid import DEFAULT_EXTRACTOR
 
 
 def _recipes_for(config_class_path: str) -> str:
-    """The shipped recipes (``sdt.config.available_recipes``) that are configs of ``module:Class``,
+    """The shipped recipes (``sdt.engine.config.available_recipes``) that are configs of ``module:Class``,
     for a command's help: each command lists the recipes it can run."""
     import importlib
 
-    from .config import ConfigError, load_config
+    from .engine import load_config
+    from .errors import ConfigError
 
     module, name = config_class_path.split(":")
     config_class = getattr(importlib.import_module(module, __package__), name)
@@ -60,8 +62,8 @@ def model_table(names: Optional[List[str]] = None, input_size: Tuple[int, int, i
     import timm
     import torch
 
-    from .complexity import PAPER_NUMBERS, count_flops, count_params, list_sdt_models
     from .engine import progress_bar
+    from .models.complexity import PAPER_NUMBERS, count_flops, count_params, list_sdt_models
 
     names = names or list_sdt_models()
     lines = [
@@ -82,8 +84,6 @@ def model_table(names: Optional[List[str]] = None, input_size: Tuple[int, int, i
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from .train import check_model_name
-
     for name in args.names:
         check_model_name(name)
     print(model_table(args.names or None, tuple(args.input_size)))
@@ -107,8 +107,7 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from .export import check_onnx, create_model_from_weights, export_onnx, save_torchscript
-    from .train import check_model_name
+    from .tools.export import check_onnx, create_model_from_weights, export_onnx, save_torchscript
 
     check_model_name(args.model)
     kwargs = {k: v for k, v in (("num_classes", args.num_classes), ("in_chans", args.in_chans)) if v is not None}
@@ -159,10 +158,9 @@ def _block_arg(text: str) -> Optional[int]:
 
 
 def run_viz(args: argparse.Namespace) -> int:
-    from .config import ConfigError
-    from .export import create_model_from_weights
-    from .train import check_model_name
-    from .viz import attention_maps, load_image, plot_attention_maps, warn_if_untrained
+    from .errors import ConfigError
+    from .tools.export import create_model_from_weights
+    from .tools.viz import attention_maps, load_image, plot_attention_maps, warn_if_untrained
 
     check_model_name(args.model)
     warn_if_untrained(args.weights)
@@ -203,8 +201,7 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_convert(args: argparse.Namespace) -> int:
     import timm
 
-    from .export import convert_rmt_checkpoint
-    from .train import check_model_name
+    from .tools.export import convert_rmt_checkpoint
 
     check_model_name(args.model)
     kwargs = {"num_classes": args.num_classes} if args.num_classes is not None else {}
@@ -234,7 +231,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
                "  sdt train --recipe imagenet --data-dir /data/imagenet -o engine.amp=bf16\n"
                "  sdt train --output runs/rmt --resume                       # continue after a crash\n"
                "  torchrun --nproc-per-node 4 -m sdt.cli train --recipe imagenet --data-dir /data/imagenet")
-    add_run_arguments(p, f"recipe name ({_recipes_for('.train:TrainConfig')}) or path to a YAML file",
+    add_run_arguments(p, f"recipe name ({_recipes_for('.tasks.classify:TrainConfig')}) or path to a YAML file",
                       "runs/<model>-<date>-<time>")
     p.add_argument("--model", help="model name (= -o model.name=...)")
     p.add_argument("--data-dir", help="dataset folder (= -o data.data_dir=...)")
@@ -246,11 +243,11 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
+    from .tasks import Classify, TrainConfig
 
     cfg = _recipe_and_overrides(args, {"model": "model.name", "data_dir": "data.data_dir", "epochs": "engine.epochs",
                                        "batch_size": "engine.batch_size"}, TrainConfig)
-    train(cfg, args.output, args.resume)
+    Classify().train(cfg, args.output, args.resume)
     return 0
 
 
@@ -273,7 +270,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .train import evaluate_checkpoint, format_eval
+    from .tools.eval import evaluate_checkpoint, format_eval
 
     result = evaluate_checkpoint(args.checkpoint, model=args.model, dataset=args.dataset, data_dir=args.data_dir,
                                  split=args.split, input_size=args.input_size, batch_size=args.batch_size,
@@ -298,7 +295,7 @@ def add_export_hub_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export_hub(args: argparse.Namespace) -> int:
-    from .hub import export_run_to_hub
+    from .tools.hub import export_run_to_hub
 
     names = None if args.label_names is None else [n.strip() for n in args.label_names.split(",")]
     out = export_run_to_hub(args.run, args.out, overwrite=args.overwrite, label_names=names)
@@ -316,16 +313,17 @@ def add_gen_train_parser(subparsers: argparse._SubParsersAction) -> None:
                     "The run folder gets config.yaml, checkpoints (model + EMA), metrics.jsonl, TensorBoard logs, "
                     "curves.png, samples.png (a row per class, EMA weights) and report.md.",
         epilog="examples:\n"
-               "  sdt gen-train --output runs/gen-cag                           # recipe gen-fashion-mnist, attn cag\n"
-               "  sdt gen-train --output runs/gen-fixed --attn fixed\n"
+               "  sdt gen-train --output runs/gen-cag                           # recipe gen-fashion-mnist, decay cag\n"
+               "  sdt gen-train --output runs/gen-fixed --decay fixed\n"
                "  sdt gen-train --output runs/gen-ddpm --objective ddpm -o model.learn_sigma=true\n"
                "  sdt gen-train --output runs/gen-cag --resume                  # continue after a crash\n"
                "  torchrun --nproc-per-node 8 -m sdt.cli gen-train --model dit_s_2 --dataset folder --data-dir /data/x")
-    add_run_arguments(p, f"recipe name ({_recipes_for('.generate:GenConfig')}) or YAML file (default gen-fashion-mnist)",
-                      "runs/<model>-<attn>-<date>-<time>")
+    add_run_arguments(p, f"recipe name ({_recipes_for('.tasks.generate:GenConfig')}) or YAML file (default gen-fashion-mnist)",
+                      "runs/<model>-<decay>-<date>-<time>")
     p.add_argument("--model", help="DiT config, e.g. dit_n_4, dit_s_2 (= -o model.name=...)")
-    p.add_argument("--attn", choices=(*DECAY_VARIANTS, *DECAY_ALIASES),
-                   help="the attention's decay variant, sdt.decay.DECAY_VARIANTS (= -o model.attn=...)")
+    p.add_argument("--decay", choices=(*DECAY_VARIANTS, *DECAY_ALIASES),
+                   help="the attention's decay variant, sdt.decay.DECAY_VARIANTS (= -o model.decay=...)")
+    p.add_argument("--attn", choices=(*DECAY_VARIANTS, *DECAY_ALIASES), help="the former name of --decay (deprecated)")
     p.add_argument("--objective", choices=OBJECTIVES, help="ddpm: DiT's epsilon DDPM; flow: SiT's flow matching")
     p.add_argument("--dataset", choices=DATASETS, help="= -o data.dataset=...")
     p.add_argument("--data-dir", help="dataset folder (= -o data.data_dir=...)")
@@ -340,7 +338,8 @@ def _recipe_and_overrides(args: argparse.Namespace, flags: Dict[str, str], confi
                           default_recipe: Optional[str] = None) -> Optional[Any]:
     """The config of a new run from --recipe (or ``default_recipe``), the shortcut flags and -o
     overrides; None for --resume, which continues with the run's saved config."""
-    from .config import ConfigError, load_config
+    from .engine import load_config
+    from .errors import ConfigError
 
     overrides = list(args.override)
     for flag, key in flags.items():
@@ -357,13 +356,16 @@ def _recipe_and_overrides(args: argparse.Namespace, flags: Dict[str, str], confi
 
 
 def run_gen_train(args: argparse.Namespace) -> int:
-    from .generate import GenConfig, train_generator
+    from .tasks import GenConfig, Generate
 
-    cfg = _recipe_and_overrides(args, {"model": "model.name", "attn": "model.attn", "objective": "model.objective",
+    if args.attn is not None:
+        print("sdt gen-train: note: --attn is deprecated; use --decay", file=sys.stderr)
+        args.decay = args.decay or args.attn
+    cfg = _recipe_and_overrides(args, {"model": "model.name", "decay": "model.decay", "objective": "model.objective",
                                        "dataset": "data.dataset", "data_dir": "data.data_dir",
                                        "epochs": "engine.epochs", "batch_size": "engine.batch_size"}, GenConfig,
                                  default_recipe="gen-fashion-mnist")
-    train_generator(cfg, args.output, args.resume)
+    Generate().train(cfg, args.output, args.resume)
     return 0
 
 
@@ -395,8 +397,9 @@ def run_sample(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .config import ConfigError
-    from .generate import check_sampling, class_labels, load_generator, sample_images, save_samples
+    from .errors import ConfigError
+    from .tasks.generate import load_generator
+    from .tasks.sampling import check_sampling, class_labels, sample_images, save_samples
 
     try:
         classes = None if args.classes is None else [int(c) for c in args.classes.split(",")]
@@ -445,9 +448,9 @@ def add_fid_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_fid(args: argparse.Namespace) -> int:
     import torch
 
-    from .config import ConfigError
     from .data import FASHION_MNIST_CLASSES, fashion_mnist_tensors
-    from .fid import compute_fid, conditional_accuracy, in_domain_extractor, load_samples
+    from .errors import ConfigError
+    from .tools.fid import compute_fid, conditional_accuracy, in_domain_extractor, load_samples
 
     torch.set_num_threads(args.threads)
     fake, labels = load_samples(args.samples)
@@ -471,7 +474,7 @@ def run_fid(args: argparse.Namespace) -> int:
 
 
 def add_dense_parsers(subparsers: argparse._SubParsersAction) -> None:
-    """``sdt detect`` and ``sdt segment`` (sdt.dense_tasks): a run from a recipe, -o overrides, --output, --resume."""
+    """``sdt detect`` and ``sdt segment`` (sdt.tasks.detect / sdt.tasks.segment): a run from a recipe, -o overrides, --output, --resume."""
     for name, recipe, help_text in (
             ("detect", "detect-mosaic", "train a detector (Faster/Mask R-CNN, RetinaNet, FCOS) on Fashion-MNIST mosaics"),
             ("segment", "segment-mosaic", "train a Semantic-FPN segmenter on Fashion-MNIST mosaics")):
@@ -502,18 +505,18 @@ def _dense_cfg(args: argparse.Namespace, config_class: type, flags: Dict[str, st
 
 
 def run_detect(args: argparse.Namespace) -> int:
-    from .dense_tasks import DetectConfig, run_detection
+    from .tasks import Detect, DetectConfig
 
     cfg = _dense_cfg(args, DetectConfig, {"backbone": "model.backbone", "detector": "model.detector"})
-    run_detection(cfg or DetectConfig(), args.output, args.resume)
+    Detect().train(cfg or DetectConfig(), args.output, args.resume)
     return 0
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    from .dense_tasks import SegmentConfig, run_segmentation
+    from .tasks import Segment, SegmentConfig
 
     cfg = _dense_cfg(args, SegmentConfig, {"backbone": "model.backbone"})
-    run_segmentation(cfg or SegmentConfig(), args.output, args.resume)
+    Segment().train(cfg or SegmentConfig(), args.output, args.resume)
     return 0
 
 

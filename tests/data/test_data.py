@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from conftest import write_fake_fashion_mnist, write_idx
-from sdt.config import ConfigError
+from sdt.errors import ConfigError
 from sdt.data import (FASHION_MNIST_DIR, AugConfig, DataConfig, DataError, ImageSamples, build_transform, check_images,
                       collate, fashion_mnist, raw_dataset, read_idx)
 from sdt.engine import DistInfo, ResumableSampler

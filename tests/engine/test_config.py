@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from sdt.config import ConfigError, available_recipes, load_config, save_config
-from sdt.train import TrainConfig
+from sdt.engine.config import available_recipes, load_config, save_config
+from sdt.errors import ConfigError
+from sdt.tasks.classify import TrainConfig
 
 
 def test_recipes_load_and_round_trip(tmp_path: Path):

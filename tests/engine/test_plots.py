@@ -2,7 +2,7 @@
 import warnings
 from pathlib import Path
 
-from sdt.plots import plot_curves
+from sdt.engine.plots import plot_curves
 
 
 def test_curves_plot_a_validation_metric_that_comes_without_a_validation_loss(tmp_path: Path):

@@ -247,7 +247,7 @@ def test_shipped_nano_weights_agree_between_float32_and_bf16_autocast():
     """Top-1 of the shipped Fashion-MNIST classifier under bf16 autocast against float32, on 512 test images
     (benchmarks/bench_bf16.py checks all 10k)."""
     from sdt.data import fashion_mnist_tensors
-    from sdt.fid import in_domain_extractor
+    from sdt.tools.fid import in_domain_extractor
 
     classifier = in_domain_extractor()
     images, _ = fashion_mnist_tensors("test")

@@ -27,7 +27,7 @@ def _randomize(model: DiT) -> DiT:
 @pytest.mark.parametrize("attn", list(DECAY_VARIANTS))
 @pytest.mark.parametrize("channels", [1, 3])
 def test_output_shape_any_divisible_grid(attn, channels):
-    model = _randomize(tiny(attn=attn, in_channels=channels, learn_sigma=True))
+    model = _randomize(tiny(decay=attn, in_channels=channels, learn_sigma=True))
     for size in ((16, 16), (8, 24)):
         x = torch.randn(2, channels, *size)
         out = model(x, torch.tensor([3, 700]), torch.tensor([1, 9]))
@@ -36,17 +36,17 @@ def test_output_shape_any_divisible_grid(attn, channels):
 
 def test_attn_kinds_select_the_decay():
     for attn in DECAY_VARIANTS:
-        model = tiny(attn=attn)
-        assert model.attn == attn and model.blocks[0].attn.gate.decay == attn
-    assert tiny(attn="none").blocks[0].attn.gate(torch.zeros(1, 4, 4, 32)) is None
+        model = tiny(decay=attn)
+        assert model.decay == attn and model.blocks[0].attn.gate.decay == attn
+    assert tiny(decay="none").blocks[0].attn.gate(torch.zeros(1, 4, 4, 32)) is None
     with pytest.raises(ValueError, match="choose one of"):
-        tiny(attn="rmt")
+        tiny(decay="rmt")
 
 
 def test_old_vanilla_name_reads_as_none():
     """Configs saved before DiT spelt "none" like the backbones say attn="vanilla": same model, same weights."""
-    old, new = tiny(attn="vanilla"), tiny(attn="none")
-    assert old.attn == "none" and old.blocks[0].attn.gate.decay == "none"
+    old, new = tiny(decay="vanilla"), tiny(decay="none")
+    assert old.decay == "none" and old.blocks[0].attn.gate.decay == "none"
     assert old.state_dict().keys() == new.state_dict().keys()
     new.load_state_dict(_randomize(old).state_dict())
     x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([10, 900]), torch.tensor([2, 3])
@@ -55,7 +55,7 @@ def test_old_vanilla_name_reads_as_none():
 
 def test_zero_init_gives_zero_output_and_gate_starts_at_rmt():
     """adaLN-Zero: the final layer is zero, so the untrained model predicts 0; CAG's gate starts at RMT's rates."""
-    model = tiny(attn="cag")
+    model = tiny(decay="cag")
     out = model(torch.randn(2, 1, 16, 16), torch.tensor([1, 2]), torch.tensor([0, 1]))
     assert torch.count_nonzero(out) == 0
     for block in model.blocks:
@@ -77,11 +77,11 @@ def test_no_decay_attention_is_plain_multihead_attention():
 
 
 def test_decay_changes_the_output():
-    base = _randomize(tiny(attn="none"))
+    base = _randomize(tiny(decay="none"))
     x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([10, 900]), torch.tensor([2, 3])
     outs = {}
     for attn in DECAY_VARIANTS:
-        model = tiny(attn=attn).eval()  # eval: no label dropout
+        model = tiny(decay=attn).eval()  # eval: no label dropout
         model.load_state_dict(base.state_dict(), strict=False)  # cag's gate params keep their init
         outs[attn] = model(x, t, y)
     assert not torch.allclose(outs["none"], outs["fixed"], atol=1e-4)
@@ -119,7 +119,7 @@ def test_registry_has_dit_names_and_sizes():
             assert f"dit_{size}_{patch}" in names
     model = create_dit("DiT-S/2", depth=1)  # DiT's spelling works too; kwargs override
     assert (model.hidden_size, len(model.blocks), model.patch_size, model.in_channels, model.out_channels) == (384, 1, 2, 4, 8)
-    small = create_dit("dit_n_4", attn="fixed")
+    small = create_dit("dit_n_4", decay="fixed")
     assert (small.in_channels, small.out_channels, small.num_classes) == (1, 1, 10)
     with pytest.raises(ValueError, match="unknown DiT config"):
         create_dit("dit_s_3")
@@ -136,7 +136,7 @@ def test_bad_inputs_name_the_problem():
 
 
 def test_trains_one_step():
-    model = tiny(attn="cag")
+    model = tiny(decay="cag")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x, t, y = torch.randn(4, 1, 16, 16), torch.randint(0, 1000, (4,)), torch.randint(0, 10, (4,))
     loss = (model(x, t, y) - x).pow(2).mean()
@@ -149,7 +149,7 @@ def test_trains_one_step():
 def test_grad_checkpointing_same_output_and_grads(attn):
     """set_grad_checkpointing (what engine.grad_checkpointing=true calls) recomputes each block in backward:
     the same loss and gradients, label dropout included (the RNG is drawn outside the blocks)."""
-    model = _randomize(tiny(attn=attn, learn_sigma=True)).train()
+    model = _randomize(tiny(decay=attn, learn_sigma=True)).train()
     x, t, y = torch.randn(3, 1, 16, 16), torch.tensor([3, 400, 999]), torch.tensor([0, 5, 9])
 
     def loss_and_grads():

@@ -170,12 +170,12 @@ def test_features_only_out_indices():
 
 def test_sdt_train_accepts_vit(tmp_path):
     """sdt train runs the ViT on Fashion-MNIST through the engine (decay and pos_embed as model kwargs)."""
-    from sdt.config import load_config
-    from sdt.train import TrainConfig, train
+    from sdt.engine import load_config
+    from sdt.tasks import Classify, TrainConfig
 
     cfg = load_config(TrainConfig, "quick", [
         f"model.name={NAME}", "model.kwargs.decay=cag", "model.kwargs.pos_embed=learned",
         "data.train_subset=128", "data.val_subset=64", "data.test_subset=64", "engine.epochs=1", "engine.batch_size=32",
         "engine.threads=1", "engine.log_every_steps=2", "engine.ckpt_every_steps=100"])
-    summary = train(cfg, output_dir=str(tmp_path / "run"))
+    summary = Classify().train(cfg, output_dir=str(tmp_path / "run"))
     assert summary["global_step"] == 4 and 0.0 <= summary["test"]["top1"] <= 100.0

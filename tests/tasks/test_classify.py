@@ -17,11 +17,13 @@ from safetensors.torch import load_file, save_file
 
 from conftest import free_port, tiny_overrides
 from sdt.cli import main
-from sdt.config import ConfigError
-from sdt.checkpoints import CheckpointError, checkpoint_dirs, load_train_state, load_weights
-from sdt.config import save_config
+from sdt.errors import ConfigError
+from sdt.engine.checkpoints import checkpoint_dirs, load_train_state
+from sdt.errors import CheckpointError
+from sdt.files import load_weights
+from sdt.engine import save_config
 from sdt.engine import DistInfo, EngineConfig, check_engine_config, lock_run_folder, start_run, unlock_run_folder
-from sdt.train import TrainConfig
+from sdt.tasks import Classify, TrainConfig
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -304,9 +306,9 @@ def test_bf16_autocast_on_a_cpu_without_bf16_instructions_warns(monkeypatch, nat
     (benchmarks/bench_bf16.py, docs/benchmarks.md): a user asking for bf16 to go faster must hear it."""
     import warnings
 
-    import sdt.engine
+    import sdt.engine.config
 
-    monkeypatch.setattr(sdt.engine, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(sdt.engine.config, "cpu_has_native_bf16", lambda: native)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         check_engine_config(EngineConfig(batch_size=16, amp="bf16"), DistInfo(rank=0, world_size=1), num_train=100)
@@ -323,8 +325,8 @@ def test_resume_uses_the_saved_config_and_warns_about_a_different_one(fake_fmnis
     quietly, one that sets other values gets a warning naming the keys, and the saved config wins."""
     import warnings
 
-    from sdt.config import load_config
-    from sdt.train import train
+    from sdt.engine import load_config
+    train = Classify().train
 
     cfg = load_config(TrainConfig, "quick", tiny_overrides(fake_fmnist, **{"engine.epochs": "1"}))
     run = tmp_path / "run"
@@ -341,14 +343,14 @@ def test_resume_uses_the_saved_config_and_warns_about_a_different_one(fake_fmnis
     assert [w.filename for w in record if "saved config.yaml" in str(w.message)] == [__file__]
 
 
-def test_run_task_runs_a_task_of_ones_own(tmp_path: Path):
-    """A further task needs only a builder: run_task does the run folder, the counts, training, finish,
-    summary.json and report.md."""
+def test_a_task_of_ones_own_needs_only_its_methods(tmp_path: Path):
+    """A further task is a Task subclass: the run sequence does the run folder, the counts, training,
+    finish, summary.json and report.md, and knows no task by name."""
     from torch import nn
 
-    from sdt.data import AugConfig
-    from sdt.engine import RunParts, run_task
-    from sdt.train import ClassificationTask
+    from sdt.engine import Built
+    from sdt.tasks import Task
+    from sdt.tasks.classify import classification_counts, summarize
 
     class Pairs(torch.utils.data.Dataset):
         def __init__(self, n: int):
@@ -361,21 +363,38 @@ def test_run_task_runs_a_task_of_ones_own(tmp_path: Path):
         def __getitem__(self, i: int):
             return self.x[i], int(self.y[i])
 
-    finished = []
+    class Toy(Task):
+        config_class, metric, report_title = TrainConfig, "top1", "Toy report"
+        finished: list = []
 
-    def build(cfg, info):
-        model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
-        return RunParts(model, ClassificationTask(2, AugConfig(smoothing=0.0)), Pairs(64), Pairs(32), "linear", (1, 4, 4),
-                        summary={"model": "linear"}, report_title="Toy report",
-                        report_rows=lambda s: [("best val top-1", f"{s['best']['value']:.2f}%")],
-                        headline=lambda s: "toy done", finish=lambda trainer, s: finished.append(s["global_step"]))
+        def build(self, cfg, dist_info):
+            self.cfg, self.dist = cfg, dist_info
+            model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+            return Built(cfg, model, Pairs(64), Pairs(32), "linear", "pairs", (1, 4, 4), summary={"model": "linear"},
+                         workers=0)
+
+        def loss(self, model, batch):
+            return nn.functional.cross_entropy(model(batch.images), batch.targets)
+
+        def evaluate(self, model, loader, dist_info):
+            return summarize(classification_counts(model, loader, 2, dist_info))
+
+        def finish(self, trainer, summary):
+            self.finished.append(summary["global_step"])
+
+        def report_rows(self, s):
+            return [self.best_row(s, "top-1", unit="%")]
+
+        def headline(self, s):
+            return "toy done"
 
     cfg = TrainConfig(engine=EngineConfig(epochs=2, batch_size=16, warmup_epochs=0, log_every_steps=1, threads=1))
-    cfg.data.workers = 0
-    summary = run_task(TrainConfig, cfg, str(tmp_path / "run"), None, "toy", build)
-    assert finished == [8] and summary["global_step"] == 8
+    task = Toy()
+    summary = task.train(cfg, str(tmp_path / "run"))
+    assert task.finished == [8] and summary["global_step"] == 8
     assert (summary["params"], summary["flops"], summary["input_size"]) == (34, 32, 4)
     report = (tmp_path / "run" / "report.md").read_text()
     assert report.startswith("# Toy report") and "| best val top-1 |" in report and "![curves](curves.png)" in report
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["model"] == "linear"
-    assert "model linear: 0.00M parameters" in (tmp_path / "run" / "train.log").read_text()
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "model linear: 0.00M parameters" in log and "data pairs: 64 train / 32 val images" in log

@@ -12,14 +12,18 @@ import torch
 from safetensors.torch import save_file
 
 from sdt import rmt_config_to_kwargs
-from sdt.checkpoints import CheckpointError, checkpoint_dirs, load_weights
-from sdt.config import ConfigError, load_config
+from sdt.engine.checkpoints import checkpoint_dirs
+from sdt.errors import CheckpointError
+from sdt.files import load_weights
+from sdt.engine import load_config
+from sdt.errors import ConfigError
 from sdt.data import DataError
-from sdt.dense import (DETECTORS, SegmentationModel, create_backbone, create_detector, create_segmenter,
+from sdt.models.dense import (DETECTORS, SegmentationModel, create_backbone, create_detector, create_segmenter,
                        load_backbone_weights)
 from sdt.cli import add_dense_parsers, main
-from sdt.dense_tasks import DetectConfig, DetectionTask, SegmentConfig, SegmentationTask, run_detection, run_segmentation
-from sdt.mosaic import (IGNORE_INDEX, FashionMosaics, MosaicConfig, check_detection_target, check_semantic_target)
+from sdt.tasks.detect import Detect, DetectConfig
+from sdt.tasks.segment import Segment, SegmentConfig
+from sdt.data.mosaic import (IGNORE_INDEX, FashionMosaics, MosaicConfig, check_detection_target, check_semantic_target)
 
 RMT_FIXTURE = Path("/work/shared/fixtures/rmt")
 SMALL = {"stem_stride": 4}
@@ -374,23 +378,23 @@ def test_detection_run_writes_a_run_folder_resumes_exactly_and_scores_map(fake_f
                                                "model.detector_kwargs": json.dumps(LIGHT_RCNN)})
     cfg = load_config(DetectConfig, "detect-mosaic", overrides)
     run = tmp_path / "det"
-    summary = run_detection(cfg, str(run))
+    summary = Detect().train(cfg, str(run))
     for name in ("config.yaml", "metrics.jsonl", "best.safetensors", "summary.json", "report.md", "curves.png", "samples.png"):
         assert (run / name).is_file(), name
     assert [p.name for p in checkpoint_dirs(run)] == ["step-00000001", "step-00000002", "step-00000003"]
     assert 0 <= summary["test"]["map"] <= 100 and "map_50" in summary["test"]
     assert json.loads((run / "summary.json").read_text())["test"] == summary["test"]
     assert "box mAP" in (run / "report.md").read_text()
-    _resume_from_first_checkpoint(run, tmp_path / "resumed", run_detection)
+    _resume_from_first_checkpoint(run, tmp_path / "resumed", Detect().train)
 
 
 def test_segmentation_run_resumes_exactly_and_scores_miou(fake_fmnist: Path, tmp_path: Path):
     cfg = load_config(SegmentConfig, "segment-mosaic", _run_overrides(fake_fmnist, **{"model.head_channels": 16}))
     run = tmp_path / "seg"
-    summary = run_segmentation(cfg, str(run))
+    summary = Segment().train(cfg, str(run))
     assert 0 <= summary["test"]["miou"] <= 100 and "iou_trouser" in summary["test"]
     assert (run / "samples.png").is_file() and "mIoU" in (run / "report.md").read_text()
-    _resume_from_first_checkpoint(run, tmp_path / "resumed", run_segmentation)
+    _resume_from_first_checkpoint(run, tmp_path / "resumed", Segment().train)
 
 
 def test_miou_of_a_perfect_and_an_empty_prediction(fake_fmnist: Path):
@@ -406,7 +410,7 @@ def test_miou_of_a_perfect_and_an_empty_prediction(fake_fmnist: Path):
                 out.append(torch.nn.functional.one_hot(ds.target(index)["semantic"], 11).permute(2, 0, 1).float() * 10)
             return torch.stack(out)
 
-    task = SegmentationTask(ds, 11)
+    task = Segment(ds, 11)
     perfect = task.evaluate(Oracle(), eval_loader(ds, 2, 0, DistInfo()), DistInfo())
     assert perfect["pixel_acc"] == pytest.approx(100.0)
     present = sum(1 for c in range(11) if any((ds.target(i)["semantic"] == c).any() for i in range(len(ds))))
@@ -424,18 +428,18 @@ def test_map_of_ground_truth_boxes_is_100(fake_fmnist: Path):
             return [{"boxes": ds.target(i)["boxes"], "labels": ds.target(i)["labels"],
                      "scores": torch.ones(len(ds.target(i)["boxes"]))} for i in found]
 
-    result = DetectionTask(ds, 11, masks=False).evaluate(Oracle(), eval_loader(ds, 2, 0, DistInfo()), DistInfo())
+    result = Detect(ds, 11, masks=False).evaluate(Oracle(), eval_loader(ds, 2, 0, DistInfo()), DistInfo())
     assert result["map"] == pytest.approx(100.0) and result["map_50"] == pytest.approx(100.0)
 
 
 def test_bad_run_config_fails_before_any_file_is_written(fake_fmnist: Path, tmp_path: Path):
     run = tmp_path / "never"
     with pytest.raises(DataError, match="data.max_side must be <= data.canvas"):
-        run_detection(load_config(DetectConfig, "detect-mosaic", _run_overrides(fake_fmnist, **{"data.max_side": 100})), str(run))
+        Detect().train(load_config(DetectConfig, "detect-mosaic", _run_overrides(fake_fmnist, **{"data.max_side": 100})), str(run))
     with pytest.raises(ConfigError, match="unknown detector"):
-        run_detection(load_config(DetectConfig, "detect-mosaic", _run_overrides(fake_fmnist, **{"model.detector": "yolo"})), str(run))
+        Detect().train(load_config(DetectConfig, "detect-mosaic", _run_overrides(fake_fmnist, **{"model.detector": "yolo"})), str(run))
     with pytest.raises(ConfigError, match="model.pretrained"):
-        run_segmentation(load_config(SegmentConfig, "segment-mosaic",
+        Segment().train(load_config(SegmentConfig, "segment-mosaic",
                                      _run_overrides(fake_fmnist, **{"model.pretrained": str(tmp_path / "none.pt")})), str(run))
     assert not run.exists()
 
@@ -482,7 +486,7 @@ def test_two_process_detection_scores_the_same_map_as_one_process(fake_fmnist: P
     assert done.returncode == 0, done.stderr[-3000:]
     logged = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "val"][-1]
     cfg = load_config(DetectConfig, str(run / "config.yaml"))
-    from sdt.dense_tasks import build_detector
+    from sdt.tasks.detect import build_detector
 
     model = build_detector(cfg.model, cfg.data.canvas)
     model.load_state_dict(load_weights(run / "best.safetensors"))
@@ -491,5 +495,5 @@ def test_two_process_detection_scores_the_same_map_as_one_process(fake_fmnist: P
     from sdt.data import collate
 
     loader = torch.utils.data.DataLoader(val, batch_size=4, sampler=[0, 2, 4, 6, 1, 3, 5, 7], collate_fn=collate)
-    alone = DetectionTask(val, 11, masks=False).evaluate(model, loader, DistInfo())
+    alone = Detect(val, 11, masks=False).evaluate(model, loader, DistInfo())
     assert alone["map"] == pytest.approx(logged["map"], abs=1e-4) and alone["mar_100"] == pytest.approx(logged["mar_100"], abs=1e-4)

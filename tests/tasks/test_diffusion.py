@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from sdt.diffusion import FlowMatching, GaussianDiffusion, create_objective, linear_betas
+from sdt.tasks.diffusion import FlowMatching, GaussianDiffusion, create_objective, linear_betas
 
 
 def test_linear_betas_match_dit():

@@ -12,15 +12,16 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import free_port
-from sdt.checkpoints import CheckpointError
+from sdt.errors import CheckpointError
 from sdt.cli import main
-from sdt.config import ConfigError, load_config
+from sdt.engine import load_config
+from sdt.errors import ConfigError
 from sdt.data import fashion_mnist_tensors
-from sdt.checkpoints import checkpoint_dirs
-from sdt.fid import ClassifierFeatures, compute_fid, conditional_accuracy, in_domain_extractor, inception_fid
+from sdt.engine.checkpoints import checkpoint_dirs
+from sdt.tools.fid import ClassifierFeatures, compute_fid, conditional_accuracy, in_domain_extractor, inception_fid
 from sdt.data import DataConfig, DataError
-from sdt.generate import (UNCONDITIONAL, GenConfig, class_labels, generation_transform, load_generator, sample_images,
-                          save_samples, train_generator)
+from sdt.tasks.generate import GenConfig, Generate, generation_transform, load_generator
+from sdt.tasks.sampling import UNCONDITIONAL, class_labels, sample_images, save_samples
 from sdt.models.dit import create_dit
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -43,7 +44,7 @@ def _config(data_dir: Path, **extra: str) -> GenConfig:
 @pytest.fixture
 def trained_run(fake_fmnist: Path, tmp_path: Path) -> Path:
     run = tmp_path / "run"
-    train_generator(_config(fake_fmnist), str(run))
+    Generate().train(_config(fake_fmnist), str(run))
     return run
 
 
@@ -59,7 +60,7 @@ def test_gen_train_writes_a_run_and_resume_is_exact(trained_run: Path, fake_fmni
     shutil.copytree(trained_run, copy)
     for later in checkpoint_dirs(copy)[1:]:
         shutil.rmtree(later)
-    train_generator(None, str(copy), resume="auto")  # the saved config
+    Generate().train(None, str(copy), resume="auto")  # the saved config
     final_a, final_b = checkpoint_dirs(trained_run)[-1], checkpoint_dirs(copy)[-1]
     assert final_a.name == final_b.name
     for name in ("model.safetensors", "ema.safetensors"):
@@ -68,13 +69,13 @@ def test_gen_train_writes_a_run_and_resume_is_exact(trained_run: Path, fake_fmni
     model, cfg = load_generator(str(copy))
     assert cfg.model.objective == "flow" and cfg.model.num_classes == 10 and model.in_channels == 1
     with pytest.raises(ConfigError, match="--resume"):
-        train_generator(_config(fake_fmnist), str(trained_run))
+        Generate().train(_config(fake_fmnist), str(trained_run))
 
 
 @pytest.mark.parametrize("change, error, message", [
     ({"model.learn_sigma": "true"}, ConfigError, "needs model.objective=ddpm"),
     ({"model.name": "dit_n_4", "data.input_size": "30"}, ConfigError, "not a multiple of patch_size"),
-    ({"model.attn": "linear"}, ConfigError, "model.attn must be one of"),
+    ({"model.decay": "linear"}, ConfigError, "model.decay must be one of"),
     ({"sample.sampler": "ddim"}, ConfigError, "does not fit model.objective=flow"),
     ({"model.in_chans": "3"}, Exception, "set model.in_chans=1"),
     # keys generation_transform used to ignore silently
@@ -92,12 +93,12 @@ def test_gen_train_writes_a_run_and_resume_is_exact(trained_run: Path, fake_fmni
 ])
 def test_bad_gen_configs_fail_before_writing(fake_fmnist: Path, tmp_path: Path, change, error, message):
     with pytest.raises(error, match=message):
-        train_generator(_config(fake_fmnist, **change), str(tmp_path / "run"))
+        Generate().train(_config(fake_fmnist, **change), str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
 
 def test_ddpm_with_learned_sigma_trains_and_samples(fake_fmnist: Path, tmp_path: Path):
-    train_generator(_config(fake_fmnist, **{"model.objective": "ddpm", "model.learn_sigma": "true", "engine.epochs": "1"}),
+    Generate().train(_config(fake_fmnist, **{"model.objective": "ddpm", "model.learn_sigma": "true", "engine.epochs": "1"}),
                     str(tmp_path / "run"))
     model, cfg = load_generator(str(tmp_path / "run"), "best")
     assert model.learn_sigma and model.out_channels == 2
@@ -174,7 +175,7 @@ def test_inception_needs_a_local_file():
 
 def test_cli_gen_train_sample_fid(fake_fmnist: Path, tmp_path: Path, capsys):
     run = str(tmp_path / "run")
-    args = ["gen-train", "--output", run, "--attn", "fixed", "--epochs", "1"]
+    args = ["gen-train", "--output", run, "--decay", "fixed", "--epochs", "1"]
     assert main(args + [a for o in _overrides(fake_fmnist) for a in ("-o", o)]) == 0
     assert main(["gen-train", "--output", run, "--resume", "--attn", "cag"]) == 2  # resume keeps the saved config
     assert main(["sample", run, "--out", str(tmp_path / "s"), "--per-class", "2", "--threads", "1"]) == 0
@@ -213,7 +214,7 @@ def _tiny_dit(dropout: float = 0.1):
     (dict(num_steps=0), "steps must be an integer from 1"),
     (dict(num_steps=-3), "steps must be an integer from 1"),
     (dict(batch_size=0), "batch_size must be a positive integer"),
-    (dict(labels=torch.tensor([0, 10])), r"labels must be class indices 0..9 or sdt.generate.UNCONDITIONAL \(-1\); got \[10\]"),
+    (dict(labels=torch.tensor([0, 10])), r"labels must be class indices 0..9 or sdt.tasks.sampling.UNCONDITIONAL \(-1\); got \[10\]"),
     (dict(labels=torch.tensor([11])), r"got \[11\]"),
     (dict(labels=torch.tensor([-2])), r"got \[-2\]"),
     (dict(labels=torch.tensor([0.0])), "1-D integer tensor"),
@@ -288,7 +289,7 @@ def test_gen_train_with_grad_checkpointing_matches_without(trained_run: Path, fa
 
 
 def test_image_grid_places_images_row_major_with_gaps():
-    from sdt.plots import image_grid
+    from sdt.engine.plots import image_grid
 
     images = torch.arange(1, 7, dtype=torch.uint8).view(6, 1, 1, 1).expand(6, 1, 2, 3).contiguous()  # image i is all i+1
     grid = image_grid(images, rows=2)
@@ -304,7 +305,7 @@ def test_image_grid_places_images_row_major_with_gaps():
 def test_diffusion_settings_a_user_chooses_are_config_errors():
     """Objective, sampler and step count reach sdt.diffusion from configs and the API: each bad one is a
     ConfigError (one line from the CLI), not a bare ValueError."""
-    from sdt.diffusion import create_objective
+    from sdt.tasks.diffusion import create_objective
 
     y, noise = torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, 2, 2)
     with pytest.raises(ConfigError, match="unknown objective 'score'"):
@@ -319,3 +320,19 @@ def test_diffusion_settings_a_user_chooses_are_config_errors():
         create_objective("flow").sample(lambda *a: a[0], noise, y, "ddim", num_steps=2)
     with pytest.raises(ConfigError, match="num_steps must be >= 1"):
         create_objective("flow").sample(lambda *a: a[0], noise, y, "euler", num_steps=0)
+
+
+def test_the_former_name_attn_still_loads_with_a_note(tmp_path: Path, capsys):
+    """Runs and recipes from before DiT's decay was spelt as in the backbones: model.attn is read as
+    model.decay (a FutureWarning), create_dit(attn=...) builds the same model, --attn sets --decay."""
+    old = tmp_path / "config.yaml"
+    old.write_text("model:\n  name: dit_n_4\n  attn: fixed\n")
+    with pytest.warns(FutureWarning, match="model.attn is deprecated; it is read as model.decay"):
+        assert load_config(GenConfig, str(old)).model.decay == "fixed"
+    with pytest.raises(ConfigError, match="set only model.decay"):
+        load_config(GenConfig, None, ["model.attn=fixed", "model.decay=cag"])
+    with pytest.warns(FutureWarning, match="pass decay="):
+        assert create_dit("dit_n_4", attn="fixed").decay == "fixed"
+    assert main(["gen-train", "--output", str(tmp_path / "run"), "--resume", "--attn", "fixed"]) == 2
+    err = capsys.readouterr().err
+    assert "--attn is deprecated; use --decay" in err and "drop --recipe and overrides" in err

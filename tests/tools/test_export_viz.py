@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 import sdt
 from sdt.backends import spatial_decay_attention
 from sdt.cli import main
-from sdt.export import check_onnx, convert_rmt_checkpoint, export_onnx
+from sdt.tools.export import check_onnx, convert_rmt_checkpoint, export_onnx
 from sdt.models.sdt_h import SpatialDecayTransformer, rmt_config_to_kwargs
-from sdt.viz import attention_maps, plot_attention_maps
+from sdt.tools.viz import attention_maps, plot_attention_maps
 
 FIXTURES = Path(__file__).parent / "fixtures" / "rmt"
 
@@ -83,7 +83,7 @@ def test_truncated_or_foreign_weights_are_one_line_errors(command, tmp_path, cap
 
 def test_script_model_matches_eager():
     model = timm.create_model("sdt_h_nano", num_classes=10).eval()
-    scripted = sdt.export.script_model(model)
+    scripted = sdt.tools.export.script_model(model)
     x = torch.randn(1, 3, 30, 26)
     with torch.no_grad():
         assert torch.allclose(scripted(x), model(x), atol=1e-5)
@@ -244,7 +244,7 @@ def test_cli_models_export_convert_viz(tmp_path, capsys):
 def test_create_model_from_weights_reads_torch_checkpoints_safely(tmp_path):
     import argparse
 
-    from sdt.export import create_model_from_weights
+    from sdt.tools.export import create_model_from_weights
 
     rmt = timm.create_model("rmt_nano", num_classes=10).eval()
     torch.save({"model": rmt.state_dict(), "args": argparse.Namespace(lr=1e-3)}, tmp_path / "ckpt.pth")

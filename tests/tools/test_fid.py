@@ -11,11 +11,11 @@ import torch
 from conftest import tiny_overrides
 from safetensors.torch import save_file
 
-from sdt.checkpoints import CheckpointError
+from sdt.errors import CheckpointError
 from sdt.cli import main
-from sdt.config import ConfigError
+from sdt.errors import ConfigError
 from sdt.data import FASHION_MNIST_MEAN, DataError
-from sdt.fid import compute_fid, compute_fids, conditional_accuracy, in_domain_extractor, inception_fid, load_samples
+from sdt.tools.fid import compute_fid, compute_fids, conditional_accuracy, in_domain_extractor, inception_fid, load_samples
 
 
 class WritesAMarker:

@@ -99,9 +99,9 @@ def finished_run(tmp_path_factory):
 
 
 def _run_model(run):
-    from sdt.checkpoints import load_weights
-    from sdt.config import load_config
-    from sdt.train import TrainConfig, create_model
+    from sdt.files import load_weights
+    from sdt.engine import load_config
+    from sdt.tasks.classify import TrainConfig, create_model
 
     cfg = load_config(TrainConfig, str(run / "config.yaml"))
     model = create_model(cfg.model, cfg.model.num_classes, cfg.model.in_chans)
@@ -119,7 +119,7 @@ def test_export_run_loads_bit_for_bit_with_the_runs_preprocessing(finished_run, 
     from PIL import Image
 
     from sdt.data import FASHION_MNIST_CLASSES, build_transform
-    from sdt.hub import HUB_FILES, export_run_to_hub, is_hub_dir, load_hub_model
+    from sdt.tools.hub import HUB_FILES, export_run_to_hub, is_hub_dir, load_hub_model
 
     out = export_run_to_hub(finished_run, tmp_path / "hub")
     assert sorted(p.name for p in out.iterdir()) == sorted(HUB_FILES) and is_hub_dir(out)
@@ -158,8 +158,8 @@ def test_export_run_loads_bit_for_bit_with_the_runs_preprocessing(finished_run, 
 
 
 def test_export_refuses_a_non_empty_folder_unless_overwrite(finished_run, tmp_path):
-    from sdt.config import ConfigError
-    from sdt.hub import export_run_to_hub
+    from sdt.errors import ConfigError
+    from sdt.tools.hub import export_run_to_hub
 
     out = tmp_path / "hub"
     out.mkdir()
@@ -177,8 +177,8 @@ def test_export_refuses_a_non_empty_folder_unless_overwrite(finished_run, tmp_pa
 
 
 def test_export_failure_leaves_nothing_half_written(finished_run, tmp_path, monkeypatch):
-    import sdt.hub
-    from sdt.hub import export_run_to_hub
+    import sdt.tools.hub
+    from sdt.tools.hub import export_run_to_hub
 
     export_run_to_hub(finished_run, tmp_path / "hub")
     before = _snapshot(tmp_path / "hub")
@@ -186,7 +186,7 @@ def test_export_failure_leaves_nothing_half_written(finished_run, tmp_path, monk
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(sdt.hub, "generate_readme", crash)  # after the weights and config.json are written
+    monkeypatch.setattr(sdt.tools.hub, "generate_readme", crash)  # after the weights and config.json are written
     for target, overwrite in ((tmp_path / "new", False), (tmp_path / "hub", True)):
         with pytest.raises(RuntimeError, match="disk full"):
             export_run_to_hub(finished_run, target, overwrite=overwrite)
@@ -200,8 +200,8 @@ def test_export_refuses_an_unfinished_or_busy_run(finished_run, tmp_path):
     import subprocess
     import sys
 
-    from sdt.config import ConfigError
-    from sdt.hub import export_run_to_hub
+    from sdt.errors import ConfigError
+    from sdt.tools.hub import export_run_to_hub
 
     unfinished = tmp_path / "unfinished"
     shutil.copytree(finished_run, unfinished)
@@ -235,8 +235,8 @@ def test_export_of_a_folder_run_names_classes_from_its_folders(finished_run, tmp
     import yaml
     from PIL import Image
 
-    from sdt.config import ConfigError
-    from sdt.hub import export_run_to_hub
+    from sdt.errors import ConfigError
+    from sdt.tools.hub import export_run_to_hub
 
     data = tmp_path / "images"
     classes = ["cat", "dog", "eel", "fox", "gnu", "hen", "ibis", "jay", "koi", "lynx"]

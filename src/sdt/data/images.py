@@ -24,20 +24,16 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from .errors import SdtError
-from .models.sdt_h import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # the shipped .fmnist weights' normalisation
+from ..errors import DataError
 
 _logger = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)  # the training set's; the shipped .fmnist weights use them
 FASHION_MNIST_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat",
                          "sandal", "shirt", "sneaker", "bag", "ankle boot")
 # Errors PIL raises for truncated or corrupt files (SyntaxError: broken PNG/GIF headers).
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-class DataError(SdtError, ValueError):
-    """Data that cannot be trained on: missing files, wrong channels or sizes, bad labels."""
 
 
 @dataclass
@@ -242,22 +238,21 @@ def num_channels(cfg: DataConfig, in_chans: int) -> int:
     return in_chans
 
 
-def resolve_in_chans(cfg: Any) -> int:
-    """model.in_chans checked against the data's channels (or the data's, when unset). ``cfg``: any run
-    config with ``model.in_chans`` and a ``data`` section (TrainConfig, GenConfig)."""
-    channels = num_channels(cfg.data, cfg.model.in_chans or 3)
-    if cfg.model.in_chans is not None and cfg.model.in_chans != channels:
-        raise DataError(f"{cfg.data.dataset} images have {channels} channel(s) but model.in_chans={cfg.model.in_chans}; "
+def resolve_in_chans(cfg: DataConfig, in_chans: Optional[int]) -> int:
+    """The model's ``in_chans`` checked against the data's channels, or the data's when it is unset."""
+    channels = num_channels(cfg, in_chans or 3)
+    if in_chans is not None and in_chans != channels:
+        raise DataError(f"{cfg.dataset} images have {channels} channel(s) but model.in_chans={in_chans}; "
                         f"set model.in_chans={channels} (or leave it unset)")
     return channels
 
 
-def resolve_num_classes(cfg: Any, classes: Sequence[str]) -> int:
-    """model.num_classes checked against the data's classes (or their count, when unset)."""
-    if cfg.model.num_classes is not None and cfg.model.num_classes < len(classes):
-        raise DataError(f"the dataset has {len(classes)} classes but model.num_classes={cfg.model.num_classes}; "
+def resolve_num_classes(num_classes: Optional[int], classes: Sequence[str]) -> int:
+    """The model's ``num_classes`` checked against the data's classes, or their count when it is unset."""
+    if num_classes is not None and num_classes < len(classes):
+        raise DataError(f"the dataset has {len(classes)} classes but model.num_classes={num_classes}; "
                         f"set model.num_classes={len(classes)} (or leave it unset)")
-    return cfg.model.num_classes or len(classes)
+    return num_classes or len(classes)
 
 
 def raw_dataset(cfg: DataConfig, split: str, in_chans: int = 3) -> Dataset:

@@ -28,7 +28,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .data import FASHION_MNIST_CLASSES, DataError, fashion_mnist
+from ..errors import DataError
+from .images import FASHION_MNIST_CLASSES, fashion_mnist
 
 __all__ = ["MosaicConfig", "FashionMosaics", "check_mosaic_config", "check_detection_target", "check_semantic_target",
            "MOSAIC_CLASSES", "IGNORE_INDEX"]

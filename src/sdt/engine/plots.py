@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Union
 import numpy as np
 from torch import Tensor
 
-from .checkpoints import atomic_path
+from ..files import atomic_path
 
 if TYPE_CHECKING:
     import matplotlib.figure

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from .attention import reference_backend
+from ..attention import reference_backend
 
 # FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel that SDPA uses
 # here, so attention would count as zero on a CPU.

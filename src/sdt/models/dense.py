@@ -28,7 +28,7 @@ is the background class of the semantic map.
 import math
 import re
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import timm
 import torch
@@ -39,18 +39,16 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
-from . import models  # noqa: F401  (registers sdt_h_* / rmt_* with timm)
-from .checkpoints import CheckpointError, load_weights
-from .config import ConfigError
-from .data import DataError
+from ..data.images import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from ..errors import CheckpointError, ConfigError, DataError
+from ..files import load_weights
 
 __all__ = ["TimmFPNBackbone", "SemanticFPNHead", "SegmentationModel", "create_backbone", "create_detector",
-           "create_segmenter", "load_backbone_weights", "parameter_counts", "DETECTORS", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD"]
+           "create_segmenter", "load_backbone_weights", "DETECTORS"]
 
 DETECTORS = ("fasterrcnn", "maskrcnn", "retinanet", "fcos")
 EXTRA_BLOCKS = ("maxpool", "p6p7", "none")
 TORCHVISION_RESNETS = ("tv_resnet18", "tv_resnet34", "tv_resnet50")
-FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
@@ -215,7 +213,7 @@ def load_backbone_weights(body: nn.Module, name: str, path: str, in_chans: int, 
     """Load a classification checkpoint into a features_only ``body``; the head's tensors are dropped.
 
     ``path``: our ``.safetensors`` (a run's best/model weights, ``sdt convert`` output) or RMT's released
-    ``.pth`` (renamed by ``checkpoint_filter_fn``); read by ``sdt.checkpoints.load_weights`` (no code runs).
+    ``.pth`` (renamed by ``checkpoint_filter_fn``); read by ``sdt.files.load_weights`` (no code runs).
     Every tensor of the body must be in the file with its shape, else ``CheckpointError``.
     Returns ``{"loaded": n, "dropped": m}`` (m: head tensors and others outside the body).
     """
@@ -455,7 +453,3 @@ def create_segmenter(backbone: nn.Module, num_classes: int, head_channels: int =
         raise ConfigError(f"mean {tuple(mean)} and std {tuple(std)} need one value per channel each")
     return SegmentationModel(backbone, num_classes, head_channels, mean, std)
 
-
-def parameter_counts(model: nn.Module) -> Tuple[int, int]:
-    """(all parameters, trainable ones)."""
-    return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -27,7 +27,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .config import ConfigError
+from ..errors import ConfigError
 
 ModelFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 

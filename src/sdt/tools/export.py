@@ -13,8 +13,9 @@ import timm
 import torch
 from torch import nn
 
-from .attention import reference_backend
-from .checkpoints import CheckpointError, atomic_path, load_into, load_weights, save_weights
+from ..attention import reference_backend
+from ..errors import CheckpointError
+from ..files import atomic_path, load_into, load_weights, save_weights
 
 ONNX_OPSET = 17
 
@@ -37,7 +38,7 @@ def create_model_from_weights(name: str, weights: str = "", **kwargs) -> nn.Modu
 def load_rmt_or_own_weights(model: nn.Module, path: str) -> Dict[str, torch.Tensor]:
     """Load a weights file strictly into ``model``, RMT's key names converted for SDT-H/RMT models
     (gates absent from RMT's checkpoints start at RMT's decay). Returns the state dict loaded."""
-    from .models.sdt_h import SpatialDecayTransformer, checkpoint_filter_fn
+    from ..models.sdt_h import SpatialDecayTransformer, checkpoint_filter_fn
 
     state = load_weights(path)
     if isinstance(model, SpatialDecayTransformer):

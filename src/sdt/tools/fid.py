@@ -12,7 +12,7 @@ Extractors:
   ``pip install sdt[fid-inception]``.
 
 Weights are never downloaded and never unpickled with code: every file goes through
-``sdt.checkpoints.load_weights`` (safetensors, or ``torch.load(weights_only=True)``).
+``sdt.files.load_weights`` (safetensors, or ``torch.load(weights_only=True)``).
 
 An FID is only comparable with the same extractor, sample count and reference split: ``FidResult``
 prints all three.
@@ -28,10 +28,10 @@ import torch.nn as nn
 from torch import Tensor
 from torchvision.transforms import Normalize
 
-from .checkpoints import CheckpointError, load_into, load_weights
-from .config import ConfigError, load_config
-from .data import DataError, build_transform
-from .errors import SdtError
+from ..data import build_transform
+from ..engine import load_config
+from ..errors import CheckpointError, ConfigError, DataError, SdtError
+from ..files import load_into, load_weights
 
 if TYPE_CHECKING:
     from torchmetrics.image.fid import FrechetInceptionDistance
@@ -67,7 +67,7 @@ class ClassifierFeatures(nn.Module):
         """A ``DataError`` unless ``images`` are uint8 (B, in_chans, H, W)."""
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise DataError(f"expected uint8 images (B, C, H, W), got {images.dtype} {tuple(images.shape)}; "
-                            "convert with sdt.generate.model_to_images")
+                            "convert with sdt.tasks.sampling.model_to_images")
         if images.shape[1] != self.in_chans:
             raise DataError(f"the images have {images.shape[1]} channel(s) but extractor {self.name} takes {self.in_chans}: "
                             f"use a classifier trained on these images (e.g. an 'sdt train' run on the reference data)")
@@ -88,8 +88,7 @@ class ClassifierFeatures(nn.Module):
 
 def _known_model(name: str) -> str:
     """The architecture of a timm model name[.tag], or a ``ConfigError`` suggesting close names."""
-    import sdt  # noqa: F401  (registers the models)
-    from .train import check_model_name
+    from ..models.registry import check_model_name
 
     check_model_name(name)
     return name.split(".")[0]
@@ -118,7 +117,7 @@ def in_domain_extractor(name: Optional[str] = None, checkpoint: Optional[str] = 
     path, run = _weights_in_run(checkpoint)
     state = load_weights(path)
     if run is not None:
-        from .train import TrainConfig, create_model
+        from ..tasks.classify import TrainConfig, create_model
 
         try:
             cfg = load_config(TrainConfig, str(run / "config.yaml"))

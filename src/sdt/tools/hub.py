@@ -29,12 +29,11 @@ import numpy as np
 from timm.models import save_for_hf
 from timm.models._hub import generate_readme  # push_to_hf_hub's model card writer
 
-from .checkpoints import is_hub_dir, load_hub_model, load_into, load_weights
-from .config import ConfigError, load_config
-from .data import FASHION_MNIST_CLASSES, build_transform, raw_dataset
-from .engine import lock_run_folder, unlock_run_folder
-from .errors import SdtError
-from .train import TrainConfig, create_model
+from ..data import FASHION_MNIST_CLASSES, build_transform, raw_dataset
+from ..engine import load_config, lock_run_folder, unlock_run_folder
+from ..errors import ConfigError, SdtError
+from ..files import is_hub_dir, load_hub_model, load_into, load_weights
+from ..tasks.classify import TrainConfig, create_model
 
 __all__ = ["export_run_to_hub", "is_hub_dir", "load_hub_model"]
 

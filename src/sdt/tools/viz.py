@@ -21,10 +21,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .attention import SpatialDecayAttention, apply_rotary, rotary_tables
-from .config import ConfigError
-from .data import DataError
-from .decay import decomposed_biases, full_2d_bias
+from ..attention import SpatialDecayAttention, apply_rotary, rotary_tables
+from ..decay import decomposed_biases, full_2d_bias
+from ..errors import ConfigError, DataError
 
 IMAGE_NAMES = ("astronaut", "chelsea", "coffee")
 
@@ -44,7 +43,7 @@ def load_image(source: str, size: Tuple[int, int], in_chans: int, mean: Sequence
 
         pil = Image.fromarray(getattr(data, source)())
     elif source.startswith("fmnist:"):
-        from .data import fashion_mnist_tensors
+        from ..data import fashion_mnist_tensors
 
         images, _ = fashion_mnist_tensors("test")
         index = source.split(":", 1)[1]
@@ -192,7 +191,7 @@ def plot_attention_maps(maps: List[Dict[str, Tensor]], display: Tensor, query_xy
     import matplotlib.pyplot as plt
     import torch.nn.functional as F
 
-    from .plots import save_figure
+    from ..engine.plots import save_figure
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
