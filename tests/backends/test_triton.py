@@ -1,6 +1,9 @@
-"""The Triton kernels (sdt.backends.triton) against the reference: outputs and gradients of q, k, v, rates.
+"""The Triton kernels (sdt.backends.triton) against the reference: outputs and gradients of q, k, v, rates,
+through the entry the models use, the custom op ``torch.ops.sdt.spatial_decay_attention`` (``op_attention``
+below), and the (S, L, d) kernels themselves.
 
-Without a GPU the kernels run in Triton's interpreter on CPU tensors. The interpreter needs
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (the custom op sends CPU tensors to
+them while ``sdt.backends.triton`` interprets). The interpreter needs
 TRITON_INTERPRET=1 before ``triton`` itself is imported (triton.language's own jit functions,
 tl.sum, tl.zeros, ..., are decorated for the interpreter or the GPU at import), and torch._dynamo
 imports triton, so ``import sdt`` does too. Hence two ways these tests run on a CPU:
@@ -42,7 +45,8 @@ KERNELS_HERE = CUDA or _triton_interprets()
 
 import sdt.backends.triton as sdt_triton  # noqa: E402  (after TRITON_INTERPRET)
 from sdt.backends.reference import from_cols, from_rows, reference_attention, to_cols, to_rows  # noqa: E402
-from sdt.backends.triton import triton_attention, triton_backward, triton_forward  # noqa: E402
+from sdt.backends.ops import op_kernel  # noqa: E402
+from sdt.backends.triton import triton_backward, triton_forward  # noqa: E402
 
 kernels = pytest.mark.skipif(not KERNELS_HERE, reason="triton was imported before TRITON_INTERPRET could be set: "
                              "these run in test_kernels_in_an_interpreter_subprocess")
@@ -88,8 +92,19 @@ def outputs_and_grads(fn, q, k, v, rates):
     return out, [t.grad for t in leaves]
 
 
+def op_attention(q, k, v, rates, grid, distance="manhattan", precision="ieee"):
+    """Full-layout attention (B, n, L, d) through the custom op, as the models call it; its float32 dots
+    follow torch's matmul precision ("highest": exact "ieee" dots, else TF32)."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest" if precision == "ieee" else "high")
+    try:
+        return op_kernel(q, k, v, rates, grid, distance)
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
 def assert_matches_reference(q, k, v, rates, grid, distance="manhattan", tol=F32_TOL, precision="ieee", floor=1e-12):
-    out, grads = outputs_and_grads(lambda *a: triton_attention(*a, grid, distance, precision), q, k, v, rates)
+    out, grads = outputs_and_grads(lambda *a: op_attention(*a, grid, distance, precision), q, k, v, rates)
     ref_out, ref_grads = outputs_and_grads(lambda *a: reference_attention(*a, grid, "full", distance), q, k, v, rates)
     assert out.dtype == ref_out.dtype and out.shape == ref_out.shape
     assert relative_error(out, ref_out) < tol, f"out: {relative_error(out, ref_out):.2e}"
@@ -194,11 +209,9 @@ def test_decomposed_layout_as_batches_of_one_dimensional_sequences(rate_kind):
         else:
             row_rates = to_rows(rates.unsqueeze(-1), grid).squeeze(-1)
             col_rates = to_cols(rates.unsqueeze(-1), grid).squeeze(-1)
-        rows = triton_attention(to_rows(q, grid), to_rows(k, grid), to_rows(v, grid), row_rates, (1, grid[1]),
-                                input_precision="ieee")
+        rows = op_attention(to_rows(q, grid), to_rows(k, grid), to_rows(v, grid), row_rates, (1, grid[1]))
         rows = from_rows(rows, grid)
-        cols = triton_attention(to_cols(q, grid), to_cols(k, grid), to_cols(rows, grid), col_rates, (1, grid[0]),
-                                input_precision="ieee")
+        cols = op_attention(to_cols(q, grid), to_cols(k, grid), to_cols(rows, grid), col_rates, (1, grid[0]))
         return from_cols(cols, grid)
 
     out, grads = outputs_and_grads(decomposed, q, k, v, rates)
@@ -253,7 +266,7 @@ def test_forward_backward_contract_and_broadcast_rates():
 def test_no_rate_gradient_when_rates_are_fixed():
     q, k, v, rates = make_inputs(1, 2, (3, 5), 16, (1, 2, 1))
     q.requires_grad_()
-    triton_attention(q, k, v, rates, (3, 5), input_precision="ieee").sum().backward()
+    op_attention(q, k, v, rates, (3, 5)).sum().backward()
     assert q.grad is not None and rates.grad is None
 
 
@@ -284,8 +297,6 @@ def test_bad_inputs_get_clear_errors():
     with pytest.raises(ValueError, match="head dim 256"):
         big = torch.zeros(1, 12, 256, device=DEVICE)
         triton_forward(big, big, big, rates[:1], 3, 4, False)
-    with pytest.raises(ValueError, match="unknown distance 'euclid'"):
-        triton_attention(q[None], k[None], v[None], rates[None], (3, 4), "euclid")
 
 
 @kernels

@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 
 from conftest import write_fake_fashion_mnist, write_idx
-from sdt.errors import ConfigError
-from sdt.data import (FASHION_MNIST_DIR, AugConfig, DataConfig, DataError, ImageSamples, build_transform, check_images,
-                      collate, fashion_mnist, raw_dataset, read_idx)
+from sdt.data import (FASHION_MNIST_DIR, AugConfig, DataConfig, ImageSamples, build_transform, check_images, collate,
+                      fashion_mnist, raw_dataset)
+from sdt.data.images import read_idx
+from sdt.errors import ConfigError, DataError
 from sdt.engine import DistInfo, ResumableSampler
 
 

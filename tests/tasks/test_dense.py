@@ -17,7 +17,7 @@ from sdt.errors import CheckpointError
 from sdt.files import load_weights
 from sdt.engine import load_config
 from sdt.errors import ConfigError
-from sdt.data import DataError
+from sdt.errors import DataError
 from sdt.models.dense import (DETECTORS, SegmentationModel, create_backbone, create_detector, create_segmenter,
                        load_backbone_weights)
 from sdt.cli import add_dense_parsers, main

@@ -19,7 +19,8 @@ from sdt.errors import ConfigError
 from sdt.data import fashion_mnist_tensors
 from sdt.engine.checkpoints import checkpoint_dirs
 from sdt.tools.fid import ClassifierFeatures, compute_fid, conditional_accuracy, in_domain_extractor, inception_fid
-from sdt.data import DataConfig, DataError
+from sdt.data import DataConfig
+from sdt.errors import DataError
 from sdt.tasks.generate import GenConfig, Generate, generation_transform, load_generator
 from sdt.tasks.sampling import UNCONDITIONAL, class_labels, sample_images, save_samples
 from sdt.models.dit import create_dit

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from sdt.errors import CheckpointError
 from sdt.cli import main
 from sdt.errors import ConfigError
-from sdt.data import FASHION_MNIST_MEAN, DataError
+from sdt.data import FASHION_MNIST_MEAN
+from sdt.errors import DataError
 from sdt.tools.fid import compute_fid, compute_fids, conditional_accuracy, in_domain_extractor, inception_fid, load_samples
 
 
