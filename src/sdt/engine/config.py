@@ -33,6 +33,18 @@ def available_recipes() -> List[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")) if RECIPE_DIR.is_dir() else []
 
 
+def recipes_for(config_class: type) -> List[str]:
+    """The shipped recipes that load as ``config_class`` (a command's help lists the recipes it can run)."""
+    fitting = []
+    for recipe in available_recipes():
+        try:
+            load_config(config_class, recipe)
+        except ConfigError:
+            continue
+        fitting.append(recipe)
+    return fitting
+
+
 def recipe_path(recipe: str) -> Path:
     """The YAML file of a recipe name (``quick``) or path (``my/recipe.yaml``)."""
     path = Path(recipe)

@@ -124,6 +124,16 @@ def rng_state() -> Dict[str, Any]:
     }
 
 
+def all_rng_states(dist_info: DistInfo) -> List[Dict[str, Any]]:
+    """Every process's ``rng_state``, in rank order (each process gets them all)."""
+    state = rng_state()
+    if not dist_info.distributed:
+        return [state]
+    states: List[Any] = [None] * dist_info.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
 def set_rng_state(state: Dict[str, Any]) -> None:
     """Restore what ``rng_state`` returned."""
     random.setstate(state["python"])
@@ -160,3 +170,12 @@ def broadcast_buffers(modules: List[nn.Module], dist_info: DistInfo) -> None:
         for module in modules:
             for buffer in unwrap(module).buffers():
                 dist.broadcast(buffer, src=0)
+
+
+def distribute(model: nn.Module, dist_info: DistInfo, sync_bn: bool) -> nn.Module:
+    """``model`` in DDP when several processes train (its BatchNorms synchronised with ``sync_bn``), else itself."""
+    if not dist_info.distributed:
+        return model
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[dist_info.local_rank] if dist_info.device.type == "cuda" else None)

@@ -12,10 +12,9 @@ import logging
 import math
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, ContextManager, Dict, List, Optional, Protocol
+from typing import Any, ContextManager, Dict, List, Optional, Protocol, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -24,8 +23,8 @@ from ..errors import CheckpointError
 from ..files import load_into, load_weights, save_weights
 from .checkpoints import load_train_state, prune_checkpoints, write_checkpoint
 from .config import EngineConfig, check_engine_config
-from .dist import (DistInfo, ResumableSampler, broadcast_buffers, eval_loader, rng_state, seed_everything, set_rng_state,
-                   unwrap, usable_batches)
+from .dist import (DistInfo, ResumableSampler, all_rng_states, broadcast_buffers, distribute, eval_loader, seed_everything,
+                   set_rng_state, unwrap, usable_batches)
 from .log import MetricsLogger, StepLog, progress_bar
 
 _logger = logging.getLogger("sdt")
@@ -50,6 +49,22 @@ def autocast(amp: str, device: torch.device) -> ContextManager[Any]:
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+def optimization(cfg: EngineConfig, model: nn.Module, lr: float, steps_per_epoch: int, device: torch.device) -> Tuple[
+        torch.optim.Optimizer, Any, torch.amp.GradScaler, Optional[Any]]:
+    """timm's optimizer and schedule, the fp16 gradient scaler (off otherwise) and the EMA of ``model`` (or None)."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3
+
+    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps)
+    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+                                       warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=not cfg.sched_on_updates,
+                                       updates_per_epoch=steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup) if cfg.ema_decay else None
+    return optimizer, scheduler, scaler, ema
+
+
 class Trainer:
     """Trains ``model`` on ``train_set`` with ``task``'s loss; evaluates on ``val_set`` every
     ``eval_every_epochs``; checkpoints to ``output_dir``. ``resume_from``: a checkpoint folder.
@@ -58,10 +73,6 @@ class Trainer:
     def __init__(self, cfg: EngineConfig, model: nn.Module, task: Task, train_set: Dataset, val_set: Dataset,
                  output_dir: Path, dist_info: DistInfo, workers: int = 2,
                  resume_from: Optional[Path] = None, repeated_aug: int = 1):
-        from timm.optim import create_optimizer_v2
-        from timm.scheduler import create_scheduler_v2
-        from timm.utils import ModelEmaV3
-
         self.cfg, self.task, self.dist, self.output_dir = cfg, task, dist_info, Path(output_dir)
         self.train_set, self.val_set, self.workers, self.repeated_aug = train_set, val_set, workers, repeated_aug
         check_engine_config(cfg, dist_info, len(train_set), model)
@@ -77,27 +88,17 @@ class Trainer:
         if state is not None:
             load_into(model, load_weights(resume_from / "model.safetensors"), resume_from / "model.safetensors")
         self.lr = cfg.lr * cfg.batch_size / cfg.lr_base_size
-        self.optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps)
-        self.scheduler, _ = create_scheduler_v2(
-            self.optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
-            warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=not cfg.sched_on_updates,
-            updates_per_epoch=self.steps_per_epoch)
-        self.scaler = torch.amp.GradScaler(dist_info.device.type, enabled=cfg.amp == "fp16")
-        self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup) if cfg.ema_decay else None
+        self.optimizer, self.scheduler, self.scaler, self.ema = optimization(cfg, model, self.lr, self.steps_per_epoch,
+                                                                             dist_info.device)
 
-        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.sign = 1.0 if getattr(task, "higher_is_better", True) else -1.0
+        self.epoch, self.step_in_epoch, self.global_step, self.train_seconds, self.train_images = 0, 0, 0, 0.0, 0
         self.best: Dict[str, Any] = {"value": -self.sign * math.inf, "epoch": -1, "source": ""}
-        self.train_seconds, self.train_images = 0.0, 0
         self.resume_step = None
         if state is not None:
             self._load_state(state, resume_from)
 
-        if dist_info.distributed:
-            if cfg.sync_bn:
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[dist_info.local_rank] if dist_info.device.type == "cuda" else None)
+        model = distribute(model, dist_info, cfg.sync_bn)
         self.ddp = model if dist_info.distributed else None
         self.train_model = torch.compile(model) if cfg.compile else model
         self.model = unwrap(model)  # the plain module (SyncBatchNorm conversion makes a new one)
@@ -111,9 +112,8 @@ class Trainer:
             raise CheckpointError(f"training state in {ckpt_dir} does not fit this run's optimizer/schedule: {e}") from e
         if self.ema is not None:
             load_into(self.ema.module, load_weights(ckpt_dir / "ema.safetensors"), ckpt_dir / "ema.safetensors")
-        self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        self.best = state["best"]
-        self.train_seconds, self.train_images = state["train_seconds"], state["train_images"]
+        for key in ("epoch", "step_in_epoch", "global_step", "best", "train_seconds", "train_images"):
+            setattr(self, key, state[key])
         if state["world_size"] != self.dist.world_size:
             _logger.warning("resuming a %d-process run with %d processes: the data order is the same, "
                             "but results will not be bitwise identical", state["world_size"], self.dist.world_size)
@@ -122,16 +122,10 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Write ``checkpoints/step-N`` as a whole (temp folder, then rename) and apply retention."""
-        rng = [rng_state()]
-        if self.dist.distributed:
-            gathered: List[Any] = [None] * self.dist.world_size
-            dist.all_gather_object(gathered, rng[0])
-            rng = gathered
+        rng = all_rng_states(self.dist)
         if not self.dist.is_main:
             return
-        weights = {"model": self.model.state_dict()}
-        if self.ema is not None:
-            weights["ema"] = self.ema.module.state_dict()
+        weights = {"model": self.model.state_dict(), **({"ema": self.ema.module.state_dict()} if self.ema is not None else {})}
         state = {
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
             "world_size": self.dist.world_size,
@@ -190,35 +184,6 @@ class Trainer:
                 save_weights(self.output_dir / "best.safetensors", module.state_dict(),
                              {"epoch": str(self.epoch), "source": source, self.task.metric: f"{value:.6f}"})
 
-    def train_one_epoch(self, loader: DataLoader, log: StepLog) -> None:
-        """The optimizer steps left in this epoch; a checkpoint every ``ckpt_every_steps`` inside it."""
-        cfg = self.cfg
-        bar = progress_bar(self.steps_per_epoch * cfg.batch_size, f"epoch {self.epoch + 1}/{cfg.epochs}",
-                           self.dist.is_main, initial=self.step_in_epoch * cfg.batch_size)
-        log.start_interval()
-        micro_batches = iter(loader)  # at least grad_accum_steps x the steps left in this epoch
-        while self.step_in_epoch < self.steps_per_epoch:
-            window = [next(micro_batches) for _ in range(cfg.grad_accum_steps)]
-            log.skipped_total += sum(b.skipped for b in window)
-            usable = usable_batches(window, self.dist)
-            self.step_in_epoch += 1
-            if not usable:  # every micro-batch of this step lost all its images on some process
-                continue
-            loss = self._train_step(usable)
-            self.global_step += 1
-            self.scheduler.step_update(num_updates=self.global_step)
-            self.train_seconds += log.add_step(loss, cfg.batch_size)
-            self.train_images += cfg.batch_size
-            bar.update(cfg.batch_size)
-            if self.global_step % cfg.log_every_steps == 0 or self.step_in_epoch == self.steps_per_epoch:
-                log.write(self.global_step, self.epoch + self.step_in_epoch / self.steps_per_epoch,
-                          self.optimizer.param_groups[0]["lr"], bar)
-            if cfg.ckpt_every_steps and self.global_step % cfg.ckpt_every_steps == 0 \
-                    and self.step_in_epoch < self.steps_per_epoch:
-                self.save_checkpoint()
-                log.restart_clock()  # a checkpoint's time is not training time
-        bar.close()
-
     def fit(self) -> Dict[str, Any]:
         """Train to ``cfg.epochs`` (from where a resumed run stopped); returns the loop's summary."""
         cfg, info = self.cfg, self.dist
@@ -238,7 +203,7 @@ class Trainer:
             if hasattr(self.train_set, "set_epoch"):
                 self.train_set.set_epoch(self.epoch)
             self.train_model.train()
-            self.train_one_epoch(loader, log)
+            train_one_epoch(self, loader, log)
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
             self.scheduler.step(self.epoch)
             if self.epoch % cfg.eval_every_epochs == 0 or self.epoch == cfg.epochs:
@@ -250,3 +215,33 @@ class Trainer:
         logger.close()
         return {"best": self.best, "global_step": self.global_step, "train_seconds": self.train_seconds,
                 "train_images_per_s": self.train_images / max(self.train_seconds, 1e-9)}
+
+
+def train_one_epoch(trainer: Trainer, loader: DataLoader, log: StepLog) -> None:
+    """The optimizer steps left in ``trainer``'s epoch; a checkpoint every ``ckpt_every_steps`` inside it."""
+    cfg = trainer.cfg
+    bar = progress_bar(trainer.steps_per_epoch * cfg.batch_size, f"epoch {trainer.epoch + 1}/{cfg.epochs}",
+                       trainer.dist.is_main, initial=trainer.step_in_epoch * cfg.batch_size)
+    log.start_interval()
+    micro_batches = iter(loader)  # at least grad_accum_steps x the steps left in this epoch
+    while trainer.step_in_epoch < trainer.steps_per_epoch:
+        window = [next(micro_batches) for _ in range(cfg.grad_accum_steps)]
+        log.skipped_total += sum(b.skipped for b in window)
+        usable = usable_batches(window, trainer.dist)
+        trainer.step_in_epoch += 1
+        if not usable:  # every micro-batch of this step lost all its images on some process
+            continue
+        loss = trainer._train_step(usable)
+        trainer.global_step += 1
+        trainer.scheduler.step_update(num_updates=trainer.global_step)
+        trainer.train_seconds += log.add_step(loss, cfg.batch_size)
+        trainer.train_images += cfg.batch_size
+        bar.update(cfg.batch_size)
+        if trainer.global_step % cfg.log_every_steps == 0 or trainer.step_in_epoch == trainer.steps_per_epoch:
+            log.write(trainer.global_step, trainer.epoch + trainer.step_in_epoch / trainer.steps_per_epoch,
+                      trainer.optimizer.param_groups[0]["lr"], bar)
+        if cfg.ckpt_every_steps and trainer.global_step % cfg.ckpt_every_steps == 0 \
+                and trainer.step_in_epoch < trainer.steps_per_epoch:
+            trainer.save_checkpoint()
+            log.restart_clock()  # a checkpoint's time is not training time
+    bar.close()

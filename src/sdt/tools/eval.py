@@ -47,27 +47,7 @@ def evaluate_checkpoint(checkpoint: str, model: Optional[str] = None, dataset: O
         cfg, net, test_set, classes = _hub_eval_setup(path, dataset, data_dir, split, input_size)
         default_out = path.parent / f"{path.name}-eval-{split}-{cfg.data.input_size}px"  # not inside the folder one uploads
     else:
-        run_dir = _run_dir_of(path)
-        cfg = load_config(TrainConfig, str(run_dir / "config.yaml")) if run_dir else TrainConfig()
-        if path.is_dir():
-            path = path / ("best.safetensors" if (path / "best.safetensors").is_file() else
-                           "ema.safetensors" if use_ema else "model.safetensors")
-        if model is not None:
-            cfg.model.name = model
-        if dataset is not None:
-            cfg.data.dataset = dataset
-        if data_dir is not None:
-            cfg.data.data_dir = data_dir
-        if run_dir is None and model is None:
-            raise ConfigError(f"{checkpoint} is not inside a training run (no config.yaml); pass --model")
-        weights = load_weights(path)
-        cfg.data.input_size = input_size or cfg.data.input_size
-        in_chans = resolve_in_chans(cfg.data, cfg.model.in_chans)
-        test_set = classification_datasets(cfg, [split], in_chans)[split]
-        cfg = replace(cfg, model=replace(cfg.model, in_chans=in_chans,
-                                         num_classes=resolve_num_classes(cfg.model.num_classes, test_set.classes)))
-        net = create_model(cfg.model, cfg.model.num_classes, cfg.model.in_chans)
-        load_into(net, weights, path)
+        cfg, net, test_set, path, run_dir = _run_eval_setup(path, model, dataset, data_dir, split, input_size, use_ema)
         classes = test_set.classes
         default_out = (run_dir or path.parent) / f"eval-{split}-{cfg.data.input_size}px"
     info = setup_distributed("auto")
@@ -88,6 +68,36 @@ def evaluate_checkpoint(checkpoint: str, model: Optional[str] = None, dataset: O
         plot_confusion(confusion, classes, out / "confusion.png", f"{cfg.model.name} {split} @{size}px")
         result["output_dir"] = str(out)
     return result
+
+
+def _run_eval_setup(path: Path, model: Optional[str], dataset: Optional[str], data_dir: Optional[str], split: str,
+                    input_size: Optional[int], use_ema: bool
+                    ) -> Tuple[TrainConfig, nn.Module, ImageSamples, Path, Optional[Path]]:
+    """The model of a run folder, checkpoint folder or weights file with its weights, the ``split`` it is
+    evaluated on (the run's config.yaml unless overridden), the weights file and the run folder."""
+    run_dir = _run_dir_of(path)
+    checkpoint = path
+    cfg = load_config(TrainConfig, str(run_dir / "config.yaml")) if run_dir else TrainConfig()
+    if path.is_dir():
+        path = path / ("best.safetensors" if (path / "best.safetensors").is_file() else
+                       "ema.safetensors" if use_ema else "model.safetensors")
+    if model is not None:
+        cfg.model.name = model
+    if dataset is not None:
+        cfg.data.dataset = dataset
+    if data_dir is not None:
+        cfg.data.data_dir = data_dir
+    if run_dir is None and model is None:
+        raise ConfigError(f"{checkpoint} is not inside a training run (no config.yaml); pass --model")
+    weights = load_weights(path)
+    cfg.data.input_size = input_size or cfg.data.input_size
+    in_chans = resolve_in_chans(cfg.data, cfg.model.in_chans)
+    test_set = classification_datasets(cfg, [split], in_chans)[split]
+    cfg = replace(cfg, model=replace(cfg.model, in_chans=in_chans,
+                                     num_classes=resolve_num_classes(cfg.model.num_classes, test_set.classes)))
+    net = create_model(cfg.model, cfg.model.num_classes, cfg.model.in_chans)
+    load_into(net, weights, path)
+    return cfg, net, test_set, path, run_dir
 
 
 def _hub_eval_setup(path: Path, dataset: Optional[str], data_dir: Optional[str], split: str,

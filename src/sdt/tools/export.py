@@ -7,7 +7,7 @@ its decomposition turns a reshape of a transposed tensor with symbolic sizes int
 Export always runs the ``reference`` attention backend, the one made of standard ops.
 """
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -16,6 +16,7 @@ from torch import nn
 from ..attention import reference_backend
 from ..errors import CheckpointError
 from ..files import atomic_path, load_into, load_weights, save_weights
+from ..models.registry import check_model_name
 
 ONNX_OPSET = 17
 
@@ -119,3 +120,25 @@ def convert_rmt_checkpoint(src: str, model: nn.Module, out: str) -> Dict[str, in
     save_weights(out, model.state_dict())
     gates = sum(1 for k in state if ".attn.gate." in k)
     return dict(tensors=len(state), gate_tensors=gates)
+
+
+def export_command(name: str, weights: str, output: str, fmt: str, num_classes: Optional[int] = None,
+                   in_chans: Optional[int] = None, input_size: Optional[Sequence[int]] = None,
+                   check: bool = True) -> Iterator[str]:
+    """``sdt export``: the model ``name`` (with local ``weights``) as ONNX, checked with onnxruntime at
+    two shapes unless ``check`` is False, or as TorchScript; yields the lines to print as it goes."""
+    check_model_name(name)
+    kwargs = {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans)) if v is not None}
+    model = create_model_from_weights(name, weights, **kwargs).eval()
+    chans = model.in_chans
+    height, width = input_size or model.pretrained_cfg["input_size"][1:]
+    if fmt == "torchscript":
+        yield f"wrote {save_torchscript(model, output)} (TorchScript)"
+        return
+    path = export_onnx(model, output, (chans, height, width))
+    yield f"wrote {path} (ONNX opset 17, dynamic batch/height/width)"
+    if check:
+        shapes = [(2, chans, height, width), (1, chans, height + height // 2 + 3, width + 5)]
+        for r in check_onnx(model, path, shapes):
+            yield (f"onnxruntime vs PyTorch at {r['shape']}: max |diff| {r['max_abs_diff']:.2e} "
+                   f"(max |output| {r['max_abs_output']:.2e})")

@@ -20,7 +20,7 @@ prints all three.
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -302,3 +302,30 @@ def conditional_accuracy(extractor: ClassifierFeatures, images: Tensor, labels: 
     for i in range(0, len(images), batch_size):
         correct += (extractor.logits(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum().item()
     return correct / len(images)
+
+
+def fid_command(samples: str, reference_split: str = "test", num_reference: int = 0, data_dir: Optional[str] = None,
+                extractor_name: Optional[str] = None, extractor_checkpoint: Optional[str] = None,
+                inception_weights: Optional[str] = None, accuracy: bool = True, threads: int = 2) -> Iterator[str]:
+    """``sdt fid``: the FID of an .npz of samples against a Fashion-MNIST split and, when the samples have
+    labels (and ``accuracy``), the in-domain classifier's accuracy on them; yields the lines to print."""
+    from ..data import FASHION_MNIST_CLASSES, fashion_mnist_tensors
+
+    torch.set_num_threads(threads)
+    fake, labels = load_samples(samples)
+    real, _ = fashion_mnist_tensors(reference_split, data_dir)
+    reference = f"Fashion-MNIST {reference_split}"
+    if num_reference:
+        real, reference = real[:num_reference], f"{reference}[:{num_reference}]"
+    extractor = in_domain_extractor(extractor_name, extractor_checkpoint)
+    scored = None
+    if labels is not None and accuracy:
+        if extractor.num_classes != len(FASHION_MNIST_CLASSES):
+            raise ConfigError(f"the samples have labels, but extractor {extractor.name} classifies {extractor.num_classes} "
+                              f"classes, not Fashion-MNIST's {len(FASHION_MNIST_CLASSES)}: use a Fashion-MNIST classifier "
+                              "or pass --no-accuracy")
+        conditional = labels >= 0  # unconditional samples (label -1) have no class to check
+        scored = conditional_accuracy(extractor, fake[conditional], labels[conditional]), int(conditional.sum())
+    yield str(compute_fid(fake, real, reference, extractor, inception_weights=inception_weights))
+    if scored is not None:
+        yield f"conditional accuracy {scored[0]:.4f} ({scored[1]} samples, classifier {extractor.name})"

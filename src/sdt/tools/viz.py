@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from ..attention import SpatialDecayAttention, apply_rotary, rotary_tables
 from ..decay import decomposed_biases, full_2d_bias
 from ..errors import ConfigError, DataError
+from ..models.registry import check_model_name
 
 IMAGE_NAMES = ("astronaut", "chelsea", "coffee")
 
@@ -232,3 +233,32 @@ def warn_if_untrained(weights: str) -> None:
     if not weights:
         warnings.warn("no --weights given: the model is randomly initialised, so the gate still equals RMT's "
                       "fixed decay and the attention maps show nothing learned", stacklevel=2)
+
+
+def viz_command(name: str, weights: str, image_source: str, size: Optional[Sequence[int]], query_text: Optional[str],
+                block: Optional[int], out_dir: str, num_classes: Optional[int] = None,
+                in_chans: Optional[int] = None) -> List[Path]:
+    """``sdt viz``: the maps of model ``name`` (local ``weights``, or random with a warning) for the query
+    ``"x,y"`` (default: the centre) of an image; returns the PNGs written."""
+    from .export import create_model_from_weights
+
+    check_model_name(name)
+    warn_if_untrained(weights)
+    kwargs = {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans)) if v is not None}
+    model = create_model_from_weights(name, weights, **kwargs).eval()
+    cfg = model.pretrained_cfg
+    size = tuple(size or cfg["input_size"][1:])
+    mean, std = cfg["mean"], cfg["std"]
+    if model.in_chans != len(mean):
+        mean, std = (sum(mean) / len(mean),) * model.in_chans, (sum(std) / len(std),) * model.in_chans
+    image, display = load_image(image_source, size, model.in_chans, mean, std)
+    if query_text:
+        try:
+            query = tuple(float(v) for v in query_text.split(","))
+            assert len(query) == 2
+        except (ValueError, AssertionError):
+            raise ConfigError(f"--query must be 'x,y' in pixels, e.g. --query 14,10; got {query_text!r}") from None
+    else:
+        query = (size[1] / 2, size[0] / 2)
+    maps = attention_maps(model, image, query, block)
+    return plot_attention_maps(maps, display, query, out_dir, title=name)
