@@ -1,4 +1,4 @@
-"""sdt.checkpoints: atomic writes, safe and checked loading of weights, checkpoint folders."""
+"""sdt.files and sdt.engine.checkpoints: atomic writes, safe and checked loading of weights, checkpoint folders."""
 import os
 import pickle
 from pathlib import Path

@@ -15,6 +15,7 @@ from typing import Dict, List, Set
 import sdt
 
 PACKAGE_ROOT = Path(sdt.__file__).parent
+MISSING: Set[str] = set()  # imports of package modules that do not exist (a lazy import left behind by a move)
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -43,6 +44,7 @@ def import_graph(root: Path = PACKAGE_ROOT) -> Dict[str, Set[str]]:
             else:
                 continue
             graph[name].update(t for t in targets if t in files and t != name)
+            MISSING.update(f"{name} -> {t}" for t in targets if t.startswith(root.name + ".") and t not in files)
     return graph
 
 
@@ -89,6 +91,12 @@ def test_the_cycle_finder_sees_a_lazy_import(tmp_path):
     graph = import_graph(package)
     assert graph["sdt.b"] == {"sdt.a"} and graph["sdt.c"] == {"sdt.a"}
     assert cycles(graph) == [["sdt.a", "sdt.b"]]
+
+
+def test_every_import_of_the_package_names_a_module_that_exists():
+    MISSING.clear()
+    import_graph()
+    assert sorted(MISSING) == []
 
 
 def test_sdt_has_no_import_cycles():

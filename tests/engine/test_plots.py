@@ -1,4 +1,4 @@
-"""sdt.plots: the run's curves."""
+"""sdt.engine.plots: the run's curves."""
 import warnings
 from pathlib import Path
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 import sdt
 from sdt.models.sdt_h import SpatialDecayTransformer, checkpoint_filter_fn, rmt_config_to_kwargs
 
-FIXTURES = Path(__file__).parent / "fixtures" / "rmt"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "rmt"
 SMALL_MODELS = ["sdt_h_nano", "rmt_nano"]
 
 

@@ -334,7 +334,7 @@ def test_bad_semantic_maps_are_clear_errors():
 
 
 def test_an_image_without_boxes_trains_as_background():
-    # documented behaviour (sdt.mosaic.check_detection_target): no boxes = a background-only image
+    # documented behaviour (sdt.data.check_detection_target): no boxes = a background-only image
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
     check_detection_target(empty, (64, 64), 11)
     for kind in ("fasterrcnn", "fcos"):
@@ -449,7 +449,7 @@ def test_cli_commands_parse_and_refuse_overrides_on_resume(fake_fmnist: Path, tm
     add_dense_parsers(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["detect", "--backbone", "rmt_nano", "--detector", "fcos", "--epochs", "3",
                               "-o", "data.canvas=192"])
-    assert args.command == "detect" and args.backbone == "rmt_nano" and args.dense_recipe == "detect-mosaic"
+    assert args.command == "detect" and args.backbone == "rmt_nano" and args.default_recipe == "detect-mosaic"
     args = parser.parse_args(["segment", "--output", str(tmp_path / "r"), "--resume", "-o", "engine.epochs=3"])
     with pytest.raises(ConfigError, match="--resume continues a run with its saved config"):
         args.func(args)

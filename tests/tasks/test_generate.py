@@ -304,7 +304,7 @@ def test_image_grid_places_images_row_major_with_gaps():
 
 
 def test_diffusion_settings_a_user_chooses_are_config_errors():
-    """Objective, sampler and step count reach sdt.diffusion from configs and the API: each bad one is a
+    """Objective, sampler and step count reach sdt.tasks.diffusion from configs and the API: each bad one is a
     ConfigError (one line from the CLI), not a bare ValueError."""
     from sdt.tasks.diffusion import create_objective
 

@@ -14,7 +14,7 @@ from sdt.tools.export import check_onnx, convert_rmt_checkpoint, export_onnx
 from sdt.models.sdt_h import SpatialDecayTransformer, rmt_config_to_kwargs
 from sdt.tools.viz import attention_maps, plot_attention_maps
 
-FIXTURES = Path(__file__).parent / "fixtures" / "rmt"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "rmt"
 
 
 @pytest.mark.parametrize("name", ["sdt_h_nano", "rmt_nano"])

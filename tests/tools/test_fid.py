@@ -1,4 +1,4 @@
-"""sdt fid and sdt.fid: safe Inception weights, extractors from other runs and models, bad inputs."""
+"""sdt fid and sdt.tools.fid: safe Inception weights, extractors from other runs and models, bad inputs."""
 import os
 import time
 from pathlib import Path

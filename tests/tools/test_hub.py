@@ -1,5 +1,5 @@
 """Sharing weights the timm way: save_for_hf / local-dir round trips, pretrained_cfg_overlay files,
-and sdt.hub.export_run_to_hub for a finished training run."""
+and sdt.tools.hub.export_run_to_hub for a finished training run."""
 import pytest
 import timm
 import torch

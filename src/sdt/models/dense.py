@@ -219,7 +219,7 @@ def load_backbone_weights(body: nn.Module, name: str, path: str, in_chans: int, 
     """
     state = load_weights(path)
     template = timm.create_model(name, in_chans=in_chans, **model_kwargs)
-    from .models import SpatialDecayTransformer, checkpoint_filter_fn
+    from .sdt_h import SpatialDecayTransformer, checkpoint_filter_fn
 
     if isinstance(template, SpatialDecayTransformer):
         try:

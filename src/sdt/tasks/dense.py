@@ -60,7 +60,7 @@ def build_backbone(cfg: BackboneConfig, extra_blocks: str = "none") -> nn.Module
 def _targets_of(dataset: Dataset, indices: Tensor) -> List[Dict[str, Tensor]]:
     if not hasattr(dataset, "target"):
         raise DataError(f"{type(dataset).__name__} has no target(index) method; dense tasks need datasets that "
-                        f"return (image, index) and give each index's targets (see sdt.mosaic.FashionMosaics)")
+                        f"return (image, index) and give each index's targets (see sdt.data.FashionMosaics)")
     return [dataset.target(int(i)) for i in indices.tolist()]
 
 

@@ -22,7 +22,7 @@ ONNX_OPSET = 17
 
 
 def create_model_from_weights(name: str, weights: str = "", **kwargs) -> nn.Module:
-    """``timm.create_model`` with weights from a local file (``sdt.checkpoints.load_weights``:
+    """``timm.create_model`` with weights from a local file (``sdt.files.load_weights``:
     safetensors, or a torch checkpoint read with ``weights_only=True``, so no pickled code runs).
     RMT's released checkpoints work too: SDT-H/RMT models pass them through ``checkpoint_filter_fn``.
     No network access. A file that does not fit is a ``CheckpointError`` naming the fix."""
