@@ -102,7 +102,7 @@ def layers(names: List[str], batch: int, size: int, rounds: int, model_seconds: 
 def agreement(images_count: int, batch: int = 500) -> str:
     """Top-1 agreement of the shipped sdt_h_nano.fmnist between float32 and bf16 autocast on the test set."""
     from sdt.data import fashion_mnist_tensors
-    from sdt.fid import in_domain_extractor
+    from sdt.tools.fid import in_domain_extractor
 
     classifier = in_domain_extractor()
     images, labels = fashion_mnist_tensors("test")

@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 from _measure import environment, interleaved_medians, markdown_table, peak_memory_gib
-from sdt.dense import create_backbone, create_detector, create_segmenter
+from sdt.models.dense import create_backbone, create_detector, create_segmenter
 
 BACKBONES = ("sdt_h_nano", "rmt_nano", "tv_resnet18")
 SCALING = ("sdt_h_nano", "sdt_h_nano_full2d", "rmt_nano")
@@ -134,8 +134,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.torchvision_defaults:
-        from sdt.config import load_config
-        from sdt.dense_tasks import DetectConfig
+        from sdt.engine import load_config
+        from sdt.tasks.detect import DetectConfig
 
         DETECTOR_KWARGS.update(load_config(DetectConfig, "detect-mosaic").model.detector_kwargs)
     print(environment())

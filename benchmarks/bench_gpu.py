@@ -61,9 +61,9 @@ def attention_fn(backend: str) -> Callable:
     from sdt.backends import BACKENDS, spatial_decay_attention
 
     if backend == "triton" and "triton" not in BACKENDS:  # before the backend was registered
-        from sdt.backends.triton import triton_attention
+        from sdt.backends.ops import op_kernel
 
-        return lambda q, k, v, rates, grid: triton_attention(q, k, v, rates, grid)
+        return lambda q, k, v, rates, grid: op_kernel(q, k, v, rates, grid, "manhattan")
     return lambda q, k, v, rates, grid: spatial_decay_attention(q, k, v, rates, grid, "full", "manhattan", backend)
 
 

@@ -7,7 +7,7 @@ element-wise and not counted). Models are built on the meta device, so nothing i
 """
 import torch
 
-from sdt.complexity import count_flops, count_params
+from sdt.models.complexity import count_flops, count_params
 from sdt.models.dit import DIT_CONFIGS, create_dit
 
 
@@ -19,7 +19,7 @@ def main() -> None:
         row = {}
         for attn in ("none", "cag"):
             with torch.device("meta"):
-                model = create_dit(name, attn=attn)
+                model = create_dit(name, decay=attn)
             size = (model.in_channels, *model.x_embedder.img_size)
             row[attn] = (count_params(model), count_flops(model, size, t, y) / 1e9)
         tokens = (size[1] // model.patch_size) * (size[2] // model.patch_size)

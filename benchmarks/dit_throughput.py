@@ -15,7 +15,7 @@ from typing import Callable, Dict
 import torch
 
 from _measure import environment, interleaved_medians, markdown_table
-from sdt.diffusion import create_objective
+from sdt.tasks.diffusion import create_objective
 from sdt.models.dit import create_dit
 
 KINDS = ("none", "fixed", "cag")  # plain DiT, RMT's decay, SDT's
@@ -34,7 +34,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    models = {attn: create_dit(args.model, attn=attn).to(device) for attn in KINDS}
+    models = {attn: create_dit(args.model, decay=attn).to(device) for attn in KINDS}
     optimizers = {attn: torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0) for attn, m in models.items()}
     objective = create_objective(args.objective)
     first = next(iter(models.values()))

@@ -1,6 +1,6 @@
 """Several ``sdt train`` runs on one plot: validation top-1 and training loss per epoch.
 
-    python experiments/compare_runs.py runs/fmnist30-sdt_h_nano runs/fmnist30-rmt_nano \
+    python -m experiments.compare_runs runs/fmnist30-sdt_h_nano runs/fmnist30-rmt_nano \
         --out docs/img/fmnist30_sdt_vs_rmt.png
 
 Each run is labelled with its model name (``config.yaml``) and, when it has finished, its test
@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
 from sdt.engine import read_metrics  # noqa: E402
-from sdt.plots import save_figure  # noqa: E402
+from sdt.engine.plots import save_figure  # noqa: E402
 
 
 def names(run: Path) -> Tuple[str, str]:

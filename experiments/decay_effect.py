@@ -1,6 +1,6 @@
 """How much does the decay bias matter inside a trained classifier? A check to read beside the ablation.
 
-    python experiments/decay_effect.py runs/fmnist-sdt_h_nano [--images 2000]
+    python -m experiments.decay_effect runs/fmnist-sdt_h_nano [--images 2000]
 
 Loads a run's best weights (``sdt train``), scores the first ``--images`` Fashion-MNIST test images
 as trained and with the decay removed from every attention layer (``decay="none"``, same weights;
@@ -18,10 +18,10 @@ import torch
 
 import sdt  # noqa: F401  (registers the models)
 from sdt.attention import SpatialDecayAttention
-from sdt.config import load_config
+from sdt.engine import load_config
 from sdt.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist_tensors
-from sdt.checkpoints import load_weights
-from sdt.train import TrainConfig
+from sdt.files import load_weights
+from sdt.tasks.classify import TrainConfig
 
 
 def build(cfg: TrainConfig, **overrides) -> torch.nn.Module:

@@ -1,11 +1,11 @@
 """Equal-budget dense comparison on the Fashion-MNIST mosaics: sdt_h_nano vs rmt_nano vs torchvision's
 ResNet-18 FPN, detection (Faster R-CNN, box mAP) and segmentation (Semantic FPN, mIoU), several seeds.
 
-    python experiments/dense_study.py --plan                       # measure images/s, print the CPU-hours plan
-    python experiments/dense_study.py --epochs 2 --train-images 4000 --seeds 3 --jobs 2   # train + report (the defaults)
-    python experiments/dense_study.py --until 07:50                # start no run after 07:50 (local time)
-    python experiments/dense_study.py --report-only                # rebuild the tables from finished runs
-    python experiments/dense_study.py --smoke                      # the whole pipeline on a tiny grid (minutes)
+    python -m experiments.dense_study --plan                       # measure images/s, print the CPU-hours plan
+    python -m experiments.dense_study --epochs 2 --train-images 4000 --seeds 3 --jobs 2   # train + report (the defaults)
+    python -m experiments.dense_study --until 07:50                # start no run after 07:50 (local time)
+    python -m experiments.dense_study --report-only                # rebuild the tables from finished runs
+    python -m experiments.dense_study --smoke                      # the whole pipeline on a tiny grid (minutes)
 
 Equal budget means the same recipe, data, number of training images (epochs x train_images) and
 schedule for every backbone; wall time is reported beside it, not equalised. Each run is
@@ -38,8 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-sys.path.insert(0, str(Path(__file__).parent))
-from ablation import deadline, run_or_resume  # noqa: E402  the studies' runner
+from .runner import deadline, run_or_resume
 
 BACKBONES = ("sdt_h_nano", "rmt_nano", "tv_resnet18")
 TASKS = {"detect": ("detect-mosaic", "map", "box mAP@[.5:.95]"), "segment": ("segment-mosaic", "miou", "mIoU")}
@@ -157,12 +156,12 @@ def measure(task: str, backbone: str, threads: int, steps: int) -> Dict[str, flo
     """Training and evaluation images/s of one (task, backbone) at the recipe's settings (real mosaics)."""
     import torch
 
-    from sdt.config import load_config
+    from sdt.engine import load_config
     from sdt.data import Batch
-    from sdt.dense_tasks import (DetectConfig, DetectionTask, SegmentConfig, SegmentationTask, build_detector,
-                                 build_segmenter)
+    from sdt.tasks.detect import Detect, DetectConfig, build_detector
+    from sdt.tasks.segment import Segment, SegmentConfig, build_segmenter
     from sdt.engine import DistInfo, eval_loader
-    from sdt.mosaic import FashionMosaics
+    from sdt.data.mosaic import FashionMosaics
 
     torch.set_num_threads(threads)
     config_class = DetectConfig if task == "detect" else SegmentConfig
@@ -170,10 +169,10 @@ def measure(task: str, backbone: str, threads: int, steps: int) -> Dict[str, flo
     train = FashionMosaics(cfg.data, "train")
     if task == "detect":
         model = build_detector(cfg.model, cfg.data.canvas)
-        job: Any = DetectionTask(train, train.num_classes, masks=cfg.model.detector == "maskrcnn")
+        job: Any = Detect(train, train.num_classes, masks=cfg.model.detector == "maskrcnn")
     else:
         model = build_segmenter(cfg.model)
-        job = SegmentationTask(train, train.num_classes)
+        job = Segment(train, train.num_classes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch_size = cfg.engine.batch_size
     model.train()
@@ -223,7 +222,7 @@ def plan(args: argparse.Namespace) -> None:
     if fitting:
         epochs = fitting[-1]
         print(f"\nlargest budget within {args.budget_hours} h with {args.seeds} seeds: {epochs} epoch(s) of {train_images} "
-              f"mosaics ({hours(epochs, args.seeds):.2f} h). Command:\n  python experiments/dense_study.py --seeds {args.seeds} "
+              f"mosaics ({hours(epochs, args.seeds):.2f} h). Command:\n  python -m experiments.dense_study --seeds {args.seeds} "
               f"--epochs {epochs} --train-images {train_images} --jobs {args.jobs}")
     else:
         per_image = hours(1, args.seeds) / train_images

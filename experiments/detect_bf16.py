@@ -2,7 +2,7 @@
 as ``sdt.dense`` runs it (the heads' predictions cast to float32 before torchvision decodes boxes),
 and bf16 autocast with torchvision's own behaviour (boxes decoded in bf16, the hooks removed).
 
-    python experiments/detect_bf16.py experiments/results/dense_study/detect-n4000-e2/sdt_h_nano-s0
+    python -m experiments.detect_bf16 experiments/results/dense_study/detect-n4000-e2/sdt_h_nano-s0
 """
 import argparse
 import time
@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from sdt.checkpoints import load_into, load_weights
-from sdt.config import load_config
-from sdt.dense import prediction_heads
-from sdt.dense_tasks import DetectConfig, DetectionTask, build_detector
+from sdt.files import load_into, load_weights
+from sdt.engine import load_config
+from sdt.models.dense import prediction_heads
+from sdt.tasks.detect import Detect, DetectConfig, build_detector
 from sdt.engine import DistInfo, eval_loader
-from sdt.mosaic import FashionMosaics
+from sdt.data.mosaic import FashionMosaics
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     test = FashionMosaics(cfg.data, "test")
     model = build_detector(cfg.model, cfg.data.canvas).eval()
     load_into(model, load_weights(args.run / "best.safetensors"), args.run / "best.safetensors")
-    task = DetectionTask(test, test.num_classes, masks=cfg.model.detector == "maskrcnn")
+    task = Detect(test, test.num_classes, masks=cfg.model.detector == "maskrcnn")
     loader = eval_loader(test, cfg.engine.batch_size, 0, DistInfo())
     heads = prediction_heads(model)
     hooks = [dict(h._forward_hooks) for h in heads]

@@ -1,12 +1,12 @@
 """DiT with no decay, fixed (RMT) and CAG (SDT) attention on Fashion-MNIST: train, sample, score.
 
-    python experiments/generation.py --jobs 3                 # train (resumable), sample, FID, report
-    python experiments/generation.py --until 21:20            # start no training or sampling after 21:20 (local)
-    python experiments/generation.py --report-only            # rebuild the table from finished runs
-    python experiments/generation.py --extractor sdt_h_nano.fmnist   # score (or rescore) with this FID extractor
+    python -m experiments.generation --jobs 3                 # train (resumable), sample, FID, report
+    python -m experiments.generation --until 21:20            # start no training or sampling after 21:20 (local)
+    python -m experiments.generation --report-only            # rebuild the table from finished runs
+    python -m experiments.generation --extractor sdt_h_nano.fmnist   # score (or rescore) with this FID extractor
 
 Each kind is a decay variant of ``sdt.decay.DECAY_VARIANTS`` (default none, fixed, cag), trained by
-``sdt gen-train --recipe gen-fashion-mnist -o model.attn=<kind>`` with the same seed, data order and
+``sdt gen-train --recipe gen-fashion-mnist -o model.decay=<kind>`` with the same seed, data order and
 steps, in ``<out>/<kind>`` (a "none" run trained before DiT took that name lies in ``<out>/vanilla``
 and is used from there); a rerun skips finished runs and resumes unfinished ones, so
 the study can be spread over several sessions. Then, per run, ``--per-class`` samples of every class
@@ -33,10 +33,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional
 
 from sdt.decay import DECAY_ALIASES, DECAY_VARIANTS
-from sdt.fid import DEFAULT_EXTRACTOR
+from sdt.tools.fid import DEFAULT_EXTRACTOR
 
-sys.path.insert(0, str(Path(__file__).parent))
-from ablation import deadline, run_or_resume  # noqa: E402  the studies' runner
+from .runner import deadline, run_or_resume
 
 if TYPE_CHECKING:
     import torch
@@ -55,7 +54,7 @@ def run_folder(out: Path, kind: str) -> Path:
 
 
 def gen_train(out: Path, kind: str, extra: List[str], threads: int, until: Optional[float]) -> None:
-    run_or_resume(run_folder(out, kind), ["-o", f"model.attn={kind}", *extra], command="gen-train", threads=threads,
+    run_or_resume(run_folder(out, kind), ["-o", f"model.decay={kind}", *extra], command="gen-train", threads=threads,
                   until=until)
 
 
@@ -63,7 +62,7 @@ def run_settings(folder: Path) -> Dict[str, str]:
     """The DiT config and the sampling settings (sampler, steps, guidance) that a run's samples use."""
     import yaml
 
-    from sdt.generate import SAMPLERS
+    from sdt.tasks.diffusion import SAMPLERS
 
     cfg = yaml.safe_load((folder / "config.yaml").read_text())
     sampler = cfg["sample"]["sampler"] or SAMPLERS[cfg["model"]["objective"]][0]
@@ -82,7 +81,7 @@ def sample(out: Path, kind: str, per_class: int, threads: int) -> Path:
 def check_extractor(tag: str) -> None:
     """Exit with the library's message (unknown name, no local weights) before any training or sampling."""
     from sdt.errors import SdtError
-    from sdt.fid import in_domain_extractor
+    from sdt.tools.fid import in_domain_extractor
 
     try:
         in_domain_extractor(tag)
@@ -99,7 +98,7 @@ def score(images: "torch.Tensor", labels: "torch.Tensor", threads: int, extracto
     import torch
 
     from sdt.data import fashion_mnist_tensors
-    from sdt.fid import compute_fids, conditional_accuracy, in_domain_extractor
+    from sdt.tools.fid import compute_fids, conditional_accuracy, in_domain_extractor
 
     torch.set_num_threads(threads)
     real, _ = fashion_mnist_tensors("test")

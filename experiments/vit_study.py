@@ -1,15 +1,15 @@
 """Issue 18: where does data-dependent decay matter? Decay variants in a plain ViT (sdt_vit_fm_tiny),
 where attention is the only spatial mixer, on Fashion-MNIST subsets.
 
-    python experiments/vit_study.py --plan                 # the grid and its estimated CPU hours
-    python experiments/vit_study.py --smoke --out /tmp/vs  # tiny budget, end to end in minutes
-    python experiments/vit_study.py --jobs 2               # the study (resumable: rerun to continue)
-    python experiments/vit_study.py --jobs 2 --until 21:20 # start no run after 21:20 (local time)
-    python experiments/vit_study.py --report-only          # tables + plot from the finished runs
+    python -m experiments.vit_study --plan                 # the grid and its estimated CPU hours
+    python -m experiments.vit_study --smoke --out /tmp/vs  # tiny budget, end to end in minutes
+    python -m experiments.vit_study --jobs 2               # the study (resumable: rerun to continue)
+    python -m experiments.vit_study --jobs 2 --until 21:20 # start no run after 21:20 (local time)
+    python -m experiments.vit_study --report-only          # tables + plot from the finished runs
 
 Each run is ``sdt train --recipe ablation`` with ``model.name=sdt_vit_fm_tiny`` and the variant's
 ``model.kwargs`` in ``<out>/<regime>-e<epochs>/<variant>-s<seed>``. Finished runs (summary.json)
-are skipped, killed ones resume from their last checkpoint (``experiments/ablation.py``'s rules).
+are skipped, killed ones resume from their last checkpoint (``experiments/runner.py``'s rules).
 The default ``--out`` is tracked by git without checkpoints and weights (its .gitignore), so the
 finished runs of one sitting are committed and the next sitting continues the grid; the gate
 analysis of a run is cached in its ``gates.json`` for the same reason.
@@ -20,14 +20,12 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional
 
-sys.path.insert(0, str(Path(__file__).parent))
-from ablation import deadline, mean_std, run_or_resume, t_quantile_975  # noqa: E402  the ablation's runner and statistics
+from .runner import deadline, mean_std, run_or_resume, t_quantile_975
 
 
 MODEL = "sdt_vit_fm_tiny"
@@ -187,19 +185,18 @@ def run_gates(run: Path, images: int = 256) -> List[Dict]:
         return []
     import torch
 
-    from sdt.checkpoints import load_into, load_weights
-    from sdt.config import load_config
-    from sdt.data import resolve_in_chans, resolve_num_classes
+    from sdt.files import load_into, load_weights
+    from sdt.engine import load_config
+    from sdt.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, resolve_in_chans, resolve_num_classes
     from sdt.engine import eval_loader, setup_distributed
-    from sdt.models.sdt_h import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-    from sdt.train import TrainConfig, _datasets, create_model
+    from sdt.tasks.classify import TrainConfig, classification_datasets, create_model
 
     background = (0.0 - FASHION_MNIST_MEAN[0]) / FASHION_MNIST_STD[0] + 1e-3
     cfg = load_config(TrainConfig, str(run / "config.yaml"))
     cfg.data.test_subset = images
-    cfg.model.in_chans = resolve_in_chans(cfg)
-    test_set = _datasets(cfg, ["test"])["test"]
-    cfg.model.num_classes = resolve_num_classes(cfg, test_set.classes)
+    cfg.model.in_chans = resolve_in_chans(cfg.data, cfg.model.in_chans)
+    test_set = classification_datasets(cfg, ["test"], cfg.model.in_chans)["test"]
+    cfg.model.num_classes = resolve_num_classes(cfg.model.num_classes, test_set.classes)
     net = create_model(cfg.model, cfg.model.num_classes, cfg.model.in_chans).eval()
     load_into(net, load_weights(run / "best.safetensors"), run / "best.safetensors")
     gates, masks = {}, []

@@ -105,7 +105,7 @@ def test_an_empty_image_folder_is_one_clear_error(tmp_path: Path, capsys):
 def test_our_errors_are_one_line_bugs_keep_their_traceback_and_debug_shows_all(monkeypatch, capsys):
     assert main(["train", "--recipe", "nope"]) == 2
     assert "unknown recipe 'nope'" in capsys.readouterr().err
-    from sdt.config import ConfigError
+    from sdt.errors import ConfigError
 
     with pytest.raises(ConfigError, match="unknown recipe"):
         main(["--debug", "train", "--recipe", "nope"])
@@ -115,7 +115,7 @@ def test_our_errors_are_one_line_bugs_keep_their_traceback_and_debug_shows_all(m
     def buggy(args):
         raise ValueError("a bug inside sdt")
 
-    monkeypatch.setattr(cli, "run_train", buggy)
+    monkeypatch.setattr(cli, "run_task", buggy)
     parser = cli.build_parser
     monkeypatch.setattr(cli, "build_parser", lambda: _with_func(parser(), "train", buggy))
     with pytest.raises(ValueError, match="a bug inside sdt"):  # not swallowed into one line
@@ -128,7 +128,7 @@ def _with_func(parser, command, func):
 
 
 def test_every_registered_model_name_passes_the_check():
-    from sdt.train import check_model_name
+    from sdt.models.registry import check_model_name
 
     for name in timm.list_models("sdt_*") + timm.list_models("rmt_*") + ["sdt_h_nano.fmnist", "local-dir:/x"]:
         check_model_name(name)
@@ -145,17 +145,17 @@ def test_models_table_counts_on_the_meta_device_with_progress(capsys):
 
 
 def test_cli_choices_defaults_and_recipe_help_come_from_the_library():
-    from sdt.config import available_recipes, load_config
+    from sdt.engine.config import available_recipes, load_config
     from sdt.data import DATASETS
     from sdt.decay import DECAY_VARIANTS
-    from sdt.diffusion import OBJECTIVES
-    from sdt.fid import DEFAULT_EXTRACTOR
-    from sdt.train import TrainConfig
+    from sdt.tasks.diffusion import OBJECTIVES
+    from sdt.tools.fid import DEFAULT_EXTRACTOR
+    from sdt.tasks.classify import TrainConfig
 
     commands = next(a for a in cli.build_parser()._actions if isinstance(a, cli.argparse._SubParsersAction)).choices
     options = {name: {a.dest: a for a in p._actions} for name, p in commands.items()}
     gen = options["gen-train"]
-    assert set(DECAY_VARIANTS) <= set(gen["attn"].choices) and tuple(gen["objective"].choices) == OBJECTIVES
+    assert set(DECAY_VARIANTS) <= set(gen["decay"].choices) and tuple(gen["objective"].choices) == OBJECTIVES
     assert tuple(gen["dataset"].choices) == DATASETS == tuple(options["eval"]["dataset"].choices)
     assert DEFAULT_EXTRACTOR in options["fid"]["extractor"].help
     def listed(command: str) -> List[str]:

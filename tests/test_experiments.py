@@ -1,8 +1,9 @@
-"""The studies' shared run step (experiments/ablation.py): skip, resume, start, --until.
+"""The studies' shared run step (experiments/runner.py): skip, resume, start, --until.
 
-experiments/ is not a package; the runners import ablation the same way (its folder on sys.path).
+experiments/ is a package the runners are run from (``python -m experiments.<study>``); they import
+the runner as these tests do.
 ``subprocess.run`` is replaced by a recorder, so these tests check which ``sdt`` command each state of
-a run folder leads to, not the training itself (tests/test_train.py covers resume).
+a run folder leads to, not the training itself (tests/tasks/test_classify.py covers resume).
 """
 import json
 import sys
@@ -12,10 +13,9 @@ from typing import Dict, List
 
 import pytest
 
-from sdt.checkpoints import TEMP_CHECKPOINT_PREFIX, checkpoint_dirs
+from sdt.engine.checkpoints import TEMP_CHECKPOINT_PREFIX, checkpoint_dirs
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import ablation  # noqa: E402
+from experiments import runner
 
 
 @pytest.fixture
@@ -25,13 +25,13 @@ def calls(monkeypatch) -> List[Dict]:
     def fake_run(cmd, check, stdout, stderr, env):
         recorded.append({"cmd": cmd, "env": env, "log": Path(stdout.name)})
 
-    monkeypatch.setattr(ablation.subprocess, "run", fake_run)
+    monkeypatch.setattr(runner.subprocess, "run", fake_run)
     return recorded
 
 
 def test_a_new_cell_starts_with_its_arguments_and_logs_beside_its_folder(tmp_path: Path, calls):
     folder = tmp_path / "grid" / "cag-s0"
-    ablation.run_or_resume(folder, ["--recipe", "ablation", "-o", "engine.seed=0"], command="gen-train", threads=1)
+    runner.run_or_resume(folder, ["--recipe", "ablation", "-o", "engine.seed=0"], command="gen-train", threads=1)
     (call,) = calls
     assert call["cmd"][1:] == ["-m", "sdt.cli", "gen-train", "--output", str(folder), "--recipe", "ablation",
                                "-o", "engine.seed=0"]
@@ -43,14 +43,14 @@ def test_a_finished_cell_is_skipped(tmp_path: Path, calls):
     folder = tmp_path / "cag-s0"
     folder.mkdir()
     (folder / "summary.json").write_text("{}")
-    ablation.run_or_resume(folder, ["--recipe", "ablation"])
+    runner.run_or_resume(folder, ["--recipe", "ablation"])
     assert calls == []
 
 
 def test_a_killed_cell_resumes_with_its_saved_config(tmp_path: Path, calls):
     folder = tmp_path / "cag-s0"
     (folder / "checkpoints" / "step-00000200").mkdir(parents=True)
-    ablation.run_or_resume(folder, ["--recipe", "ablation", "-o", "engine.seed=0"])
+    runner.run_or_resume(folder, ["--recipe", "ablation", "-o", "engine.seed=0"])
     (call,) = calls
     assert call["cmd"][3:] == ["train", "--output", str(folder), "--resume"]
     assert call["env"] is None  # no threads given: the child inherits the environment
@@ -60,7 +60,7 @@ def test_a_cell_killed_before_its_first_checkpoint_starts_again(tmp_path: Path, 
     folder = tmp_path / "cag-s0"
     (folder / "checkpoints" / f"{TEMP_CHECKPOINT_PREFIX}00000200-123").mkdir(parents=True)  # a killed save
     (folder / "train.log").write_text("killed")
-    ablation.run_or_resume(folder, ["--recipe", "ablation"])
+    runner.run_or_resume(folder, ["--recipe", "ablation"])
     (call,) = calls
     assert "--resume" not in call["cmd"] and call["cmd"][-2:] == ["--recipe", "ablation"]
     assert not (folder / "train.log").exists()
@@ -70,22 +70,22 @@ def test_past_until_nothing_starts_or_is_removed(tmp_path: Path, calls):
     fresh, killed = tmp_path / "a-s0", tmp_path / "b-s0"
     (killed / "checkpoints" / "step-00000200").mkdir(parents=True)
     for folder in (fresh, killed):
-        ablation.run_or_resume(folder, ["--recipe", "ablation"], until=time.time() - 1)
+        runner.run_or_resume(folder, ["--recipe", "ablation"], until=time.time() - 1)
     assert calls == [] and not fresh.exists() and checkpoint_dirs(killed)
 
 
 @pytest.mark.parametrize("text", ["25:00", "9", "12:60", "noon", "-1:30"])
 def test_until_rejects_a_bad_time(text: str):
     with pytest.raises(SystemExit, match="expected a local time HH:MM"):
-        ablation.deadline(text)
+        runner.deadline(text)
 
 
 def test_until_is_the_next_occurrence_of_that_time():
     now = time.time()
     soon = time.strftime("%H:%M", time.localtime(now + 3600))
-    assert 0 < ablation.deadline(soon) - now <= 3600
+    assert 0 < runner.deadline(soon) - now <= 3600
     passed = time.strftime("%H:%M", time.localtime(now - 3600))
-    assert 22 * 3600 < ablation.deadline(passed) - now <= 23 * 3600 + 60
+    assert 22 * 3600 < runner.deadline(passed) - now <= 23 * 3600 + 60
 
 
 def _scored_run(out: Path, kind: str, extractor: str, fid: float) -> None:
@@ -101,7 +101,7 @@ def _scored_run(out: Path, kind: str, extractor: str, fid: float) -> None:
 
 
 def test_generation_report_is_per_extractor(tmp_path: Path, monkeypatch, capsys):
-    import generation
+    from experiments import generation
 
     tag = generation.DEFAULT_EXTRACTOR
     _scored_run(tmp_path, "none", tag, 5.25)
@@ -118,7 +118,7 @@ def test_generation_report_is_per_extractor(tmp_path: Path, monkeypatch, capsys)
 
 
 def test_generation_rejects_an_extractor_without_local_weights_before_training(tmp_path: Path, monkeypatch, calls):
-    import generation
+    from experiments import generation
 
     monkeypatch.setattr(sys, "argv", ["generation.py", "--out", str(tmp_path), "--extractor", "resnet18.a1_in1k"])
     with pytest.raises(SystemExit, match="--extractor 'resnet18.a1_in1k': extractor 'resnet18.a1_in1k' has no local weights"):

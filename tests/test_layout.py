@@ -1,6 +1,13 @@
-"""The package's layout: decay -> backends -> attention -> models, config/data -> engine -> tasks -> cli,
-with no import cycles, counting the imports made inside functions (a lazy import hides a cycle from
-Python, not from a reader)."""
+"""The package's layout by folder, each layer importing only from below, with no import cycles,
+counting the imports made inside functions (a lazy import hides a cycle from Python, not from a reader):
+
+    errors, files                          the bottom
+    decay <- backends <- attention <- models   the model stack
+    data, engine                           beside the model stack (models may take data's constants)
+    tasks                                  on both
+    tools                                  on tasks or models
+    cli                                    on top
+"""
 import ast
 from pathlib import Path
 from typing import Dict, List, Set
@@ -8,6 +15,7 @@ from typing import Dict, List, Set
 import sdt
 
 PACKAGE_ROOT = Path(sdt.__file__).parent
+MISSING: Set[str] = set()  # imports of package modules that do not exist (a lazy import left behind by a move)
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -36,6 +44,7 @@ def import_graph(root: Path = PACKAGE_ROOT) -> Dict[str, Set[str]]:
             else:
                 continue
             graph[name].update(t for t in targets if t in files and t != name)
+            MISSING.update(f"{name} -> {t}" for t in targets if t.startswith(root.name + ".") and t not in files)
     return graph
 
 
@@ -84,25 +93,68 @@ def test_the_cycle_finder_sees_a_lazy_import(tmp_path):
     assert cycles(graph) == [["sdt.a", "sdt.b"]]
 
 
+def test_every_import_of_the_package_names_a_module_that_exists():
+    MISSING.clear()
+    import_graph()
+    assert sorted(MISSING) == []
+
+
 def test_sdt_has_no_import_cycles():
     graph = import_graph()
     assert "sdt.backends.fused_cpu" in graph["sdt.backends.ops"]  # the graph does see the package's imports
     assert cycles(graph) == []
 
 
+LAYERS = {  # a layer -> the layers it may import (besides itself)
+    "errors": set(),
+    "files": {"errors"},
+    "decay": {"errors"},
+    "backends": {"errors", "decay"},
+    "attention": {"errors", "decay", "backends"},
+    "data": {"errors"},
+    "models": {"errors", "files", "decay", "backends", "attention", "data"},
+    "engine": {"errors", "files", "data"},
+    "tasks": {"errors", "files", "decay", "backends", "attention", "data", "models", "engine"},
+    "tools": {"errors", "files", "decay", "backends", "attention", "data", "models", "engine", "tasks"},
+    "cli": {"errors", "files", "decay", "backends", "attention", "data", "models", "engine", "tasks", "tools"},
+}
+
+
+def layer(module: str) -> str:
+    """``sdt.tasks.classify`` -> ``tasks``; the package itself is ``sdt`` (its face: it imports the model stack)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "sdt"
+
+
 def test_the_layers_import_downwards_only():
-    """The pure decay math and the attention layer know nothing of training; the engine knows no task."""
+    """Every import of every module goes to its own layer or one below, by folder."""
     graph = import_graph()
+    assert set(map(layer, graph)) == set(LAYERS) | {"sdt"}, "a new folder or top-level module needs its place in LAYERS"
+    upward = sorted(f"{name} -> {target}" for name, targets in graph.items() for target in targets
+                    if layer(name) != "sdt" and layer(target) != layer(name) and layer(target) not in LAYERS[layer(name)])
+    assert upward == []
 
-    def reaches(start: str) -> Set[str]:
-        seen, todo = set(), [start]
-        while todo:
-            for succ in graph[todo.pop()] - seen:
-                seen.add(succ)
-                todo.append(succ)
-        return seen
 
-    tasks = {"sdt.train", "sdt.generate", "sdt.dense_tasks", "sdt.cli", "sdt.hub", "sdt.fid"}
-    assert not reaches("sdt.decay") & {"sdt.backends", "sdt.attention", "sdt.engine"}
-    assert not reaches("sdt.attention") & ({"sdt.engine", "sdt.data", "sdt.config"} | tasks)
-    assert not reaches("sdt.engine") & tasks
+def test_models_take_only_constants_from_data():
+    """Models are the library a user imports: of data they use Fashion-MNIST's statistics, nothing that reads files."""
+    graph = import_graph()
+    used = {target for name, targets in graph.items() if layer(name) == "models" for target in targets if layer(target) == "data"}
+    assert used <= {"sdt.data.images"}
+
+
+def test_the_layer_check_sees_an_upward_import(tmp_path):
+    """The check itself: an engine module that imports a task is reported."""
+    package = tmp_path / "sdt"
+    for folder in ("engine", "tasks"):
+        (package / folder).mkdir(parents=True)
+        (package / folder / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "tasks" / "classify.py").write_text("X = 1\n")
+    (package / "engine" / "run.py").write_text("def f():\n    from ..tasks.classify import X\n")
+    graph = import_graph(package)
+    assert [t for t in graph["sdt.engine.run"] if layer(t) not in LAYERS["engine"] | {"engine"}] == ["sdt.tasks.classify"]
+
+
+def test_every_folder_of_modules_is_a_package():
+    """setuptools' find_packages ships only folders with an __init__.py: one without it would be left out of a wheel."""
+    assert [str(p.relative_to(PACKAGE_ROOT)) for p in PACKAGE_ROOT.rglob("*.py") if not (p.parent / "__init__.py").is_file()] == []

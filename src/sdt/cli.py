@@ -13,36 +13,20 @@
     sdt detect            train a detector (SDT-H / RMT / ResNet backbone + FPN) on Fashion-MNIST mosaics, box mAP
     sdt segment           train a Semantic-FPN segmenter on Fashion-MNIST mosaics, mIoU
 
-Each subcommand is one ``add_*_parser`` function (its arguments) and one ``run_*`` function.
+Each subcommand is one ``add_*_parser`` function (its arguments) and one ``run_*`` function that calls
+one function of the layers below; the four training commands share ``run_task``.
 """
 import argparse
 import sys
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
-from .config import available_recipes
 from .data import DATASETS
 from .decay import DECAY_ALIASES, DECAY_VARIANTS
-from .diffusion import OBJECTIVES, SAMPLERS
-from .fid import DEFAULT_EXTRACTOR
-
-
-def _recipes_for(config_class_path: str) -> str:
-    """The shipped recipes (``sdt.config.available_recipes``) that are configs of ``module:Class``,
-    for a command's help: each command lists the recipes it can run."""
-    import importlib
-
-    from .config import ConfigError, load_config
-
-    module, name = config_class_path.split(":")
-    config_class = getattr(importlib.import_module(module, __package__), name)
-    fitting = []
-    for recipe in available_recipes():
-        try:
-            load_config(config_class, recipe)
-        except ConfigError:
-            continue
-        fitting.append(recipe)
-    return ", ".join(fitting)
+from .engine.config import available_recipes, recipes_for
+from .models.registry import check_model_name
+from .tasks import GenConfig, TrainConfig
+from .tasks.diffusion import OBJECTIVES, SAMPLERS
+from .tools.fid import DEFAULT_EXTRACTOR
 
 
 def add_models_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -55,34 +39,8 @@ def add_models_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_models)
 
 
-def model_table(names: Optional[List[str]] = None, input_size: Tuple[int, int, int] = (3, 224, 224)) -> str:
-    """A markdown table: parameters and GFLOPs (multiply-adds) of each model beside the papers' numbers."""
-    import timm
-    import torch
-
-    from .complexity import PAPER_NUMBERS, count_flops, count_params, list_sdt_models
-    from .engine import progress_bar
-
-    names = names or list_sdt_models()
-    lines = [
-        f"| model | params | GMACs @{input_size[1]}x{input_size[2]} | paper params | paper GFLOPs | paper top-1 |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    bar = progress_bar(len(names), "counting FLOPs", unit="model")
-    for name in names:
-        bar.set_postfix_str(name)
-        with torch.device("meta"):  # counts need shapes only: no weight init, no arithmetic (10x faster)
-            model = timm.create_model(name, num_classes=1000, in_chans=input_size[0])
-        paper = PAPER_NUMBERS.get(name, (None, None, None))
-        cells = [f"{v:g}" + suffix if v is not None else "-" for v, suffix in zip(paper, ("M", "G", ""))]
-        lines.append(f"| `{name}` | {count_params(model):,} | {count_flops(model, input_size) / 1e9:.2f} | " + " | ".join(cells) + " |")
-        bar.update()
-    bar.close()
-    return "\n".join(lines)
-
-
 def run_models(args: argparse.Namespace) -> int:
-    from .train import check_model_name
+    from .tools.table import model_table
 
     for name in args.names:
         check_model_name(name)
@@ -107,24 +65,11 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from .export import check_onnx, create_model_from_weights, export_onnx, save_torchscript
-    from .train import check_model_name
+    from .tools.export import export_command
 
-    check_model_name(args.model)
-    kwargs = {k: v for k, v in (("num_classes", args.num_classes), ("in_chans", args.in_chans)) if v is not None}
-    model = create_model_from_weights(args.model, args.weights, **kwargs).eval()
-    chans = model.in_chans
-    height, width = args.input_size or model.pretrained_cfg["input_size"][1:]
-    if args.format == "torchscript":
-        print(f"wrote {save_torchscript(model, args.output)} (TorchScript)")
-        return 0
-    path = export_onnx(model, args.output, (chans, height, width))
-    print(f"wrote {path} (ONNX opset 17, dynamic batch/height/width)")
-    if not args.no_check:
-        shapes = [(2, chans, height, width), (1, chans, height + height // 2 + 3, width + 5)]
-        for r in check_onnx(model, path, shapes):
-            print(f"onnxruntime vs PyTorch at {r['shape']}: max |diff| {r['max_abs_diff']:.2e} "
-                  f"(max |output| {r['max_abs_output']:.2e})")
+    for line in export_command(args.model, args.weights, args.output, args.format, args.num_classes, args.in_chans,
+                               args.input_size, check=not args.no_check):
+        print(line)
     return 0
 
 
@@ -159,31 +104,10 @@ def _block_arg(text: str) -> Optional[int]:
 
 
 def run_viz(args: argparse.Namespace) -> int:
-    from .config import ConfigError
-    from .export import create_model_from_weights
-    from .train import check_model_name
-    from .viz import attention_maps, load_image, plot_attention_maps, warn_if_untrained
+    from .tools.viz import viz_command
 
-    check_model_name(args.model)
-    warn_if_untrained(args.weights)
-    kwargs = {k: v for k, v in (("num_classes", args.num_classes), ("in_chans", args.in_chans)) if v is not None}
-    model = create_model_from_weights(args.model, args.weights, **kwargs).eval()
-    cfg = model.pretrained_cfg
-    size = tuple(args.size or cfg["input_size"][1:])
-    mean, std = cfg["mean"], cfg["std"]
-    if model.in_chans != len(mean):
-        mean, std = (sum(mean) / len(mean),) * model.in_chans, (sum(std) / len(std),) * model.in_chans
-    image, display = load_image(args.image, size, model.in_chans, mean, std)
-    if args.query:
-        try:
-            query = tuple(float(v) for v in args.query.split(","))
-            assert len(query) == 2
-        except (ValueError, AssertionError):
-            raise ConfigError(f"--query must be 'x,y' in pixels, e.g. --query 14,10; got {args.query!r}") from None
-    else:
-        query = (size[1] / 2, size[0] / 2)
-    maps = attention_maps(model, image, query, args.block)
-    for path in plot_attention_maps(maps, display, query, args.out_dir, title=args.model):
+    for path in viz_command(args.model, args.weights, args.image, args.size, args.query, args.block, args.out_dir,
+                            args.num_classes, args.in_chans):
         print(f"wrote {path}")
     return 0
 
@@ -203,8 +127,7 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_convert(args: argparse.Namespace) -> int:
     import timm
 
-    from .export import convert_rmt_checkpoint
-    from .train import check_model_name
+    from .tools.export import convert_rmt_checkpoint
 
     check_model_name(args.model)
     kwargs = {"num_classes": args.num_classes} if args.num_classes is not None else {}
@@ -222,6 +145,18 @@ def add_run_arguments(p: argparse.ArgumentParser, recipe_help: str, default_outp
                    help="continue the run in --output from its newest checkpoint (or from CHECKPOINT), with its saved config")
 
 
+def add_override_arguments(p: argparse.ArgumentParser, example: str, task: str, flags: Dict[str, str],
+                           default_recipe: Optional[str] = None) -> None:
+    """--epochs, --batch-size and -o of every training command; ``task`` (a class of ``sdt.tasks``) runs it,
+    ``flags`` maps its shortcut flags to config keys."""
+    p.add_argument("--epochs", type=int, help="= -o engine.epochs=...")
+    p.add_argument("--batch-size", type=int, help="global batch size (= -o engine.batch_size=...)")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"set any config value, e.g. {example} (repeatable)")
+    p.set_defaults(func=run_task, task=task, default_recipe=default_recipe,
+                   flags={**flags, "epochs": "engine.epochs", "batch_size": "engine.batch_size"})
+
+
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train", help="train a classifier from a recipe", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -234,24 +169,11 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
                "  sdt train --recipe imagenet --data-dir /data/imagenet -o engine.amp=bf16\n"
                "  sdt train --output runs/rmt --resume                       # continue after a crash\n"
                "  torchrun --nproc-per-node 4 -m sdt.cli train --recipe imagenet --data-dir /data/imagenet")
-    add_run_arguments(p, f"recipe name ({_recipes_for('.train:TrainConfig')}) or path to a YAML file",
+    add_run_arguments(p, f"recipe name ({', '.join(recipes_for(TrainConfig))}) or path to a YAML file",
                       "runs/<model>-<date>-<time>")
     p.add_argument("--model", help="model name (= -o model.name=...)")
     p.add_argument("--data-dir", help="dataset folder (= -o data.data_dir=...)")
-    p.add_argument("--epochs", type=int, help="= -o engine.epochs=...")
-    p.add_argument("--batch-size", type=int, help="global batch size (= -o engine.batch_size=...)")
-    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="set any config value, e.g. -o engine.lr=1e-3 -o aug.mixup=0 (repeatable)")
-    p.set_defaults(func=run_train)
-
-
-def run_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
-
-    cfg = _recipe_and_overrides(args, {"model": "model.name", "data_dir": "data.data_dir", "epochs": "engine.epochs",
-                                       "batch_size": "engine.batch_size"}, TrainConfig)
-    train(cfg, args.output, args.resume)
-    return 0
+    add_override_arguments(p, "-o engine.lr=1e-3 -o aug.mixup=0", "Classify", {"model": "model.name", "data_dir": "data.data_dir"})
 
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -273,7 +195,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .train import evaluate_checkpoint, format_eval
+    from .tools.eval import evaluate_checkpoint, format_eval
 
     result = evaluate_checkpoint(args.checkpoint, model=args.model, dataset=args.dataset, data_dir=args.data_dir,
                                  split=args.split, input_size=args.input_size, batch_size=args.batch_size,
@@ -298,7 +220,7 @@ def add_export_hub_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export_hub(args: argparse.Namespace) -> int:
-    from .hub import export_run_to_hub
+    from .tools.hub import export_run_to_hub
 
     names = None if args.label_names is None else [n.strip() for n in args.label_names.split(",")]
     out = export_run_to_hub(args.run, args.out, overwrite=args.overwrite, label_names=names)
@@ -316,31 +238,31 @@ def add_gen_train_parser(subparsers: argparse._SubParsersAction) -> None:
                     "The run folder gets config.yaml, checkpoints (model + EMA), metrics.jsonl, TensorBoard logs, "
                     "curves.png, samples.png (a row per class, EMA weights) and report.md.",
         epilog="examples:\n"
-               "  sdt gen-train --output runs/gen-cag                           # recipe gen-fashion-mnist, attn cag\n"
-               "  sdt gen-train --output runs/gen-fixed --attn fixed\n"
+               "  sdt gen-train --output runs/gen-cag                           # recipe gen-fashion-mnist, decay cag\n"
+               "  sdt gen-train --output runs/gen-fixed --decay fixed\n"
                "  sdt gen-train --output runs/gen-ddpm --objective ddpm -o model.learn_sigma=true\n"
                "  sdt gen-train --output runs/gen-cag --resume                  # continue after a crash\n"
                "  torchrun --nproc-per-node 8 -m sdt.cli gen-train --model dit_s_2 --dataset folder --data-dir /data/x")
-    add_run_arguments(p, f"recipe name ({_recipes_for('.generate:GenConfig')}) or YAML file (default gen-fashion-mnist)",
-                      "runs/<model>-<attn>-<date>-<time>")
+    add_run_arguments(p, f"recipe name ({', '.join(recipes_for(GenConfig))}) or YAML file (default gen-fashion-mnist)",
+                      "runs/<model>-<decay>-<date>-<time>")
     p.add_argument("--model", help="DiT config, e.g. dit_n_4, dit_s_2 (= -o model.name=...)")
-    p.add_argument("--attn", choices=(*DECAY_VARIANTS, *DECAY_ALIASES),
-                   help="the attention's decay variant, sdt.decay.DECAY_VARIANTS (= -o model.attn=...)")
+    p.add_argument("--decay", choices=(*DECAY_VARIANTS, *DECAY_ALIASES),
+                   help="the attention's decay variant, sdt.decay.DECAY_VARIANTS (= -o model.decay=...)")
+    p.add_argument("--attn", choices=(*DECAY_VARIANTS, *DECAY_ALIASES), help="the former name of --decay (deprecated)")
     p.add_argument("--objective", choices=OBJECTIVES, help="ddpm: DiT's epsilon DDPM; flow: SiT's flow matching")
     p.add_argument("--dataset", choices=DATASETS, help="= -o data.dataset=...")
     p.add_argument("--data-dir", help="dataset folder (= -o data.data_dir=...)")
-    p.add_argument("--epochs", type=int, help="= -o engine.epochs=...")
-    p.add_argument("--batch-size", type=int, help="global batch size (= -o engine.batch_size=...)")
-    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="set any config value, e.g. -o engine.lr=1e-4 -o model.kwargs.depth=6 (repeatable)")
-    p.set_defaults(func=run_gen_train)
+    add_override_arguments(p, "-o engine.lr=1e-4 -o model.kwargs.depth=6", "Generate",
+                           {"model": "model.name", "decay": "model.decay", "objective": "model.objective",
+                            "dataset": "data.dataset", "data_dir": "data.data_dir"}, default_recipe="gen-fashion-mnist")
 
 
 def _recipe_and_overrides(args: argparse.Namespace, flags: Dict[str, str], config_class: type,
                           default_recipe: Optional[str] = None) -> Optional[Any]:
     """The config of a new run from --recipe (or ``default_recipe``), the shortcut flags and -o
     overrides; None for --resume, which continues with the run's saved config."""
-    from .config import ConfigError, load_config
+    from .engine import load_config
+    from .errors import ConfigError
 
     overrides = list(args.override)
     for flag, key in flags.items():
@@ -356,14 +278,15 @@ def _recipe_and_overrides(args: argparse.Namespace, flags: Dict[str, str], confi
     return load_config(config_class, recipe, overrides)
 
 
-def run_gen_train(args: argparse.Namespace) -> int:
-    from .generate import GenConfig, train_generator
+def run_task(args: argparse.Namespace) -> int:
+    """train, gen-train, detect, segment: the config from the recipe, the shortcut flags and -o, then the task's run."""
+    from . import tasks
 
-    cfg = _recipe_and_overrides(args, {"model": "model.name", "attn": "model.attn", "objective": "model.objective",
-                                       "dataset": "data.dataset", "data_dir": "data.data_dir",
-                                       "epochs": "engine.epochs", "batch_size": "engine.batch_size"}, GenConfig,
-                                 default_recipe="gen-fashion-mnist")
-    train_generator(cfg, args.output, args.resume)
+    if getattr(args, "attn", None) is not None:
+        print(f"sdt {args.command}: note: --attn is deprecated; use --decay", file=sys.stderr)
+        args.decay = args.decay or args.attn
+    task = getattr(tasks, args.task)()
+    task.train(_recipe_and_overrides(args, args.flags, task.config_class, args.default_recipe), args.output, args.resume)
     return 0
 
 
@@ -391,30 +314,10 @@ def add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    import time
+    from .tools.sample import sample_command
 
-    import torch
-
-    from .config import ConfigError
-    from .generate import check_sampling, class_labels, load_generator, sample_images, save_samples
-
-    try:
-        classes = None if args.classes is None else [int(c) for c in args.classes.split(",")]
-    except ValueError:
-        raise ConfigError(f"--classes must be comma-separated class indices such as 0,3,7, got {args.classes!r}") from None
-    torch.set_num_threads(args.threads)
-    model, cfg = load_generator(args.run, args.weights)
-    sampler = args.sampler or cfg.sample.sampler
-    steps = args.steps if args.steps is not None else cfg.sample.steps
-    cfg_scale = args.cfg_scale if args.cfg_scale is not None else cfg.sample.cfg_scale
-    check_sampling(steps, cfg_scale, cfg.model.objective, args.batch_size)
-    labels = class_labels(model.num_classes, args.per_class, classes)
-    start = time.perf_counter()
-    images = sample_images(model, cfg.model.objective, labels, args.seed, sampler, steps, cfg_scale,
-                           batch_size=args.batch_size, progress=True)
-    paths = save_samples(images, labels, args.out)
-    print(f"{len(images)} samples ({cfg.model.objective}, sampler {sampler or 'default'}, {steps} steps, cfg scale "
-          f"{cfg_scale}, {args.weights} weights, seed {args.seed}) in {time.perf_counter() - start:.0f}s -> {paths['npz']}, {paths['png']}")
+    print(sample_command(args.run, args.out, args.per_class, args.classes, args.sampler, args.steps, args.cfg_scale,
+                         args.seed, args.weights, args.batch_size, args.threads))
     return 0
 
 
@@ -443,35 +346,16 @@ def add_fid_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_fid(args: argparse.Namespace) -> int:
-    import torch
+    from .tools.fid import fid_command
 
-    from .config import ConfigError
-    from .data import FASHION_MNIST_CLASSES, fashion_mnist_tensors
-    from .fid import compute_fid, conditional_accuracy, in_domain_extractor, load_samples
-
-    torch.set_num_threads(args.threads)
-    fake, labels = load_samples(args.samples)
-    real, _ = fashion_mnist_tensors(args.reference, args.data_dir)
-    reference = f"Fashion-MNIST {args.reference}"
-    if args.num_reference:
-        real, reference = real[:args.num_reference], f"{reference}[:{args.num_reference}]"
-    extractor = in_domain_extractor(args.extractor, args.extractor_checkpoint)
-    accuracy = None
-    if labels is not None and not args.no_accuracy:
-        if extractor.num_classes != len(FASHION_MNIST_CLASSES):
-            raise ConfigError(f"the samples have labels, but extractor {extractor.name} classifies {extractor.num_classes} "
-                              f"classes, not Fashion-MNIST's {len(FASHION_MNIST_CLASSES)}: use a Fashion-MNIST classifier "
-                              "or pass --no-accuracy")
-        conditional = labels >= 0  # unconditional samples (label -1) have no class to check
-        accuracy = conditional_accuracy(extractor, fake[conditional], labels[conditional]), int(conditional.sum())
-    print(compute_fid(fake, real, reference, extractor, inception_weights=args.inception_weights))
-    if accuracy is not None:
-        print(f"conditional accuracy {accuracy[0]:.4f} ({accuracy[1]} samples, classifier {extractor.name})")
+    for line in fid_command(args.samples, args.reference, args.num_reference, args.data_dir, args.extractor,
+                            args.extractor_checkpoint, args.inception_weights, not args.no_accuracy, args.threads):
+        print(line)
     return 0
 
 
 def add_dense_parsers(subparsers: argparse._SubParsersAction) -> None:
-    """``sdt detect`` and ``sdt segment`` (sdt.dense_tasks): a run from a recipe, -o overrides, --output, --resume."""
+    """``sdt detect`` and ``sdt segment`` (sdt.tasks.detect / sdt.tasks.segment): a run from a recipe, -o overrides, --output, --resume."""
     for name, recipe, help_text in (
             ("detect", "detect-mosaic", "train a detector (Faster/Mask R-CNN, RetinaNet, FCOS) on Fashion-MNIST mosaics"),
             ("segment", "segment-mosaic", "train a Semantic-FPN segmenter on Fashion-MNIST mosaics")):
@@ -489,32 +373,8 @@ def add_dense_parsers(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--backbone", help="= -o model.backbone=... (sdt_h_nano, rmt_nano, sdt_h_nano_full2d, tv_resnet18, ...)")
         if name == "detect":
             p.add_argument("--detector", choices=("fasterrcnn", "maskrcnn", "retinanet", "fcos"), help="= -o model.detector=...")
-        p.add_argument("--epochs", type=int, help="= -o engine.epochs=...")
-        p.add_argument("--batch-size", type=int, help="global batch size (= -o engine.batch_size=...)")
-        p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-                       help="set any config value, e.g. -o data.canvas=192 -o model.frozen_stages=1 (repeatable)")
-        p.set_defaults(func=run_detect if name == "detect" else run_segment, dense_recipe=recipe)
-
-
-def _dense_cfg(args: argparse.Namespace, config_class: type, flags: Dict[str, str]) -> Optional[Any]:
-    return _recipe_and_overrides(args, {**flags, "epochs": "engine.epochs", "batch_size": "engine.batch_size"},
-                                 config_class, default_recipe=args.dense_recipe)
-
-
-def run_detect(args: argparse.Namespace) -> int:
-    from .dense_tasks import DetectConfig, run_detection
-
-    cfg = _dense_cfg(args, DetectConfig, {"backbone": "model.backbone", "detector": "model.detector"})
-    run_detection(cfg or DetectConfig(), args.output, args.resume)
-    return 0
-
-
-def run_segment(args: argparse.Namespace) -> int:
-    from .dense_tasks import SegmentConfig, run_segmentation
-
-    cfg = _dense_cfg(args, SegmentConfig, {"backbone": "model.backbone"})
-    run_segmentation(cfg or SegmentConfig(), args.output, args.resume)
-    return 0
+        flags = {"backbone": "model.backbone", **({"detector": "model.detector"} if name == "detect" else {})}
+        add_override_arguments(p, "-o data.canvas=192 -o model.frozen_stages=1", name.capitalize(), flags, default_recipe=recipe)
 
 
 def build_parser() -> argparse.ArgumentParser:

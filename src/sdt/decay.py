@@ -32,13 +32,9 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .errors import SdtError
+from .errors import DecayVariantError
 
 DISTANCES = ("manhattan", "indicator")
-
-
-class DecayVariantError(SdtError, ValueError):
-    """An unknown decay variant name; the message lists the valid ones."""
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ computed in float32 and cast back), on CUDA the Triton kernels (``triton.py``, i
 CUDA use), whose float32 dots follow ``torch.get_float32_matmul_precision()`` ("highest": exact
 "ieee" dots, else TF32).
 """
+import sys
 from typing import Tuple
 
 import torch
@@ -45,6 +46,13 @@ def _cpu_inputs(*tensors: Tensor) -> Tuple[Tensor, ...]:
     return tuple(t.to(dtype).contiguous() for t in tensors)
 
 
+def _on_triton(q: Tensor) -> bool:
+    """CUDA tensors, or CPU tensors while ``sdt.backends.triton`` runs in Triton's interpreter
+    (``TRITON_INTERPRET=1``: how the Triton tests reach the kernels through this op without a GPU)."""
+    triton_module = sys.modules.get("sdt.backends.triton")
+    return q.device.type == "cuda" or q.device.type == "cpu" and bool(getattr(triton_module, "INTERPRET", False))
+
+
 def _triton_precision() -> str:
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
@@ -53,7 +61,7 @@ def _triton_precision() -> str:
 def spatial_decay_attention_op(q: Tensor, k: Tensor, v: Tensor, rates: Tensor, height: int, width: int,
                                indicator: bool) -> Tuple[Tensor, Tensor]:
     """(S, L, d) q, k, v and (S, L) float32 rates -> out (S, L, d) in q's dtype, lse (S, L) float32."""
-    if q.device.type == "cuda":
+    if _on_triton(q):
         from .triton import triton_forward
 
         return triton_forward(q, k, v, rates, height, width, indicator, input_precision=_triton_precision())
@@ -74,7 +82,7 @@ def spatial_decay_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, 
                                         lse: Tensor, height: int, width: int, indicator: bool,
                                         rates_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``spatial_decay_attention_op``: dq, dk, dv (S, L, d) in q's dtype, drates (S, L) float32."""
-    if q.device.type == "cuda":
+    if _on_triton(q):
         from .triton import triton_backward
 
         dq, dk, dv, drates = triton_backward(grad_out, q, k, v, out, rates, lse, height, width, indicator,

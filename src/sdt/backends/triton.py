@@ -30,7 +30,7 @@ Block sizes: ``triton.autotune`` over the small tables below, keyed on (L, d), w
 blocks exceed the (padded) sequence pruned. Head dims are padded to a power of two >= 16 (tl.dot's
 minimum) under masks, up to 128. Under Triton's interpreter (``TRITON_INTERPRET=1`` set before
 ``triton`` itself is first imported, and torch._dynamo imports it; it runs the kernels on CPU
-tensors, for tests: see tests/test_triton.py) one fixed configuration, ``FIXED_CONFIG``, is used
+tensors, for tests: see tests/backends/test_triton.py) one fixed configuration, ``FIXED_CONFIG``, is used
 instead: autotuning there would run every config.
 The tables are educated guesses (FlashAttention-2's Triton tutorial uses 128 x 64 forward tiles,
 and 32 x 128 / 128 x 32 for the two backward passes) and have not been measured on a GPU yet.
@@ -391,56 +391,4 @@ def triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
     return grad_q, grad_k, grad_v, grad_rates if rates_grad else None
 
 
-class TritonDecayAttention(torch.autograd.Function):
-    """forward(q, k, v, rates, grid, indicator, input_precision) over the full layout:
-    q, k, v (B, n, L, d) of one dtype, rates (B', n, L') float32 with B' in {1, B}, L' in {1, L}."""
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, rates: Tensor, grid: Tuple[int, int], indicator: bool,
-                input_precision: str) -> Tensor:
-        batch, heads, tokens, dim = q.shape
-        flat = [t.reshape(batch * heads, tokens, dim) for t in (q, k, v)]
-        rate_view = rates.expand(batch, heads, tokens)
-        out, lse = triton_forward(*flat, rate_view, grid[0], grid[1], indicator, input_precision)
-        ctx.save_for_backward(*flat, out, rates, lse)
-        ctx.grid, ctx.indicator, ctx.input_precision = grid, indicator, input_precision
-        return out.view(batch, heads, tokens, dim)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        q, k, v, out, rates, lse = ctx.saved_tensors
-        batch, heads, tokens, dim = grad_out.shape
-        rates_grad = ctx.needs_input_grad[3]
-        grad_q, grad_k, grad_v, grad_rates = triton_backward(
-            grad_out.reshape(batch * heads, tokens, dim), q, k, v, out, rates.expand(batch, heads, tokens), lse,
-            ctx.grid[0], ctx.grid[1], ctx.indicator, ctx.input_precision, rates_grad=rates_grad)
-        if rates_grad:
-            grad_rates = grad_rates.view(batch, heads, tokens).sum_to_size(rates.shape)
-        shape = (batch, heads, tokens, dim)
-        return grad_q.view(shape), grad_k.view(shape), grad_v.view(shape), grad_rates, None, None, None
-
-
-def triton_attention(q: Tensor, k: Tensor, v: Tensor, rates: Tensor, grid: Tuple[int, int],
-                     distance: str = "manhattan", input_precision: str = "tf32") -> Tensor:
-    """Spatial-decay attention over the full layout of an H x W grid with the Triton kernels.
-
-    Args:
-        q, k, v: (B, n, L, d), L = H * W, float32 / bf16 / fp16 on CUDA (k and v are cast to q's dtype).
-        rates: (B', n, L') float32 with B' in {1, B}, L' in {1, L}; read through a broadcast view,
-            and autograd sums the per-token gradient back to this shape.
-        grid: (H, W).
-        distance: "manhattan" or "indicator".
-        input_precision: "tf32" or "ieee" (float32 dots only).
-
-    Returns:
-        (B, n, L, d) in q's dtype.
-    """
-    if distance not in ("manhattan", "indicator"):
-        raise ValueError(f"unknown distance {distance!r}; expected 'manhattan' or 'indicator'")
-    if q.dim() != 4 or rates.dim() != 3:
-        raise ValueError(f"expected (B, n, L, d) q and (B', n, L') rates; got {tuple(q.shape)} and {tuple(rates.shape)}")
-    return TritonDecayAttention.apply(q, k.to(q.dtype), v.to(q.dtype), rates.float(), tuple(grid),
-                                      distance == "indicator", input_precision)
-
-
-__all__ = ["triton_forward", "triton_backward", "triton_attention", "TritonDecayAttention", "INTERPRET"]
+__all__ = ["triton_forward", "triton_backward", "INTERPRET"]

@@ -12,7 +12,7 @@ DiT's architecture (facebookresearch/DiT ``models.py``) with one change: each bl
     N blocks, adaLN-Zero: shift/scale/gate from c for the attention and the MLP
     final layer: adaLN LayerNorm + Linear -> (B, H/p, W/p, p*p*C_out) -> unpatchify (B, C_out, H, W)
 
-``attn``: a decay variant of ``sdt.decay.DECAY_VARIANTS``, spelt as for the backbones: "none"
+``decay``: a decay variant of ``sdt.decay.DECAY_VARIANTS``, spelt as for the backbones: "none"
 (plain DiT attention), "fixed" (RMT's per-head decay), "cag" (SDT's data-dependent decay), or the
 ablations "learned" and "content". "vanilla", DiT's old name for "none", is still read (saved
 configs of older runs). Every variant uses DiT's absolute sin-cos embedding and no rotary and no
@@ -25,7 +25,8 @@ features_only, ``sdt models``' classifier table) does not apply; a plain registr
 ``timm.list_models()`` for classifiers.
 """
 import math
-from typing import Any, Dict, List, Tuple
+import warnings
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -126,13 +127,14 @@ class DiT(nn.Module):
         patch_size: p; the image height and width must be multiples of it.
         in_channels: image channels C (1 or 3 for pixels, 4 for SD latents).
         hidden_size, depth, num_heads, mlp_ratio: transformer width D, blocks, heads, MLP ratio.
-        attn: a name of ``sdt.decay.DECAY_VARIANTS``: "none" (no decay), "fixed" (RMT decay), "cag" (SDT
-            decay), "learned" or "content"; "vanilla" is read as "none". ``self.attn`` holds the name.
+        decay: a name of ``sdt.decay.DECAY_VARIANTS``: "none" (no decay), "fixed" (RMT decay), "cag" (SDT
+            decay), "learned" or "content"; "vanilla" is read as "none". ``self.decay`` holds the name.
         class_dropout_prob: label dropout for classifier-free guidance (0: no null class).
         num_classes: number of classes.
         learn_sigma: also predict the variance interpolation (output 2C channels).
         init_value, heads_range: RMT's per-head decay rates (and CAG's starting point).
         attn_backend: spatial-decay attention backend (see ``sdt.backends``).
+        attn: the former name of ``decay`` (deprecated).
     """
 
     def __init__(
@@ -144,16 +146,20 @@ class DiT(nn.Module):
             depth: int = 28,
             num_heads: int = 16,
             mlp_ratio: float = 4.0,
-            attn: str = "cag",
+            decay: str = "cag",
             class_dropout_prob: float = 0.1,
             num_classes: int = 1000,
             learn_sigma: bool = True,
             init_value: float = 2.0,
             heads_range: float = 6.0,
             attn_backend: str = "auto",
+            attn: Optional[str] = None,
     ):
         super().__init__()
-        attn = decay_variant(attn).name
+        if attn is not None:
+            warnings.warn("DiT(attn=...) is deprecated; pass decay=... (the backbones' name)", FutureWarning, stacklevel=2)
+            decay = attn
+        decay = decay_variant(decay).name
         if input_size % patch_size:
             raise ValueError(f"input_size={input_size} is not a multiple of patch_size={patch_size}")
         self.in_channels = in_channels
@@ -162,7 +168,7 @@ class DiT(nn.Module):
         self.patch_size = patch_size
         self.hidden_size = hidden_size
         self.num_classes = num_classes
-        self.attn = attn
+        self.decay = decay
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True,
                                      strict_img_size=False, output_fmt="NHWC")
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -170,7 +176,7 @@ class DiT(nn.Module):
         grid = input_size // patch_size
         self.register_buffer("pos_embed", self.sincos_pos_embed((grid, grid)), persistent=False)
         self.blocks = nn.ModuleList([
-            DiTBlock(hidden_size, num_heads, mlp_ratio, attn, init_value, heads_range, attn_backend)
+            DiTBlock(hidden_size, num_heads, mlp_ratio, decay, init_value, heads_range, attn_backend)
             for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.grad_checkpointing = False

@@ -40,11 +40,9 @@ from timm.models import PretrainedCfg, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 
 from ..attention import SpatialDecayAttention, rotary_tables
+from ..data.images import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
 __all__ = ["SpatialDecayTransformer", "checkpoint_filter_fn", "rmt_config_to_kwargs"]
-
-FASHION_MNIST_MEAN = (0.2860,)
-FASHION_MNIST_STD = (0.3530,)
 
 
 def _to_nchw(x: Tensor) -> Tensor:
@@ -551,10 +549,10 @@ def _local_weight_shapes(cfg: PretrainedCfg) -> Optional[Dict[str, Tuple[int, ..
     """Tensor shapes of the weights ``cfg`` points at when they are local (``state_dict=`` or ``file=``).
 
     safetensors headers are read without loading the tensors; torch files go through
-    ``sdt.checkpoints.load_weights`` (``weights_only``; a bad file is a ``CheckpointError``). None for
+    ``sdt.files.load_weights`` (``weights_only``; a bad file is a ``CheckpointError``). None for
     remote sources (url, hf-hub) and for local-dir, whose config.json timm writes from the model itself.
     """
-    from ..checkpoints import load_weights  # not at import time: models/ stays free of file I/O helpers
+    from ..files import load_weights  # not at import time: models/ stays free of file I/O helpers
 
     if cfg.source in ("hf-hub", "local-dir"):  # timm's own precedence (_resolve_pretrained_source)
         return None

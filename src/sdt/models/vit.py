@@ -40,7 +40,7 @@ from timm.models._features import feature_take_indices
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..attention import SpatialDecayAttention, rotary_tables
-from .sdt_h import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from ..data.images import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
 __all__ = ["SpatialDecayViT", "POS_EMBEDS", "sincos_pos_embed_2d", "vit_checkpoint_filter_fn"]
 
