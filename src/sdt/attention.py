@@ -310,17 +310,23 @@ class SpatialDecayAttention(nn.Module):
             weights.append(gate.weight.float())
             biases.append(gate.bias.float())
         qkv = F.linear(x, torch.cat(weights), torch.cat(biases))
-        logits = qkv[..., 3 * dim:] if with_gate else None
-        v = qkv[..., 2 * dim:3 * dim]
-        q, k = self._heads(qkv[..., :dim]), self._heads(qkv[..., dim:2 * dim])
+        # split, not slices: its backward is one concatenation, where each slice's would fill a zero
+        # tensor of the whole output's size
+        if with_gate:
+            qk, v, logits = qkv.split([2 * dim, dim, qkv.shape[-1] - 3 * dim], dim=-1)
+        else:
+            qk, v = qkv.split([2 * dim, dim], dim=-1)
+            logits = None
+        if self.use_rotary and self._rotary_kernel_applies(qk):
+            if rotary is None:
+                rotary = rotary_tables((x.shape[1], x.shape[2]), self.head_dim, x.device)
+            q_and_k = rotary_heads_op(qk.flatten(1, 2), rotary[0], rotary[1], 2, self.num_heads)
+            return q_and_k[0], q_and_k[1], v, logits
+        q, k = (self._heads(t) for t in qk.split(dim, dim=-1))
         if self.use_rotary:
             if rotary is None:
                 rotary = rotary_tables((x.shape[1], x.shape[2]), self.head_dim, x.device)
-            if self._rotary_kernel_applies(qkv):
-                qk = rotary_heads_op(qkv.flatten(1, 2)[..., :2 * dim], rotary[0], rotary[1], 2, self.num_heads)
-                q, k = qk[0], qk[1]
-            else:
-                q, k = apply_rotary(q, rotary[0], rotary[1]), apply_rotary(k, rotary[0], rotary[1])
+            q, k = apply_rotary(q, rotary[0], rotary[1]), apply_rotary(k, rotary[0], rotary[1])
         return q, k, v, logits
 
     @torch.jit.unused

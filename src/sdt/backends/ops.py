@@ -25,6 +25,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from . import fused_cpu
 from ._layout import flat_rates
@@ -196,6 +197,13 @@ def depthwise_conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], residua
     out = F.conv2d(x.permute(0, 3, 1, 2), weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
                    padding=weight.shape[-1] // 2, groups=weight.shape[0]).permute(0, 2, 3, 1).contiguous()
     return out if residual is None else out.add_(residual)
+
+
+@register_flop_formula(torch.ops.sdt.depthwise_conv)
+def _depthwise_conv_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """FlopCounterMode (``sdt.complexity``) sees the op, not the convolution inside it: count that."""
+    batch, height, width, channels = x_shape
+    return conv_flop_count([batch, channels, height, width], w_shape, [batch, channels, height, width], False)
 
 
 @depthwise_conv_op.register_fake
