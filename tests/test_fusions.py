@@ -208,3 +208,19 @@ def test_depthwise_residual_takes_the_plain_path_where_the_kernel_does_not_apply
     with torch.autocast("cpu", torch.bfloat16):  # float32 x under autocast: the plain path's bf16 conv
         out = depthwise_residual(conv, x, residual)
     assert out.dtype == torch.float32
+
+
+@fused_needed
+def test_flop_counter_counts_the_depthwise_kernel_as_its_convolution():
+    """sdt.complexity counts FLOPs with FlopCounterMode, which sees the custom op and not the conv inside it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    conv, x, residual = _depthwise_case()
+    counts = []
+    for fn in (lambda: depthwise_conv_op(x, conv.weight, conv.bias, residual),
+               lambda: conv(x.permute(0, 3, 1, 2))):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            fn()
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0

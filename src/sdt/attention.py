@@ -134,9 +134,10 @@ def depthwise_residual(conv: nn.Conv2d, x: Tensor, residual: Tensor) -> Tensor:
 
     On the CPU one pass of the C++ kernel (``sdt::depthwise_conv``, conv, bias and residual together;
     oneDNN's depthwise backward was the slow part of a training step), else ``conv`` on the NCHW view
-    (channels-last memory) with the residual added into its output.
+    (channels-last memory) with the residual added into its output. TorchScript takes no module
+    argument: scripted callers spell the plain path out under ``torch.jit.is_scripting()``.
     """
-    if not torch.jit.is_scripting() and _depthwise_kernel_applies(conv, x, residual):
+    if _depthwise_kernel_applies(conv, x, residual):
         return depthwise_conv_op(x, conv.weight, conv.bias, residual)
     return add_into(conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), residual)
 
@@ -249,6 +250,12 @@ class SpatialDecayAttention(nn.Module):
         lce_kernel_size: LCE's depthwise kernel; 0 turns LCE off (plain attention output).
         rotary: rotate q and k by RMT's rotary embedding; False for models that add absolute
             position embeddings instead (DiT).
+
+    Eager mode and ``torch.compile`` run a fast path (issue 30, docs/benchmarks.md section 5): one GEMM
+    for q, k, v (and the gate's logits in float32), the ``sdt::rotary_heads`` kernel for the rotary
+    embedding and the heads' layout, and LCE with its residual in ``depthwise_residual``. TorchScript,
+    torch.fx, ONNX export and the reference backend keep the plain ops, which compute the same values
+    up to float rounding.
     """
 
     def __init__(
@@ -343,9 +350,13 @@ class SpatialDecayAttention(nn.Module):
     def forward(self, x: Tensor, rotary: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         """x: (B, H, W, C); rotary: (sin, cos) from ``rotary_tables`` (built here if None). -> (B, H, W, C)"""
         height, width = x.shape[1], x.shape[2]
+        gate_logits: Optional[Tensor] = None
         if torch.jit.is_scripting():
+            plain = True
+        else:
+            plain = _portable_trace()  # traced graphs of plain torch ops, as the reference backend's
+        if plain:
             q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self.v(x)
-            gate_logits: Optional[Tensor] = None
             if self.use_rotary:
                 if rotary is None:
                     rotary = rotary_tables((height, width), self.head_dim, x.device)
@@ -358,7 +369,10 @@ class SpatialDecayAttention(nn.Module):
         # autograd needs no copy of), or copied to (B, H, W, C) where there is no LCE
         out = out.transpose(1, 2).flatten(2).unflatten(1, (height, width))
         if self.lce is not None:
-            out = depthwise_residual(self.lce, v, out)
+            if torch.jit.is_scripting():
+                out = add_into(self.lce(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), out)
+            else:
+                out = depthwise_residual(self.lce, v, out)
         return self.proj(out)
 
 

@@ -67,10 +67,12 @@ def _add_residual(x: Tensor, update: Tensor) -> Tensor:
     return add_into(update, x)
 
 
-# A leaf for torch.fx (timm's tracer and plain symbolic_trace): it branches on the grad mode, which a
-# traced graph must decide when it runs, not when it was traced.
-torch.fx.wrap("_add_residual")
+# Leaves for torch.fx (timm's tracer and plain symbolic_trace): they branch on the grad mode, dtypes
+# and devices, which a traced graph must decide when it runs, not when it was traced.
+for _name in ("_add_residual", "add_into", "depthwise_residual"):  # wrap patches this module's names
+    torch.fx.wrap(_name)
 register_notrace_function(_add_residual)
+del _name
 
 
 class Stem(nn.Module):
@@ -122,6 +124,8 @@ class ConvFFN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.act(self.fc1(x))
+        if torch.jit.is_scripting():
+            return self.fc2(add_into(_to_nhwc(self.dwconv(_to_nchw(x))), x))
         return self.fc2(depthwise_residual(self.dwconv, x, x))
 
 
@@ -156,7 +160,11 @@ class SpatialDecayBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: Tensor, rotary: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
-        x = depthwise_residual(self.cpe, x, x)  # from here on x is the block's own tensor
+        # from here on x is the block's own tensor
+        if torch.jit.is_scripting():
+            x = add_into(_to_nhwc(self.cpe(_to_nchw(x))), x)
+        else:
+            x = depthwise_residual(self.cpe, x, x)
         x = _add_residual(x, self.drop_path1(self.ls1(self.attn(self.norm1(x), rotary))))
         return _add_residual(x, self.drop_path2(self.ls2(self.mlp(self.norm2(x)))))
 
