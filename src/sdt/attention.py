@@ -317,8 +317,8 @@ class SpatialDecayAttention(nn.Module):
             weights.append(gate.weight.float())
             biases.append(gate.bias.float())
         qkv = F.linear(x, torch.cat(weights), torch.cat(biases))
-        # split, not slices: its backward is one concatenation, where each slice's would fill a zero
-        # tensor of the whole output's size
+        # split and unbind, not slices and indexing: their backward is one concatenation, where each
+        # slice's would fill a zero tensor of the whole output's size
         if with_gate:
             qk, v, logits = qkv.split([2 * dim, dim, qkv.shape[-1] - 3 * dim], dim=-1)
         else:
@@ -327,8 +327,8 @@ class SpatialDecayAttention(nn.Module):
         if self.use_rotary and self._rotary_kernel_applies(qk):
             if rotary is None:
                 rotary = rotary_tables((x.shape[1], x.shape[2]), self.head_dim, x.device)
-            q_and_k = rotary_heads_op(qk.flatten(1, 2), rotary[0], rotary[1], 2, self.num_heads)
-            return q_and_k[0], q_and_k[1], v, logits
+            q, k = rotary_heads_op(qk.flatten(1, 2), rotary[0], rotary[1], 2, self.num_heads).unbind(0)
+            return q, k, v, logits
         q, k = (self._heads(t) for t in qk.split(dim, dim=-1))
         if self.use_rotary:
             if rotary is None:
