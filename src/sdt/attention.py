@@ -132,9 +132,10 @@ def _depthwise_kernel_applies(conv: nn.Conv2d, x: Tensor, residual: Tensor) -> b
 def depthwise_residual(conv: nn.Conv2d, x: Tensor, residual: Tensor) -> Tensor:
     """residual + conv(x) for channels-last x, residual (B, H, W, C) and a depthwise ``conv``: -> (B, H, W, C).
 
-    On the CPU one pass of the C++ kernel (``sdt::depthwise_conv``, conv, bias and residual together;
-    oneDNN's depthwise backward was the slow part of a training step), else ``conv`` on the NCHW view
-    (channels-last memory) with the residual added into its output. TorchScript takes no module
+    On the CPU the custom op ``sdt::depthwise_conv`` (oneDNN's convolution with the residual added into
+    its output, and the weight and bias gradients from the C++ kernel: oneDNN's depthwise backward was
+    the slow part of a training step), else ``conv`` on the NCHW view (channels-last memory) with the
+    residual added into its output. TorchScript takes no module
     argument: scripted callers spell the plain path out under ``torch.jit.is_scripting()``.
     """
     if _depthwise_kernel_applies(conv, x, residual):
@@ -324,15 +325,13 @@ class SpatialDecayAttention(nn.Module):
         else:
             qk, v = qkv.split([2 * dim, dim], dim=-1)
             logits = None
-        if self.use_rotary and self._rotary_kernel_applies(qk):
-            if rotary is None:
-                rotary = rotary_tables((x.shape[1], x.shape[2]), self.head_dim, x.device)
+        if self.use_rotary and rotary is None:
+            rotary = rotary_tables((x.shape[1], x.shape[2]), self.head_dim, x.device)
+        if rotary is not None and self.use_rotary and self._rotary_kernel_applies(qk):
             q, k = rotary_heads_op(qk.flatten(1, 2), rotary[0], rotary[1], 2, self.num_heads).unbind(0)
             return q, k, v, logits
         q, k = (self._heads(t) for t in qk.split(dim, dim=-1))
-        if self.use_rotary:
-            if rotary is None:
-                rotary = rotary_tables((x.shape[1], x.shape[2]), self.head_dim, x.device)
+        if rotary is not None and self.use_rotary:
             q, k = apply_rotary(q, rotary[0], rotary[1]), apply_rotary(k, rotary[0], rotary[1])
         return q, k, v, logits
 
@@ -365,8 +364,6 @@ class SpatialDecayAttention(nn.Module):
             q, k, v, gate_logits = self._fused_qkv(x, rotary)
         rates = self.gate(x, gate_logits)
         out = spatial_decay_attention(q, k, self._heads(v), rates, (height, width), self.layout, self.distance, self.backend)
-        # (B, n, L, d) -> (B, H, W, n, d) view; added into LCE's fresh output (the addition
-        # autograd needs no copy of), or copied to (B, H, W, C) where there is no LCE
         out = out.transpose(1, 2).flatten(2).unflatten(1, (height, width))
         if self.lce is not None:
             if torch.jit.is_scripting():
