@@ -1,6 +1,6 @@
 """Parameters and GMACs of every DiT config with each attention kind (printed as a markdown table).
 
-Counts use sdt.complexity (torch's FlopCounterMode, multiply-adds; the decay bias and softmax are
+Counts use sdt.models.complexity (torch's FlopCounterMode, multiply-adds; the decay bias and softmax are
 element-wise and not counted). Models are built on the meta device, so nothing is allocated.
 
     PYTHONPATH=src python benchmarks/dit_configs.py

@@ -32,7 +32,9 @@ from torch import Tensor
 
 from timm.layers import register_notrace_function, register_notrace_module
 
-from .backends import LAYOUTS, check_backend, spatial_decay_attention
+from .backends import LAYOUTS, _portable_trace, check_backend, spatial_decay_attention, triton_available
+from .backends import fused_cpu
+from .backends.ops import depthwise_conv_op, rotary_heads_op
 from .decay import DECAY_VARIANTS, decay_rates, decay_variant, rate_logits
 
 DECAYS = tuple(DECAY_VARIANTS)  # the names, in the table's order
@@ -101,10 +103,50 @@ def _gate_logits_eager(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         return F.linear(x.float(), weight.float(), bias.float())
 
 
+def add_into(update: Tensor, residual: Tensor) -> Tensor:
+    """residual + update, written into ``update`` where the dtypes and shapes agree (else a new tensor).
+
+    ``update`` must be a fresh result whose producer's backward does not read it (a conv, a Linear,
+    layerscale, drop path): autograd then allows the in-place addition, which saves allocating and
+    filling a new tensor of the activation's size. Same value as ``residual + update``.
+    """
+    if update.dtype == residual.dtype and update.shape == residual.shape:
+        return update.add_(residual)
+    return residual + update
+
+
+@torch.jit.unused
+def _depthwise_kernel_applies(conv: nn.Conv2d, x: Tensor, residual: Tensor) -> bool:
+    """Whether ``sdt::depthwise_conv`` computes conv(x) + residual: a depthwise, stride-1, "same" conv with an
+    odd square kernel on the CPU with the C++ kernel built, x and residual of one float32/bf16 dtype (the
+    plain path's dtype too), outside autocast's bf16 casts (the op keeps x's dtype) and the portable traces."""
+    channels, kernel = conv.in_channels, conv.kernel_size[0]
+    return (conv.groups == channels == conv.out_channels and conv.kernel_size == (kernel, kernel) and kernel % 2 == 1
+            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.padding == (kernel // 2, kernel // 2)
+            and conv.padding_mode == "zeros" and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and residual.dtype == x.dtype and residual.shape == x.shape and x.stride(-1) == 1
+            and not (x.dtype == torch.float32 and torch.is_autocast_enabled("cpu"))
+            and not _portable_trace() and fused_cpu.available())
+
+
+def depthwise_residual(conv: nn.Conv2d, x: Tensor, residual: Tensor) -> Tensor:
+    """residual + conv(x) for channels-last x, residual (B, H, W, C) and a depthwise ``conv``: -> (B, H, W, C).
+
+    On the CPU the custom op ``sdt::depthwise_conv`` (oneDNN's convolution with the residual added into
+    its output, and the weight and bias gradients from the C++ kernel: oneDNN's depthwise backward was
+    the slow part of a training step), else ``conv`` on the NCHW view (channels-last memory) with the
+    residual added into its output. TorchScript takes no module
+    argument: scripted callers spell the plain path out under ``torch.jit.is_scripting()``.
+    """
+    if _depthwise_kernel_applies(conv, x, residual):
+        return depthwise_conv_op(x, conv.weight, conv.bias, residual)
+    return add_into(conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), residual)
+
+
 # Leaves for torch.fx, in timm's tracer (register_notrace_function) and in plain torch.fx.symbolic_trace
 # (torch.fx.wrap): they branch on the device or on the grid size, so a traced graph calls them and they
 # run eagerly on the actual input. spatial_decay_attention picks its backend per call the same way.
-for _name in ("rotary_tables", "_gate_logits_eager", "spatial_decay_attention"):
+for _name in ("rotary_tables", "_gate_logits_eager", "spatial_decay_attention", "add_into", "depthwise_residual"):
     torch.fx.wrap(_name)
     register_notrace_function(globals()[_name])
 del _name
@@ -167,14 +209,19 @@ class DecayGate(nn.Module):
             logits = _gate_logits_eager(x, weight, bias)
         return F.logsigmoid(logits).flatten(1, 2).transpose(1, 2)
 
-    def forward(self, x: Tensor) -> Optional[Tensor]:
+    def forward(self, x: Tensor, logits: Optional[Tensor] = None) -> Optional[Tensor]:
+        """x: (B, H, W, C); logits: x W_g + b, (B, H, W, n) float32, when the caller computed them already
+        (``SpatialDecayAttention`` does, in its fused projection). -> rates (class docstring)."""
         if not self.has_bias:
             return None
         if not self.learnable:  # RMT's fixed per-head rates
             return self.fixed_rates.view(1, -1, 1)
         alpha = self.alpha.float().view(1, -1, 1)
         if self.token_dependent:
-            rates = self.gate_map(x) * alpha
+            if logits is None:
+                rates = self.gate_map(x) * alpha
+            else:
+                rates = F.logsigmoid(logits).flatten(1, 2).transpose(1, 2) * alpha
         else:
             bias = self.bias
             assert bias is not None
@@ -204,6 +251,12 @@ class SpatialDecayAttention(nn.Module):
         lce_kernel_size: LCE's depthwise kernel; 0 turns LCE off (plain attention output).
         rotary: rotate q and k by RMT's rotary embedding; False for models that add absolute
             position embeddings instead (DiT).
+
+    Eager mode and ``torch.compile`` run a fast path (issue 30, docs/benchmarks.md section 5): one GEMM
+    for q, k, v (and the gate's logits in float32), the ``sdt::rotary_heads`` kernel for the rotary
+    embedding and the heads' layout, and LCE with its residual in ``depthwise_residual``. TorchScript,
+    torch.fx, ONNX export and the reference backend keep the plain ops, which compute the same values
+    up to float rounding.
     """
 
     def __init__(
@@ -243,22 +296,80 @@ class SpatialDecayAttention(nn.Module):
         """(B, H, W, C) -> (B, n, L, d)"""
         return t.flatten(1, 2).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
+    @torch.jit.unused
+    def _fused_qkv(self, x: Tensor, rotary: Optional[Tuple[Tensor, Tensor]]
+                   ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+        """q, k (B, n, L, d) with rotary, v (B, H, W, C) and, in float32 outside autocast, the gate's logits
+        (B, H, W, n), from one GEMM.
+
+        The weights are concatenated per call (the modules and the state-dict keys stay as they are).
+        The gate's logits join the GEMM only where it runs in float32 anyway: under autocast the
+        gate stays a float32 GEMM of its own (``DecayGate``). q and k are neighbours in the GEMM's
+        output, so one ``sdt::rotary_heads`` pass rotates both and writes them in the layout the
+        attention kernels read, where that kernel runs (``_rotary_kernel_applies``).
+        """
+        dim = self.q.out_features
+        weights = [self.q.weight, self.k.weight, self.v.weight]
+        biases = [self.q.bias, self.k.bias, self.v.bias]
+        gate = self.gate
+        with_gate = (gate.weight is not None and gate.bias is not None and x.dtype == torch.float32
+                     and x.device.type != "meta" and not torch.is_autocast_enabled(x.device.type))
+        if with_gate:
+            weights.append(gate.weight.float())
+            biases.append(gate.bias.float())
+        qkv = F.linear(x, torch.cat(weights), torch.cat(biases))
+        # split and unbind, not slices and indexing: their backward is one concatenation, where each
+        # slice's would fill a zero tensor of the whole output's size
+        if with_gate:
+            qk, v, logits = qkv.split([2 * dim, dim, qkv.shape[-1] - 3 * dim], dim=-1)
+        else:
+            qk, v = qkv.split([2 * dim, dim], dim=-1)
+            logits = None
+        if self.use_rotary and rotary is None:
+            rotary = rotary_tables((x.shape[1], x.shape[2]), self.head_dim, x.device)
+        if rotary is not None and self.use_rotary and self._rotary_kernel_applies(qk):
+            q, k = rotary_heads_op(qk.flatten(1, 2), rotary[0], rotary[1], 2, self.num_heads).unbind(0)
+            return q, k, v, logits
+        q, k = (self._heads(t) for t in qk.split(dim, dim=-1))
+        if rotary is not None and self.use_rotary:
+            q, k = apply_rotary(q, rotary[0], rotary[1]), apply_rotary(k, rotary[0], rotary[1])
+        return q, k, v, logits
+
+    @torch.jit.unused
+    def _rotary_kernel_applies(self, q: Tensor) -> bool:
+        """Whether q and k get their rotary embedding from the ``sdt::rotary_heads`` kernel: eager or
+        ``torch.compile`` on CPU (the fused C++ kernel built) or CUDA (Triton); the plain torch code under
+        the reference backend (the ground truth) and the portable traces."""
+        if self.backend == "reference" or _portable_trace():
+            return False
+        if q.device.type == "cpu":
+            return q.dtype in (torch.float32, torch.bfloat16) and fused_cpu.available()
+        return q.device.type == "cuda" and triton_available()
+
     def forward(self, x: Tensor, rotary: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         """x: (B, H, W, C); rotary: (sin, cos) from ``rotary_tables`` (built here if None). -> (B, H, W, C)"""
         height, width = x.shape[1], x.shape[2]
-        v = self.v(x)
-        q = self._heads(self.q(x))
-        k = self._heads(self.k(x))
-        if self.use_rotary:
-            if rotary is None:
-                rotary = rotary_tables((height, width), self.head_dim, x.device)
-            q = apply_rotary(q, rotary[0], rotary[1])
-            k = apply_rotary(k, rotary[0], rotary[1])
-        rates = self.gate(x)
+        gate_logits: Optional[Tensor] = None
+        if torch.jit.is_scripting():
+            plain = True
+        else:
+            plain = _portable_trace()  # traced graphs of plain torch ops, as the reference backend's
+        if plain:
+            q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self.v(x)
+            if self.use_rotary:
+                if rotary is None:
+                    rotary = rotary_tables((height, width), self.head_dim, x.device)
+                q, k = apply_rotary(q, rotary[0], rotary[1]), apply_rotary(k, rotary[0], rotary[1])
+        else:
+            q, k, v, gate_logits = self._fused_qkv(x, rotary)
+        rates = self.gate(x, gate_logits)
         out = spatial_decay_attention(q, k, self._heads(v), rates, (height, width), self.layout, self.distance, self.backend)
         out = out.transpose(1, 2).flatten(2).unflatten(1, (height, width))
         if self.lce is not None:
-            out = out + self.lce(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            if torch.jit.is_scripting():
+                out = add_into(self.lce(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), out)
+            else:
+                out = depthwise_residual(self.lce, v, out)
         return self.proj(out)
 
 

@@ -427,3 +427,30 @@ def test_cuda_every_autotune_config(monkeypatch, config):
     grid = (9, 23)  # 207 tokens: partial blocks for every block size
     q, k, v, rates = make_inputs(2, 2, grid, 64, (2, 2, 207), "mixed", dtype=torch.bfloat16)
     assert_matches_reference(q, k, v, rates, grid, tol=BF16_TOL)
+
+
+@kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_heads_matches_apply_rotary(dtype):
+    """The Triton twin of the C++ ``sdt::rotary_heads``: q and k from a strided slice, rotated into (2, B, n, L, d),
+    and its gradient (the transposed rotation) against autograd through ``apply_rotary``."""
+    from sdt.attention import apply_rotary, rotary_tables
+
+    batch, grid, heads, dim = 2, (3, 5), 3, 6  # 36 channels: a padded block of 64
+    tokens, channels = grid[0] * grid[1], heads * dim
+    generator = torch.Generator().manual_seed(0)
+    wide = torch.randn(batch, tokens, 3 * channels + 5, generator=generator).to(DEVICE, dtype)
+    qk = wide[..., :2 * channels].detach().requires_grad_()
+    plain = qk.detach().float().clone().requires_grad_()
+    sin, cos = (t.to(DEVICE) for t in rotary_tables(grid, dim))
+    out = sdt_triton.triton_rotary_heads(qk, sin, cos, 2, heads)
+    views = plain.view(batch, tokens, 2, heads, dim).permute(2, 0, 3, 1, 4)
+    expected = torch.stack([apply_rotary(views[0], sin, cos), apply_rotary(views[1], sin, cos)])
+    assert out.shape == expected.shape and out.dtype == dtype
+    tol = F32_TOL if dtype == torch.float32 else BF16_TOL
+    assert relative_error(out, expected) < tol
+    weight = torch.randn(expected.shape, generator=generator).to(DEVICE)
+    (expected * weight).sum().backward()
+    grad = sdt_triton.triton_rotary_heads_backward(weight.to(dtype), sin, cos)
+    assert grad.shape == qk.shape and grad.dtype == dtype
+    assert relative_error(grad, plain.grad) < tol

@@ -1,5 +1,5 @@
 """The run-folder format across the layout change: a run killed by the code before it resumes with
-today's code and ends where a run started today ends (tests/fixtures/README-run_v0.md)."""
+today's code and ends where a run started today ends, up to float rounding (tests/fixtures/README-run_v0.md)."""
 import json
 import shutil
 from pathlib import Path
@@ -38,7 +38,17 @@ def test_a_run_folder_from_before_the_layout_resumes_and_matches_a_new_run(fake_
 
     new = tmp_path / "new"
     Classify().train(load_config(TrainConfig, str(old / "config.yaml")), str(new))
+    # Not bitwise: the fused projections and kernels of issue 30 round differently from the code that wrote
+    # the fixture's first 18 steps (validation losses differ by ~2e-6, AdamW turns that into up to 6e-4 on
+    # weights whose gradients are near zero). A resume that lost state (optimizer, EMA, schedule, data order)
+    # is caught: an EMA or optimizer state reset at the fixture's step 18 fails this test (checked by hand).
     a, b = _final(old), _final(new)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
-    assert _val_records(old) == _val_records(new)
+    assert a.keys() == b.keys()
+    far = [k for k in a if not torch.allclose(a[k].float(), b[k].float(), rtol=0, atol=2e-3)]
+    assert not far, far[:5]
+    old_val, new_val = _val_records(old), _val_records(new)
+    assert [(r["step"], r["epoch"], r["top1"], r["top5"], r["ema_top1"], r["ema_top5"]) for r in old_val] \
+        == [(r["step"], r["epoch"], r["top1"], r["top5"], r["ema_top1"], r["ema_top5"]) for r in new_val]
+    for r_old, r_new in zip(old_val, new_val):
+        assert abs(r_old["loss"] - r_new["loss"]) < 2e-5 and abs(r_old["ema_loss"] - r_new["ema_loss"]) < 2e-5, (r_old, r_new)
     assert yaml.safe_load((new / "config.yaml").read_text()) == saved  # a new run saves the same config.yaml

@@ -319,7 +319,8 @@ def test_model_backward_fx(name):
 def test_plain_fx_symbolic_trace_matches_eager(name, kwargs):
     """torch.fx.symbolic_trace without timm's leaf lists: the attention's dispatch, the gate's autocast
     handling and the ViT's position embeddings are wrapped functions (torch.fx.wrap), so tracing works
-    and the graph keeps any input size."""
+    and the graph keeps any input size. The traced graph records the plain ops (separate q, k, v and
+    gate GEMMs, rotary in torch), eager runs the fused projection and kernels: equal up to float rounding."""
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10, in_chans=3, **kwargs)
     with torch.no_grad():
@@ -330,7 +331,7 @@ def test_plain_fx_symbolic_trace_matches_eager(name, kwargs):
     for shape in ((2, 3, 64, 64), (1, 3, 33, 47)):
         x = torch.randn(*shape)
         with torch.no_grad():
-            assert torch.equal(traced(x), model(x)), shape
+            torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-6, msg=str(shape))
     traced = torch.fx.symbolic_trace(model.train())  # a graph keeps the mode it was traced in (drop path, BN)
     x = torch.randn(2, 3, 32, 32)
     torch.manual_seed(1)
@@ -340,7 +341,7 @@ def test_plain_fx_symbolic_trace_matches_eager(name, kwargs):
     torch.manual_seed(1)
     model(x).sum().backward()
     for n, p in model.named_parameters():
-        torch.testing.assert_close(grads[n], p.grad, rtol=0, atol=0, msg=n)
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
 @pytest.mark.parametrize("name", _params(MODELS))

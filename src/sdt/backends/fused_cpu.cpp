@@ -311,6 +311,176 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> decay_attention_backward(
   return {grad_q, grad_k, grad_v, grad_rates};
 }
 
+
+// Rotary embedding and the head layout in one pass (the attention's q and k, see ops.py):
+// x (B, L, G * n * d) with any strides but a unit last one (a slice of the fused q/k/v GEMM's output)
+// -> out (G, B, n, L, d) contiguous, pair (2i, 2i+1) of every head rotated by the angle of token l:
+// (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), sin and cos (L, d) float32. Computed in float32 and
+// rounded once to x's dtype. The backward applies the transposed rotation and writes (B, L, G * n * d).
+template <typename scalar_t>
+void rotary_heads_kernel(const Tensor& x, const Tensor& sin, const Tensor& cos, Tensor& out, int64_t groups,
+                         int64_t heads, bool inverse) {
+  // forward: x (B, L, C) strided -> out (G, B, n, L, d); inverse: x (G, B, n, L, d) -> out (B, L, C) contiguous
+  const int64_t batch = inverse ? x.size(1) : x.size(0), tokens = sin.size(0), dim = sin.size(1);
+  const int64_t channels = groups * heads * dim;
+  const scalar_t* x_data = x.data_ptr<scalar_t>();
+  scalar_t* out_data = out.data_ptr<scalar_t>();
+  const float* sin_data = sin.data_ptr<float>();
+  const float* cos_data = cos.data_ptr<float>();
+  const int64_t x_batch_stride = inverse ? 0 : x.stride(0), x_token_stride = inverse ? 0 : x.stride(1);
+  at::parallel_for(0, batch * tokens, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t b = index / tokens, l = index % tokens;
+      const float* s = sin_data + l * dim;
+      const float* c = cos_data + l * dim;
+      for (int64_t head = 0; head < groups * heads; ++head) {
+        const int64_t g = head / heads, h = head % heads;
+        const int64_t heads_offset = (((g * batch + b) * heads + h) * tokens + l) * dim;
+        const int64_t token_offset = inverse ? index * channels + head * dim
+                                             : b * x_batch_stride + l * x_token_stride + head * dim;
+        const scalar_t* src = x_data + (inverse ? heads_offset : token_offset);
+        scalar_t* dst = out_data + (inverse ? token_offset : heads_offset);
+        const float sign = inverse ? -1.0f : 1.0f;  // the transposed rotation turns by -angle
+#pragma omp simd
+        for (int64_t i = 0; i < dim; i += 2) {
+          const float x0 = static_cast<float>(src[i]), x1 = static_cast<float>(src[i + 1]);
+          dst[i] = static_cast<scalar_t>(x0 * c[i] - sign * x1 * s[i]);
+          dst[i + 1] = static_cast<scalar_t>(x1 * c[i + 1] + sign * x0 * s[i + 1]);
+        }
+      }
+    }
+  });
+}
+
+void check_rotary_tables(const Tensor& sin, const Tensor& cos, int64_t tokens, int64_t dim) {
+  TORCH_CHECK(sin.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat && sin.is_contiguous() &&
+              cos.is_contiguous() && sin.dim() == 2 && sin.sizes() == cos.sizes(),
+              "sin and cos must be contiguous (L, d) float32 tables");
+  TORCH_CHECK(sin.size(0) == tokens && sin.size(1) == dim && dim % 2 == 0,
+              "the rotary tables are (", sin.size(0), ", ", sin.size(1), ") but the input has ", tokens,
+              " tokens of head size ", dim, " (an even size)");
+}
+
+Tensor rotary_heads(const Tensor& x, const Tensor& sin, const Tensor& cos, int64_t groups, int64_t heads) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "x must be (B, L, C) with a unit last stride");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  TORCH_CHECK(groups > 0 && heads > 0 && x.size(2) % (groups * heads) == 0, "C must split into groups x heads");
+  const int64_t dim = x.size(2) / (groups * heads);
+  check_rotary_tables(sin, cos, x.size(1), dim);
+  auto out = at::empty({groups, x.size(0), heads, x.size(1), dim}, x.options());
+  if (x.scalar_type() == at::kBFloat16) {
+    rotary_heads_kernel<at::BFloat16>(x, sin, cos, out, groups, heads, false);
+  } else {
+    rotary_heads_kernel<float>(x, sin, cos, out, groups, heads, false);
+  }
+  return out;
+}
+
+Tensor rotary_heads_backward(const Tensor& grad_in, const Tensor& sin, const Tensor& cos) {
+  TORCH_CHECK(grad_in.dim() == 5, "the gradient must be (G, B, n, L, d)");
+  TORCH_CHECK(grad_in.scalar_type() == at::kFloat || grad_in.scalar_type() == at::kBFloat16,
+              "the gradient must be float32 or bfloat16");
+  auto grad = grad_in.contiguous();
+  const int64_t groups = grad.size(0), heads = grad.size(2), dim = grad.size(4);
+  check_rotary_tables(sin, cos, grad.size(3), dim);
+  auto out = at::empty({grad.size(1), grad.size(3), groups * heads * dim}, grad.options());
+  if (grad.scalar_type() == at::kBFloat16) {
+    rotary_heads_kernel<at::BFloat16>(grad, sin, cos, out, groups, heads, true);
+  } else {
+    rotary_heads_kernel<float>(grad, sin, cos, out, groups, heads, true);
+  }
+  return out;
+}
+
+
+// Depthwise convolutions on channels-last (B, H, W, C) tensors (sdt::depthwise_conv in ops.py): their
+// weight and bias gradients. oneDNN's depthwise backward took 5-20 ms per call at the model's training
+// shapes, many times its forward; the forward and the input gradient stay oneDNN convolutions.
+// The weight and bias gradients of a depthwise conv: grad_weight (k * k, C) = sum over b, h, w of
+// grad(b, h, w) * x(b, h + i - k/2, w + j - k/2), grad_bias (C) = sum of grad; float32. Each thread sums
+// its rows into its own (k * k + 1, C) buffer, and the buffers are added at the end. Within a row,
+// one kernel row i and 16 channels at a time, the k sums of taps (i, 0..k-1) stay in registers while
+// w runs along the row (Kernel is a compile-time size for that; 0 is any size, slower).
+template <typename scalar_t, int64_t Kernel>
+void dwconv_param_grads_row(const scalar_t* grad_row, const scalar_t* x, int64_t sb, int64_t sh, int64_t sw,
+                            int64_t b, int64_t h, int64_t height, int64_t width, int64_t channels,
+                            int64_t kernel_runtime, float* acc) {
+  constexpr int64_t kBlock = 16;
+  const int64_t kernel = Kernel > 0 ? Kernel : kernel_runtime, pad = kernel / 2, taps = kernel * kernel;
+  float* bias_acc = acc + taps * channels;
+  for (int64_t w = 0; w < width; ++w) {
+    const scalar_t* g = grad_row + w * channels;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) bias_acc[c] += static_cast<float>(g[c]);
+  }
+  for (int64_t i = 0; i < kernel; ++i) {
+    const int64_t hh = h + i - pad;
+    if (hh < 0 || hh >= height) continue;
+    const scalar_t* x_row = x + b * sb + hh * sh;
+    for (int64_t c0 = 0; c0 < channels; c0 += kBlock) {
+      const int64_t lanes = std::min(kBlock, channels - c0);
+      float sums[Kernel > 0 ? Kernel : 16][kBlock] = {};
+      for (int64_t w = 0; w < width; ++w) {
+        const scalar_t* g = grad_row + w * channels + c0;
+        float g_lanes[kBlock] = {};
+        for (int64_t c = 0; c < lanes; ++c) g_lanes[c] = static_cast<float>(g[c]);
+        for (int64_t j = 0; j < kernel; ++j) {
+          const int64_t ww = w + j - pad;
+          if (ww < 0 || ww >= width) continue;
+          const scalar_t* src = x_row + ww * sw + c0;
+          if (lanes == kBlock) {
+#pragma omp simd
+            for (int64_t c = 0; c < kBlock; ++c) sums[j][c] += g_lanes[c] * static_cast<float>(src[c]);
+          } else {
+            for (int64_t c = 0; c < lanes; ++c) sums[j][c] += g_lanes[c] * static_cast<float>(src[c]);
+          }
+        }
+      }
+      for (int64_t j = 0; j < kernel; ++j)
+        for (int64_t c = 0; c < lanes; ++c) acc[(i * kernel + j) * channels + c0 + c] += sums[j][c];
+    }
+  }
+}
+
+template <typename scalar_t>
+std::tuple<Tensor, Tensor> dwconv_param_grads_impl(const Tensor& grad, const Tensor& x, int64_t kernel) {
+  const int64_t batch = x.size(0), height = x.size(1), width = x.size(2), channels = x.size(3);
+  const int64_t taps = kernel * kernel;
+  const int64_t threads = at::get_num_threads();
+  auto partial = at::zeros({threads, taps + 1, channels}, x.options().dtype(at::kFloat));
+  float* partial_data = partial.data_ptr<float>();
+  const scalar_t* grad_data = grad.data_ptr<scalar_t>();
+  const scalar_t* x_data = x.data_ptr<scalar_t>();
+  const int64_t sb = x.stride(0), sh = x.stride(1), sw = x.stride(2);
+  at::parallel_for(0, batch * height, 1, [&](int64_t begin, int64_t end) {
+    float* acc = partial_data + at::get_thread_num() * (taps + 1) * channels;
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / height, h = row % height;
+      const scalar_t* grad_row = grad_data + row * width * channels;
+      if (kernel == 3) {
+        dwconv_param_grads_row<scalar_t, 3>(grad_row, x_data, sb, sh, sw, b, h, height, width, channels, 3, acc);
+      } else if (kernel == 5) {
+        dwconv_param_grads_row<scalar_t, 5>(grad_row, x_data, sb, sh, sw, b, h, height, width, channels, 5, acc);
+      } else {
+        dwconv_param_grads_row<scalar_t, 0>(grad_row, x_data, sb, sh, sw, b, h, height, width, channels, kernel, acc);
+      }
+    }
+  });
+  auto total = partial.sum(0);
+  return {total.narrow(0, 0, taps).clone(), total[taps].clone()};  // two tensors of their own
+}
+
+std::tuple<Tensor, Tensor> dwconv_param_grads(const Tensor& grad_in, const Tensor& x, int64_t kernel) {
+  TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1, "x must be (B, H, W, C) with a unit channel stride");
+  TORCH_CHECK(grad_in.sizes() == x.sizes() && grad_in.scalar_type() == x.scalar_type(),
+              "grad must have x's shape and dtype");
+  TORCH_CHECK(kernel % 2 == 1 && kernel <= 15, "the kernel size must be odd and at most 15");
+  auto grad = grad_in.contiguous();
+  if (x.scalar_type() == at::kBFloat16) return dwconv_param_grads_impl<at::BFloat16>(grad, x, kernel);
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "x must be float32 or bfloat16");
+  return dwconv_param_grads_impl<float>(grad, x, kernel);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sdt_fused, m) {
@@ -318,6 +488,12 @@ TORCH_LIBRARY(sdt_fused, m) {
         "-> (Tensor, Tensor)");
   m.def("backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor rates, Tensor lse, int height, "
         "int width, bool indicator, int budget) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("rotary_heads(Tensor x, Tensor sin, Tensor cos, int groups, int heads) -> Tensor");
+  m.def("rotary_heads_backward(Tensor grad, Tensor sin, Tensor cos) -> Tensor");
+  m.def("dwconv_param_grads(Tensor grad, Tensor x, int kernel) -> (Tensor, Tensor)");
   m.impl("forward", c10::DispatchKey::CPU, TORCH_FN(decay_attention_forward));
+  m.impl("dwconv_param_grads", c10::DispatchKey::CPU, TORCH_FN(dwconv_param_grads));
+  m.impl("rotary_heads", c10::DispatchKey::CPU, TORCH_FN(rotary_heads));
+  m.impl("rotary_heads_backward", c10::DispatchKey::CPU, TORCH_FN(rotary_heads_backward));
   m.impl("backward", c10::DispatchKey::CPU, TORCH_FN(decay_attention_backward));
 }

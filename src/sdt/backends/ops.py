@@ -21,10 +21,12 @@ CUDA use), whose float32 dots follow ``torch.get_float32_matmul_precision()`` ("
 "ieee" dots, else TF32).
 """
 import sys
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from . import fused_cpu
 from ._layout import flat_rates
@@ -133,3 +135,119 @@ def op_kernel(q: Tensor, k: Tensor, v: Tensor, rates: Tensor, grid: Tuple[int, i
     out, _ = spatial_decay_attention_op(*flat, flat_rates(rates, batch, heads, tokens), grid[0], grid[1],
                                         distance == "indicator")
     return out.view(batch, heads, tokens, dim)
+
+
+@torch.library.custom_op("sdt::rotary_heads", mutates_args=())
+def rotary_heads_op(x: Tensor, sin: Tensor, cos: Tensor, groups: int, heads: int) -> Tensor:
+    """Rotary embedding and head layout in one pass: (B, L, G * n * d) -> (G, B, n, L, d) contiguous.
+
+    x: q and k side by side (G = 2), e.g. a slice of the fused projection's output (unit last stride);
+    sin, cos: (L, d) float32 (``sdt.attention.rotary_tables``). Equal to ``apply_rotary`` on each
+    (B, n, L, d) head view, computed in float32 and rounded once to x's dtype.
+    """
+    if x.device.type == "cuda":
+        from .triton import triton_rotary_heads
+
+        return triton_rotary_heads(x, sin, cos, groups, heads)
+    if x.device.type != "cpu":
+        raise RuntimeError(f"sdt::rotary_heads runs on CPU and CUDA, not {x.device.type}")
+    return _cpu_ops().rotary_heads(x, sin.float().contiguous(), cos.float().contiguous(), groups, heads)
+
+
+@rotary_heads_op.register_fake
+def _(x, sin, cos, groups, heads):
+    batch, tokens, channels = x.shape
+    return x.new_empty(groups, batch, heads, tokens, channels // (groups * heads))
+
+
+@torch.library.custom_op("sdt::rotary_heads_backward", mutates_args=())
+def rotary_heads_backward_op(grad: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
+    """The gradient of ``rotary_heads_op``: (G, B, n, L, d) -> (B, L, G * n * d), the transposed rotation."""
+    if grad.device.type == "cuda":
+        from .triton import triton_rotary_heads_backward
+
+        return triton_rotary_heads_backward(grad, sin, cos)
+    if grad.device.type != "cpu":
+        raise RuntimeError(f"sdt::rotary_heads_backward runs on CPU and CUDA, not {grad.device.type}")
+    return _cpu_ops().rotary_heads_backward(grad, sin.float().contiguous(), cos.float().contiguous())
+
+
+@rotary_heads_backward_op.register_fake
+def _(grad, sin, cos):
+    groups, batch, heads, tokens, dim = grad.shape
+    return grad.new_empty(batch, tokens, groups * heads * dim)
+
+
+def _rotary_setup_context(ctx, inputs, output):
+    _, sin, cos, _, _ = inputs
+    ctx.save_for_backward(sin, cos)
+
+
+def _rotary_backward(ctx, grad: Tensor):
+    sin, cos = ctx.saved_tensors
+    return rotary_heads_backward_op(grad, sin, cos), None, None, None, None
+
+
+rotary_heads_op.register_autograd(_rotary_backward, setup_context=_rotary_setup_context)
+
+
+@torch.library.custom_op("sdt::depthwise_conv", mutates_args=())
+def depthwise_conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor]) -> Tensor:
+    """Depthwise k x k conv (stride 1, zero padding k // 2) of channels-last x, plus bias and residual.
+
+    x: (B, H, W, C) with a unit channel stride; weight (C, 1, k, k), k odd; bias (C,); residual: None
+    or (B, H, W, C) in x's dtype. Returns (B, H, W, C) contiguous in x's dtype. The forward and the
+    input gradient are oneDNN convolutions on the channels-last NCHW view; the weight and bias
+    gradients come from the C++ kernel (CPU only), where oneDNN's own backward was slow.
+    """
+    if x.device.type != "cpu":
+        raise RuntimeError(f"sdt::depthwise_conv runs on the CPU, not {x.device.type}")
+    out = F.conv2d(x.permute(0, 3, 1, 2), weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
+                   padding=weight.shape[-1] // 2, groups=weight.shape[0]).permute(0, 2, 3, 1).contiguous()
+    return out if residual is None else out.add_(residual)
+
+
+@register_flop_formula(torch.ops.sdt.depthwise_conv)
+def _depthwise_conv_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """FlopCounterMode (``sdt.models.complexity``) sees the op, not the convolution inside it: count that."""
+    batch, height, width, channels = x_shape
+    return conv_flop_count([batch, channels, height, width], w_shape, [batch, channels, height, width], False)
+
+
+@depthwise_conv_op.register_fake
+def _(x, weight, bias, residual):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("sdt::depthwise_conv_backward", mutates_args=())
+def depthwise_conv_backward_op(grad: Tensor, x: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``depthwise_conv_op`` for x (B, H, W, C), weight (C, 1, k, k) and bias (C,), in their dtypes."""
+    grad = grad.to(x.dtype).contiguous()
+    kernel = weight.shape[-1]
+    # the input gradient is the convolution of grad with the kernel turned by 180 degrees
+    grad_x = F.conv2d(grad.permute(0, 3, 1, 2), weight.to(x.dtype).flip(2, 3), padding=kernel // 2,
+                      groups=weight.shape[0]).permute(0, 2, 3, 1).contiguous()
+    grad_taps, grad_bias = _cpu_ops().dwconv_param_grads(grad, x, kernel)
+    return grad_x, grad_taps.t().contiguous().view(weight.shape).to(weight.dtype), grad_bias.to(weight.dtype)
+
+
+@depthwise_conv_backward_op.register_fake
+def _(grad, x, weight):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight),
+            weight.new_empty(weight.shape[0]))
+
+
+def _depthwise_setup_context(ctx, inputs, output):
+    x, weight, bias, residual = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
+
+
+def _depthwise_backward(ctx, grad: Tensor):
+    x, weight = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias = depthwise_conv_backward_op(grad, x, weight)
+    return (grad_x, grad_weight, grad_bias if ctx.has_bias else None,
+            grad if ctx.has_residual and ctx.needs_input_grad[3] else None)
+
+
+depthwise_conv_op.register_autograd(_depthwise_backward, setup_context=_depthwise_setup_context)

@@ -288,6 +288,74 @@ def _launch(kernel, grid, *args, tuned: bool = True, **constexprs) -> None:
         kernel[grid](*args, **constexprs)
 
 
+@triton.jit
+def _rotary_heads_kernel(X, Sin, Cos, Out, batch, tokens, heads, stride_xb, stride_xl, HEAD_DIM: tl.constexpr,
+                         CHANNELS: tl.constexpr, C_PAD: tl.constexpr, INVERSE: tl.constexpr):
+    # one program per token (b, l), over all G * n heads: forward (B, L, C) strided -> (G, B, n, L, d),
+    # inverse (G, B, n, L, d) -> (B, L, C) contiguous with the transposed rotation
+    token = tl.program_id(0)
+    b = token // tokens
+    position = token % tokens
+    c = tl.arange(0, C_PAD)
+    mask = c < CHANNELS
+    i = c % HEAD_DIM
+    head = c // HEAD_DIM
+    odd = i % 2
+    partner = 1 - 2 * odd  # +1 from an even channel to its pair, -1 from an odd one
+    sign = (2 * odd - 1).to(tl.float32)  # x0 cos - x1 sin, x1 cos + x0 sin
+    heads_offset = (((head // heads) * batch + b) * heads + head % heads) * tokens * HEAD_DIM + position * HEAD_DIM + i
+    sin = tl.load(Sin + position * HEAD_DIM + i, mask=mask, other=0.0)
+    cos = tl.load(Cos + position * HEAD_DIM + i, mask=mask, other=0.0)
+    if INVERSE:
+        x = tl.load(X + heads_offset, mask=mask, other=0.0).to(tl.float32)
+        x_pair = tl.load(X + heads_offset + partner, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Out + token * CHANNELS + c, (x * cos - sign * x_pair * sin).to(Out.dtype.element_ty), mask=mask)
+    else:
+        offset = b * stride_xb + position * stride_xl + c
+        x = tl.load(X + offset, mask=mask, other=0.0).to(tl.float32)
+        x_pair = tl.load(X + offset + partner, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Out + heads_offset, (x * cos + sign * x_pair * sin).to(Out.dtype.element_ty), mask=mask)
+
+
+def _check_rotary(x: Tensor, sin: Tensor, cos: Tensor, tokens: int, dim: int) -> None:
+    if sin.shape != (tokens, dim) or cos.shape != (tokens, dim) or dim % 2:
+        raise ValueError(f"rotary tables of shape {tuple(sin.shape)} and {tuple(cos.shape)} do not fit {tokens} "
+                         f"tokens of head size {dim} (an even size)")
+    if not INTERPRET and x.device.type != "cuda":
+        raise RuntimeError(f"the Triton kernels need CUDA tensors and these are on {x.device.type}")
+
+
+def triton_rotary_heads(x: Tensor, sin: Tensor, cos: Tensor, groups: int, heads: int) -> Tensor:
+    """Rotary embedding and head layout in one pass: x (B, L, G * n * d), unit last stride -> (G, B, n, L, d).
+
+    Pair (2i, 2i+1) of each head of token l turns by the angle of ``sin[l, 2i]``, ``cos[l, 2i]``
+    ((L, d) float32), computed in float32 and stored in x's dtype.
+    """
+    batch, tokens, channels = x.shape
+    if x.stride(2) != 1 or channels % (groups * heads):
+        raise ValueError(f"x of shape {tuple(x.shape)} (strides {x.stride()}) does not split into {groups} x {heads} "
+                         "heads with a unit last stride")
+    dim = channels // (groups * heads)
+    _check_rotary(x, sin, cos, tokens, dim)
+    out = x.new_empty(groups, batch, heads, tokens, dim)
+    _launch(_rotary_heads_kernel, (batch * tokens,), x, sin.float().contiguous(), cos.float().contiguous(), out,
+            batch, tokens, heads, x.stride(0), x.stride(1), tuned=False, HEAD_DIM=dim, CHANNELS=channels,
+            C_PAD=triton.next_power_of_2(channels), INVERSE=False)
+    return out
+
+
+def triton_rotary_heads_backward(grad: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
+    """The gradient of ``triton_rotary_heads``: (G, B, n, L, d) -> (B, L, G * n * d), the transposed rotation."""
+    groups, batch, heads, tokens, dim = grad.shape
+    _check_rotary(grad, sin, cos, tokens, dim)
+    grad = grad.contiguous()
+    out = grad.new_empty(batch, tokens, groups * heads * dim)
+    _launch(_rotary_heads_kernel, (batch * tokens,), grad, sin.float().contiguous(), cos.float().contiguous(), out,
+            batch, tokens, heads, 0, 0, tuned=False, HEAD_DIM=dim, CHANNELS=groups * heads * dim,
+            C_PAD=triton.next_power_of_2(groups * heads * dim), INVERSE=True)
+    return out
+
+
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, rates: Tensor, height: int, width: int,
                   input_precision: str) -> Tensor:
     """Validate the (S, L, d) inputs; returns rates as an (S0, S1, L) view with S0 * S1 = S (no copy)."""

@@ -35,11 +35,12 @@ from torch import Tensor
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerScale, SelectAdaptivePool2d, calculate_drop_path_rates, trunc_normal_
+from timm.layers import register_notrace_function
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models import PretrainedCfg, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 
-from ..attention import SpatialDecayAttention, rotary_tables
+from ..attention import SpatialDecayAttention, add_into, depthwise_residual, rotary_tables
 from ..data.images import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
 __all__ = ["SpatialDecayTransformer", "checkpoint_filter_fn", "rmt_config_to_kwargs"]
@@ -51,6 +52,25 @@ def _to_nchw(x: Tensor) -> Tensor:
 
 def _to_nhwc(x: Tensor) -> Tensor:
     return x.permute(0, 2, 3, 1)
+
+
+def _add_residual(x: Tensor, update: Tensor) -> Tensor:
+    """x + update for a residual stream ``x`` that the caller owns (no one else holds it).
+
+    Without autograd x takes the sum in place. With it, x is kept for the backward of the
+    LayerNorm that read it, so ``update`` takes it (``add_into``).
+    """
+    if not torch.is_grad_enabled():
+        return x.add_(update)
+    return add_into(update, x)
+
+
+# Leaves for torch.fx (timm's tracer and plain symbolic_trace): they branch on the grad mode, dtypes
+# and devices, which a traced graph must decide when it runs, not when it was traced.
+for _name in ("_add_residual", "add_into", "depthwise_residual"):  # wrap patches this module's names
+    torch.fx.wrap(_name)
+register_notrace_function(_add_residual)
+del _name
 
 
 class Stem(nn.Module):
@@ -102,8 +122,9 @@ class ConvFFN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.act(self.fc1(x))
-        x = x + _to_nhwc(self.dwconv(_to_nchw(x)))
-        return self.fc2(x)
+        if torch.jit.is_scripting():
+            return self.fc2(add_into(_to_nhwc(self.dwconv(_to_nchw(x))), x))
+        return self.fc2(depthwise_residual(self.dwconv, x, x))
 
 
 class SpatialDecayBlock(nn.Module):
@@ -137,10 +158,13 @@ class SpatialDecayBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: Tensor, rotary: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
-        x = x + _to_nhwc(self.cpe(_to_nchw(x)))
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), rotary)))
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x
+        # from here on x is the block's own tensor
+        if torch.jit.is_scripting():
+            x = add_into(_to_nhwc(self.cpe(_to_nchw(x))), x)
+        else:
+            x = depthwise_residual(self.cpe, x, x)
+        x = _add_residual(x, self.drop_path1(self.ls1(self.attn(self.norm1(x), rotary))))
+        return _add_residual(x, self.drop_path2(self.ls2(self.mlp(self.norm2(x)))))
 
 
 class SpatialDecayStage(nn.Module):
