@@ -8,8 +8,8 @@ Extractors:
   extractor of the FIDs published before it. Any classifier trained with
   ``sdt train`` works too (``in_domain_extractor(checkpoint=<run folder>)``).
 - Inception: torch-fidelity's FID Inception-v3 (2048 features) through torchmetrics, only from a
-  local weights file (``weights-inception-2015-12-05-6726825d.pth``); never downloaded. Needs
-  ``pip install sdt[fid-inception]``.
+  local weights file (``weights-inception-2015-12-05-6726825d.pth``); never downloaded. Needs the
+  ``fid-inception`` extra (``pip install -e '.[fid-inception]'`` in the checkout).
 
 Weights are never downloaded and never unpickled with code: every file goes through
 ``sdt.files.load_weights`` (safetensors, or ``torch.load(weights_only=True)``).
@@ -30,7 +30,7 @@ from torchvision.transforms import Normalize
 
 from ..data import build_transform
 from ..engine import load_config
-from ..errors import CheckpointError, ConfigError, DataError, SdtError
+from ..errors import CheckpointError, ConfigError, DataError, require_extra
 from ..files import load_into, load_weights
 
 if TYPE_CHECKING:
@@ -191,11 +191,8 @@ def inception_fid(weights_path: Optional[str]) -> "FrechetInceptionDistance":
             f"{INCEPTION_WEIGHTS_FILE} (torch-fidelity's FID Inception) on a machine with network access "
             "and pass --inception-weights /path/to/it, or use the default in-domain extractor")
     state = load_weights(weights_path)
-    try:
-        import torch_fidelity  # noqa: F401
-        from torchmetrics.image.fid import FrechetInceptionDistance
-    except ModuleNotFoundError as err:
-        raise SdtError(f"Inception FID needs torch-fidelity: pip install 'sdt[fid-inception]' ({err})") from err
+    require_extra("torch_fidelity", "fid-inception", "Inception FID")
+    from torchmetrics.image.fid import FrechetInceptionDistance
     with tempfile.TemporaryDirectory() as folder:
         checked = Path(folder) / "inception.pth"
         torch.save(dict(state), checked)  # only the tensors read above: unpickling it runs nothing foreign
@@ -255,6 +252,7 @@ def compute_fids(fakes: Sequence[Tensor], real: Tensor, reference: str, extracto
     Uses ``extractor`` (default: the shipped in-domain one) or, with ``inception_weights``, Inception-v3
     (grey images are repeated to 3 channels; torchmetrics resizes to 299).
     """
+    require_extra("torchmetrics", "fid", "FID")
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     for images, which in [(real, "reference images")] + [(fake, "samples") for fake in fakes]:
@@ -306,12 +304,16 @@ def conditional_accuracy(extractor: ClassifierFeatures, images: Tensor, labels: 
 
 def fid_command(samples: str, reference_split: str = "test", num_reference: int = 0, data_dir: Optional[str] = None,
                 extractor_name: Optional[str] = None, extractor_checkpoint: Optional[str] = None,
-                inception_weights: Optional[str] = None, accuracy: bool = True, threads: int = 2) -> Iterator[str]:
+                inception_weights: Optional[str] = None, accuracy: bool = True,
+                threads: Optional[int] = None) -> Iterator[str]:
     """``sdt fid``: the FID of an .npz of samples against a Fashion-MNIST split and, when the samples have
-    labels (and ``accuracy``), the in-domain classifier's accuracy on them; yields the lines to print."""
+    labels (and ``accuracy``), the in-domain classifier's accuracy on them; yields the lines to print.
+    ``threads``: torch's intra-op threads (None: PyTorch's own choice, every core)."""
     from ..data import FASHION_MNIST_CLASSES, fashion_mnist_tensors
 
-    torch.set_num_threads(threads)
+    require_extra("torchmetrics", "fid", "sdt fid")  # before any work
+    if threads:
+        torch.set_num_threads(threads)
     fake, labels = load_samples(samples)
     real, _ = fashion_mnist_tensors(reference_split, data_dir)
     reference = f"Fashion-MNIST {reference_split}"
