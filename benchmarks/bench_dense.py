@@ -134,8 +134,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.torchvision_defaults:
-        from sdt.config import load_config
-        from sdt.dense_tasks import DetectConfig
+        from sdt.engine import load_config
+        from sdt.tasks.detect import DetectConfig
 
         DETECTOR_KWARGS.update(load_config(DetectConfig, "detect-mosaic").model.detector_kwargs)
     print(environment())

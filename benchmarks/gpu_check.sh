@@ -47,10 +47,10 @@ fi
 
 if python -c "import pytest" 2>/dev/null; then
   # the Triton kernels: the whole file on the GPU (every rate shape, grid, head dim, bf16, every autotune config)
-  step "${TEST_LIMIT:-150}" "triton tests" python -m pytest tests/test_triton.py -q -m "" -p no:cacheprovider
+  step "${TEST_LIMIT:-150}" "triton tests" python -m pytest tests/backends/test_triton.py -q -m "" -p no:cacheprovider
   # every other CUDA test (backends against the reference on CUDA, models end to end)
   step "${OTHER_TEST_LIMIT:-60}" "other cuda tests" python -m pytest tests -q -m "" -k cuda -p no:cacheprovider \
-    --ignore=tests/test_triton.py --continue-on-collection-errors
+    --ignore=tests/backends/test_triton.py --continue-on-collection-errors
 else
   echo "pytest is not installed: tests skipped (pip install -e .[test] needs a network)"
   status=1

@@ -9,7 +9,7 @@ where attention is the only spatial mixer, on Fashion-MNIST subsets.
 
 Each run is ``sdt train --recipe ablation`` with ``model.name=sdt_vit_fm_tiny`` and the variant's
 ``model.kwargs`` in ``<out>/<regime>-e<epochs>/<variant>-s<seed>``. Finished runs (summary.json)
-are skipped, killed ones resume from their last checkpoint (``experiments/ablation.py``'s rules).
+are skipped, killed ones resume from their last checkpoint (``experiments/runner.py``'s rules).
 The default ``--out`` is tracked by git without checkpoints and weights (its .gitignore), so the
 finished runs of one sitting are committed and the next sitting continues the grid; the gate
 analysis of a run is cached in its ``gates.json`` for the same reason.

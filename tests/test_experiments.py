@@ -3,7 +3,7 @@
 experiments/ is a package the runners are run from (``python -m experiments.<study>``); they import
 the runner as these tests do.
 ``subprocess.run`` is replaced by a recorder, so these tests check which ``sdt`` command each state of
-a run folder leads to, not the training itself (tests/test_train.py covers resume).
+a run folder leads to, not the training itself (tests/tasks/test_classify.py covers resume).
 """
 import json
 import sys

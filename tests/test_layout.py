@@ -153,3 +153,8 @@ def test_the_layer_check_sees_an_upward_import(tmp_path):
     (package / "engine" / "run.py").write_text("def f():\n    from ..tasks.classify import X\n")
     graph = import_graph(package)
     assert [t for t in graph["sdt.engine.run"] if layer(t) not in LAYERS["engine"] | {"engine"}] == ["sdt.tasks.classify"]
+
+
+def test_every_folder_of_modules_is_a_package():
+    """setuptools' find_packages ships only folders with an __init__.py: one without it would be left out of a wheel."""
+    assert [str(p.relative_to(PACKAGE_ROOT)) for p in PACKAGE_ROOT.rglob("*.py") if not (p.parent / "__init__.py").is_file()] == []

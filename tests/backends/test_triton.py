@@ -8,7 +8,7 @@ TRITON_INTERPRET=1 before ``triton`` itself is imported (triton.language's own j
 tl.sum, tl.zeros, ..., are decorated for the interpreter or the GPU at import), and torch._dynamo
 imports triton, so ``import sdt`` does too. Hence two ways these tests run on a CPU:
 
-- this file alone (``pytest tests/test_triton.py``), when it is the first to import triton: the
+- this file alone (``pytest tests/backends/test_triton.py``), when it is the first to import triton: the
   variable is set below and the kernel tests run in this process;
 - in the whole suite, where test_backends.py imported sdt first: the kernel tests are skipped here
   and ``test_kernels_in_an_interpreter_subprocess`` runs this file again in a fresh process with

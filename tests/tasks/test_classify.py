@@ -331,6 +331,9 @@ def test_resume_uses_the_saved_config_and_warns_about_a_different_one(fake_fmnis
     cfg = load_config(TrainConfig, "quick", tiny_overrides(fake_fmnist, **{"engine.epochs": "1"}))
     run = tmp_path / "run"
     steps = train(cfg, str(run))["global_step"]
+    assert (cfg.model.num_classes, cfg.model.in_chans) == (None, None)  # resolved into the run's copy, not the caller's
+    saved = load_config(TrainConfig, str(run / "config.yaml"))
+    assert (saved.model.num_classes, saved.model.in_chans) == (10, 1)  # which config.yaml keeps
     unresolved = load_config(TrainConfig, "quick", tiny_overrides(fake_fmnist, **{"engine.epochs": "1"}))
     for same in (None, load_config(TrainConfig, str(run / "config.yaml")), unresolved):  # unset num_classes: no change
         with warnings.catch_warnings(record=True) as caught:

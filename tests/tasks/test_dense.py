@@ -497,3 +497,14 @@ def test_two_process_detection_scores_the_same_map_as_one_process(fake_fmnist: P
     loader = torch.utils.data.DataLoader(val, batch_size=4, sampler=[0, 2, 4, 6, 1, 3, 5, 7], collate_fn=collate)
     alone = Detect(val, 11, masks=False).evaluate(model, loader, DistInfo())
     assert alone["map"] == pytest.approx(logged["map"], abs=1e-4) and alone["mar_100"] == pytest.approx(logged["mar_100"], abs=1e-4)
+
+
+def test_a_segmentation_config_with_extra_blocks_still_loads_with_a_note(tmp_path: Path):
+    """The Semantic-FPN head uses the backbone's levels only, so segmentation has no extra_blocks any more;
+    configs saved before (every segmentation run's config.yaml) still load, with a note. Detection keeps it."""
+    old = tmp_path / "config.yaml"
+    old.write_text("model:\n  backbone: rmt_nano\n  extra_blocks: maxpool\n")
+    with pytest.warns(FutureWarning, match="model.extra_blocks is ignored"):
+        cfg = load_config(SegmentConfig, str(old))
+    assert cfg.model.backbone == "rmt_nano" and not hasattr(cfg.model, "extra_blocks")
+    assert load_config(DetectConfig, None, ["model.extra_blocks=p6p7"]).model.extra_blocks == "p6p7"

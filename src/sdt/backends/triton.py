@@ -30,7 +30,7 @@ Block sizes: ``triton.autotune`` over the small tables below, keyed on (L, d), w
 blocks exceed the (padded) sequence pruned. Head dims are padded to a power of two >= 16 (tl.dot's
 minimum) under masks, up to 128. Under Triton's interpreter (``TRITON_INTERPRET=1`` set before
 ``triton`` itself is first imported, and torch._dynamo imports it; it runs the kernels on CPU
-tensors, for tests: see tests/test_triton.py) one fixed configuration, ``FIXED_CONFIG``, is used
+tensors, for tests: see tests/backends/test_triton.py) one fixed configuration, ``FIXED_CONFIG``, is used
 instead: autotuning there would run every config.
 The tables are educated guesses (FlashAttention-2's Triton tutorial uses 128 x 64 forward tiles,
 and 32 x 128 / 128 x 32 for the two backward passes) and have not been measured on a GPU yet.

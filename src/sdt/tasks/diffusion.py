@@ -14,7 +14,7 @@ Two objectives, one model interface ``model_fn(x, t, y) -> (B, C_out, H, W)``:
 
 Both are written here rather than taken from diffusers: diffusers is not a dependency of sdt, and
 its schedulers cover sampling only (not DiT's learned-sigma hybrid loss); each piece is checked in
-tests/test_diffusion.py against closed-form facts (forward marginals, Gaussian posteriors, exact
+tests/tasks/test_diffusion.py against closed-form facts (forward marginals, Gaussian posteriors, exact
 recovery with a perfect denoiser, exact sampling of a Gaussian data distribution).
 
 Sampling is deterministic given ``generator`` (a seeded ``torch.Generator``): every random draw
