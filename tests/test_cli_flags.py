@@ -72,6 +72,28 @@ def test_old_spellings_work_with_a_note(capsys):
     assert parser.parse_args(["fid", "s.npz"]).threads is None
 
 
+def test_sample_and_fid_take_the_gpu_when_there_is_one(monkeypatch, tmp_path):
+    """device auto: sdt sample moves the generator to the device setup_distributed picks (CUDA when available)."""
+    import sdt.tools.sample as sample_tool
+    from sdt.engine.dist import DistInfo
+
+    parser = build_parser()
+    assert parser.parse_args(["sample", "run", "--output", "s"]).device == "auto"
+    assert parser.parse_args(["fid", "s.npz"]).device == "auto"
+    moved = []
+
+    class Generator(torch.nn.Module):
+        def to(self, device):
+            moved.append(device)
+            raise RuntimeError("stop here")
+
+    monkeypatch.setattr(sample_tool, "load_generator", lambda run, weights: (Generator(), None))
+    monkeypatch.setattr(sample_tool, "setup_distributed", lambda name: DistInfo(device=torch.device("meta")))
+    with pytest.raises(RuntimeError, match="stop here"):
+        sample_tool.sample_command("run", str(tmp_path / "s"))
+    assert moved == [torch.device("meta")]
+
+
 def test_eval_of_a_bare_weights_file_takes_the_models_pretrained_cfg(fake_fmnist, tmp_path):
     """sdt_h_nano's pretrained cfg is 64 px (crop 1.0): a weights file outside a run is evaluated at 64, not 28."""
     weights = tmp_path / "w.safetensors"

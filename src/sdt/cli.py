@@ -410,6 +410,7 @@ def add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="which weights of the run: its newest checkpoint's EMA or model weights, or best.safetensors "
                         "(default: ema)")
     add_deprecated_flag(p, "--weights", "weights_from", "--weights-from", choices=("ema", "model", "best"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: the GPU when there is one")
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's choice, every core)")
     p.set_defaults(func=run_sample)
@@ -422,7 +423,7 @@ def run_sample(args: argparse.Namespace) -> int:
     if args.output is None:  # not argparse's required=: the deprecated --out fills it too
         raise ConfigError("the following argument is required: --output PREFIX (writes PREFIX.npz and PREFIX.png)")
     print(sample_command(args.run, args.output, args.per_class, args.classes, args.sampler, args.steps, args.cfg_scale,
-                         args.seed, args.weights_from, args.batch_size, args.threads))
+                         args.seed, args.weights_from, args.batch_size, args.threads, args.device))
     return 0
 
 
@@ -447,6 +448,7 @@ def add_fid_parser(subparsers: argparse._SubParsersAction) -> None:
                         "use Inception features")
     p.add_argument("--no-accuracy", action="store_true", help="skip the conditional accuracy even if the .npz has labels")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's choice, every core)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: the GPU when there is one")
     p.set_defaults(func=run_fid)
 
 
@@ -454,7 +456,8 @@ def run_fid(args: argparse.Namespace) -> int:
     from .tools.fid import fid_command
 
     for line in fid_command(args.samples, args.reference, args.num_reference, args.data_dir, args.extractor,
-                            args.extractor_checkpoint, args.inception_weights, not args.no_accuracy, args.threads):
+                            args.extractor_checkpoint, args.inception_weights, not args.no_accuracy, args.threads,
+                            args.device):
         print(line)
     return 0
 

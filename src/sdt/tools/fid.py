@@ -29,7 +29,7 @@ from torch import Tensor
 from torchvision.transforms import Normalize
 
 from ..data import build_transform
-from ..engine import load_config
+from ..engine import load_config, setup_distributed
 from ..errors import CheckpointError, ConfigError, DataError, require_extra
 from ..files import load_into, load_weights
 
@@ -266,16 +266,17 @@ def compute_fids(fakes: Sequence[Tensor], real: Tensor, reference: str, extracto
     else:
         extractor = extractor or in_domain_extractor()
         extractor.check_images(real[:1])
-        metric = FrechetInceptionDistance(feature=extractor)
+        metric = FrechetInceptionDistance(feature=extractor).to(extractor.mean.device)  # the extractor's device
         name, prepare = f"{extractor_name or extractor.name} pre-logits ({extractor.num_features})", (lambda x: x)
     metric.reset_real_features = False  # reset() below forgets only the previous samples' features
+    device = metric.device
     for i in range(0, len(real), batch_size):
-        metric.update(prepare(real[i:i + batch_size]), real=True)
+        metric.update(prepare(real[i:i + batch_size]).to(device), real=True)
     results = []
     for fake in fakes:
         metric.reset()
         for i in range(0, len(fake), batch_size):
-            metric.update(prepare(fake[i:i + batch_size]), real=False)
+            metric.update(prepare(fake[i:i + batch_size]).to(device), real=False)
         results.append(FidResult(float(metric.compute()), len(fake), len(real), reference, name))
     return results
 
@@ -298,17 +299,19 @@ def conditional_accuracy(extractor: ClassifierFeatures, images: Tensor, labels: 
                         f"(0..{extractor.num_classes - 1}): the classifier must be trained on the samples' classes")
     correct = 0
     for i in range(0, len(images), batch_size):
-        correct += (extractor.logits(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum().item()
+        predicted = extractor.logits(images[i:i + batch_size].to(extractor.mean.device)).argmax(1).cpu()
+        correct += (predicted == labels[i:i + batch_size]).sum().item()
     return correct / len(images)
 
 
 def fid_command(samples: str, reference_split: str = "test", num_reference: int = 0, data_dir: Optional[str] = None,
                 extractor_name: Optional[str] = None, extractor_checkpoint: Optional[str] = None,
                 inception_weights: Optional[str] = None, accuracy: bool = True,
-                threads: Optional[int] = None) -> Iterator[str]:
+                threads: Optional[int] = None, device: str = "auto") -> Iterator[str]:
     """``sdt fid``: the FID of an .npz of samples against a Fashion-MNIST split and, when the samples have
     labels (and ``accuracy``), the in-domain classifier's accuracy on them; yields the lines to print.
-    ``threads``: torch's intra-op threads (None: PyTorch's own choice, every core)."""
+    ``threads``: torch's intra-op threads (None: PyTorch's own choice, every core); ``device``: auto (the
+    GPU when there is one), cpu or cuda."""
     from ..data import FASHION_MNIST_CLASSES, fashion_mnist_tensors
 
     require_extra("torchmetrics", "fid", "sdt fid")  # before any work
@@ -319,7 +322,7 @@ def fid_command(samples: str, reference_split: str = "test", num_reference: int 
     reference = f"Fashion-MNIST {reference_split}"
     if num_reference:
         real, reference = real[:num_reference], f"{reference}[:{num_reference}]"
-    extractor = in_domain_extractor(extractor_name, extractor_checkpoint)
+    extractor = in_domain_extractor(extractor_name, extractor_checkpoint).to(setup_distributed(device).device)
     scored = None
     if labels is not None and accuracy:
         if extractor.num_classes != len(FASHION_MNIST_CLASSES):
