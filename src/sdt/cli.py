@@ -489,9 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdt", description="Spatial Decay Transformers: models, training, evaluation.")
     debug_help = "on an error, show the full traceback (by default bad input is reported in one line)"
     parser.add_argument("--debug", action="store_true", help=debug_help)
-    from . import __version__
-
-    parser.add_argument("--version", action="version", version=f"sdt {__version__}")
+    # the package's own __version__: the package is imported before any of its modules, and an import of it
+    # here would be an upward import (tests/test_layout.py)
+    version = sys.modules[__package__].__version__  # "sdt", also under python -m sdt.cli
+    parser.add_argument("--version", action="version", version=f"sdt {version}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_train_parser(subparsers)
     add_eval_parser(subparsers)

@@ -25,7 +25,7 @@ from sdt.engine import save_config
 from sdt.engine import DistInfo, EngineConfig, check_engine_config, lock_run_folder, start_run, unlock_run_folder
 from sdt.tasks import Classify, TrainConfig
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def _train_args(output: Path, overrides: List[str]) -> List[str]:
