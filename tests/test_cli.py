@@ -80,9 +80,9 @@ def test_grad_checkpointing_on_a_model_without_it_is_refused_before_writing(fake
 
 @pytest.mark.parametrize("args", [
     ["models", "sdt_h_tinny"],
-    ["export", "sdt_h_tinny", "-o", "never.onnx"],
+    ["export", "sdt_h_tinny", "--output", "never.onnx"],
     ["viz", "--model", "sdt_h_tinny"],
-    ["convert", "x.pth", "--model", "sdt_h_tinny", "-o", "never.safetensors"],
+    ["convert", "x.pth", "--model", "sdt_h_tinny", "--output", "never.safetensors"],
 ])
 def test_misspelled_model_names_get_suggestions_in_every_command(args, capsys, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)

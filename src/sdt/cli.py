@@ -2,6 +2,7 @@
 
     sdt train             train a classifier from a recipe (``sdt train --help`` lists them)
     sdt eval              evaluate a checkpoint (or a hub folder): top-1/top-5, per-class accuracy, confusion matrix
+    sdt predict           the top-k classes of image files, from a run, hub folder, weights file or shipped tag
     sdt export-hub        a finished training run in timm's hub layout (config.json, model.safetensors, README.md)
     sdt models            the model table (parameters, GFLOPs, the papers' numbers)
     sdt viz               decay / gate / attention maps for a query location
@@ -27,6 +28,40 @@ from .models.registry import check_model_name
 from .tasks import GenConfig, TrainConfig
 from .tasks.diffusion import OBJECTIVES, SAMPLERS
 from .tools.fid import DEFAULT_EXTRACTOR
+
+
+class _DeprecatedFlag(argparse.Action):
+    """An old spelling of a flag: stores like the new one, with a note on stderr (kept for one release)."""
+
+    def __init__(self, option_strings: List[str], dest: str, new: str = "", **kwargs: Any):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        print(f"{parser.prog}: note: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_flag(p: argparse.ArgumentParser, old: str, dest: str, new: str, **kwargs: Any) -> None:
+    p.add_argument(old, dest=dest, action=_DeprecatedFlag, new=new, help=argparse.SUPPRESS, **kwargs)
+
+
+class _OverrideNotOutput(argparse.Action):
+    """``-o`` on a command without config overrides: it means --override everywhere, so an output is --output."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        parser.error(f"-o means --override (section.key=value) in sdt; this command takes none: write the "
+                     f"output with --output {values}")
+
+
+def add_output_argument(p: argparse.ArgumentParser, old: Optional[str] = None, **kwargs: Any) -> None:
+    """--output, its deprecated old spelling ``old``, and ``-o`` answered with a pointer to --output."""
+    p.add_argument("--output", **kwargs)
+    if old:
+        add_deprecated_flag(p, old, "output", "--output")
+    p.add_argument("-o", action=_OverrideNotOutput, help=argparse.SUPPRESS)
 
 
 def add_models_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -56,10 +91,11 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default="", help="local .safetensors/.pth weights (ours or RMT's released ones)")
     p.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the model's)")
     p.add_argument("--in-chans", type=int, default=None, help="input channels (default: the model's)")
-    p.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                   help="example input height and width (default: the model's pretrained_cfg)")
+    p.add_argument("--input-size", type=int, nargs="+", default=None, metavar="C H W",
+                   help="example input size C H W (default: the model's pretrained_cfg; H W alone is deprecated)")
+    p.add_argument("--img-size", type=int, default=None, help="example input height = width (= --input-size C N N)")
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
-    p.add_argument("-o", "--output", required=True, help="file to write (written atomically)")
+    add_output_argument(p, required=True, help="file to write (written atomically)")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     p.set_defaults(func=run_export)
 
@@ -67,8 +103,18 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from .tools.export import export_command
 
+    size = args.input_size
+    if size is not None and len(size) == 2:
+        print("sdt export: note: --input-size H W is deprecated; use --input-size C H W or --img-size N", file=sys.stderr)
+    elif size is not None and len(size) != 3:
+        raise SystemExit(f"sdt export: error: --input-size takes C H W, got {' '.join(map(str, size))}")
+    elif size is not None:
+        args.in_chans = args.in_chans or size[0]
+        size = size[1:]
+    if args.img_size is not None:
+        size = (args.img_size, args.img_size)
     for line in export_command(args.model, args.weights, args.output, args.format, args.num_classes, args.in_chans,
-                               args.input_size, check=not args.no_check):
+                               size, check=not args.no_check):
         print(line)
     return 0
 
@@ -90,7 +136,7 @@ def add_viz_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--block", type=_block_arg, default=-1,
                    help="block within each stage, or within the stack of an sdt_vit_* model; 'all' draws every "
                         "block (default: -1, the last)")
-    p.add_argument("-o", "--out-dir", default="viz", help="folder for the PNGs (default: viz)")
+    add_output_argument(p, "--out-dir", default="viz", help="folder for the PNGs (default: viz)")
     p.set_defaults(func=run_viz)
 
 
@@ -106,7 +152,7 @@ def _block_arg(text: str) -> Optional[int]:
 def run_viz(args: argparse.Namespace) -> int:
     from .tools.viz import viz_command
 
-    for path in viz_command(args.model, args.weights, args.image, args.size, args.query, args.block, args.out_dir,
+    for path in viz_command(args.model, args.weights, args.image, args.size, args.query, args.block, args.output,
                             args.num_classes, args.in_chans):
         print(f"wrote {path}")
     return 0
@@ -120,7 +166,7 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="RMT checkpoint (.pth with a 'model' entry, or .safetensors)")
     p.add_argument("--model", required=True, help="target model, e.g. rmt_tiny or sdt_h_tiny")
     p.add_argument("--num-classes", type=int, default=None, help="classes of the checkpoint's head (default 1000)")
-    p.add_argument("-o", "--output", required=True, help="output .safetensors (written atomically)")
+    add_output_argument(p, required=True, help="output .safetensors (written atomically)")
     p.set_defaults(func=run_convert)
 
 
@@ -145,16 +191,26 @@ def add_run_arguments(p: argparse.ArgumentParser, recipe_help: str, default_outp
                    help="continue the run in --output from its newest checkpoint (or from CHECKPOINT), with its saved config")
 
 
+# the shortcut flags of every training command (timm's train.py names) -> their config keys
+SHORTCUT_FLAGS = {"epochs": "engine.epochs", "batch_size": "engine.batch_size", "lr": "engine.lr", "seed": "engine.seed",
+                  "amp": "engine.amp", "workers": "data.workers", "device": "engine.device"}
+
+
 def add_override_arguments(p: argparse.ArgumentParser, example: str, task: str, flags: Dict[str, str],
                            default_recipe: Optional[str] = None) -> None:
     """--epochs, --batch-size and -o of every training command; ``task`` (a class of ``sdt.tasks``) runs it,
     ``flags`` maps its shortcut flags to config keys."""
     p.add_argument("--epochs", type=int, help="= -o engine.epochs=...")
     p.add_argument("--batch-size", type=int, help="global batch size (= -o engine.batch_size=...)")
+    p.add_argument("--lr", type=float, help="learning rate per engine.lr_base_size images (= -o engine.lr=...)")
+    p.add_argument("--seed", type=int, help="= -o engine.seed=...")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), help="mixed precision (= -o engine.amp=...)")
+    p.add_argument("--workers", type=int, help="data loader processes (= -o data.workers=...)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="= -o engine.device=...")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                    help=f"set any config value, e.g. {example} (repeatable)")
     p.set_defaults(func=run_task, task=task, default_recipe=default_recipe,
-                   flags={**flags, "epochs": "engine.epochs", "batch_size": "engine.batch_size"})
+                   flags={**flags, **SHORTCUT_FLAGS})
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -166,6 +222,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog="examples:\n"
                "  sdt train --recipe quick                                   # Fashion-MNIST, a few minutes on a CPU\n"
                "  sdt train --recipe fashion-mnist --model rmt_nano --output runs/rmt\n"
+               "  sdt train --recipe quick --initial-checkpoint sdt_h_nano.fmnist_e30 --data-dir /data/mnist   # fine-tune\n"
                "  sdt train --recipe imagenet --data-dir /data/imagenet -o engine.amp=bf16\n"
                "  sdt train --output runs/rmt --resume                       # continue after a crash\n"
                "  torchrun --nproc-per-node 4 -m sdt.cli train --recipe imagenet --data-dir /data/imagenet")
@@ -173,7 +230,13 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
                       "runs/<model>-<date>-<time>")
     p.add_argument("--model", help="model name (= -o model.name=...)")
     p.add_argument("--data-dir", help="dataset folder (= -o data.data_dir=...)")
-    add_override_arguments(p, "-o engine.lr=1e-3 -o aug.mixup=0", "Classify", {"model": "model.name", "data_dir": "data.data_dir"})
+    p.add_argument("--initial-checkpoint", metavar="WEIGHTS",
+                   help="fine-tune from these weights: a weights file (ours, or RMT's released .pth), a run or hub "
+                        "folder, or a shipped tag such as sdt_h_nano.fmnist_e30; a head with other classes is reset, "
+                        "a stem with other channels adapted (= -o model.initial_checkpoint=...)")
+    add_override_arguments(p, "-o engine.lr=1e-3 -o aug.mixup=0", "Classify",
+                           {"model": "model.name", "data_dir": "data.data_dir",
+                            "initial_checkpoint": "model.initial_checkpoint"})
 
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -184,7 +247,9 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
                     "confusion.png to --output (default: <run>/eval-<split>-<size>px).")
     p.add_argument("checkpoint", help="run folder, checkpoint folder or .safetensors file")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="default: test")
-    p.add_argument("--input-size", type=int, help="test-time resolution (default: the training resolution)")
+    p.add_argument("--img-size", type=int, help="test-time resolution (default: the run's, or the model's pretrained cfg)")
+    add_deprecated_flag(p, "--input-size", "img_size", "--img-size", type=int)
+    p.add_argument("--crop-pct", type=float, help="centre-crop fraction (default: the run's, or the model's pretrained cfg)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--model", help="model name (needed for a weights file outside a run folder)")
     p.add_argument("--dataset", choices=DATASETS, help="default: the run's dataset (for a hub folder: fashion-mnist)")
@@ -198,10 +263,40 @@ def run_eval(args: argparse.Namespace) -> int:
     from .tools.eval import evaluate_checkpoint, format_eval
 
     result = evaluate_checkpoint(args.checkpoint, model=args.model, dataset=args.dataset, data_dir=args.data_dir,
-                                 split=args.split, input_size=args.input_size, batch_size=args.batch_size,
-                                 output_dir=args.output, use_ema=args.ema)
+                                 split=args.split, input_size=args.img_size, batch_size=args.batch_size,
+                                 output_dir=args.output, use_ema=args.ema, crop_pct=args.crop_pct)
     print(format_eval(result))
     return 0
+
+
+def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "predict", help="the top-k classes of image files (a run, hub folder, weights file or shipped tag)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Print the top-k classes of each image with their probabilities, preprocessed as the model "
+                    "expects (input size, channels, mean/std, crop: the run's config or the pretrained cfg). "
+                    "An unreadable image is reported on stderr and the others are still predicted; the exit "
+                    "status is then 1 (0: every image predicted, 2: bad arguments or model).",
+        epilog="examples:\n"
+               "  sdt predict shirt.png --model sdt_h_nano.fmnist_e30          # weights shipped with sdt\n"
+               "  sdt predict a.jpg b.jpg --model runs/flowers --topk 3 --json\n"
+               "  sdt predict a.jpg --model hub/sdt_h_nano-fmnist\n"
+               "  sdt predict a.jpg --model best.safetensors --arch sdt_h_nano")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    p.add_argument("--model", required=True,
+                   help="a run folder, a hub folder (sdt export-hub), a shipped tag (sdt_h_nano.fmnist_e30) or a "
+                        "weights file (with --arch)")
+    p.add_argument("--arch", help="the model name of a weights file, e.g. sdt_h_nano (its head and channels are read "
+                                  "from the file)")
+    p.add_argument("--topk", type=int, default=5, help="classes per image (default: 5)")
+    p.add_argument("--json", action="store_true", help="print a JSON list (one object per image) instead of text")
+    p.set_defaults(func=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from .tools.predict import predict_command
+
+    return predict_command(args.images, args.model, args.arch, args.topk, args.json)
 
 
 def add_export_hub_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -265,6 +360,10 @@ def _recipe_and_overrides(args: argparse.Namespace, flags: Dict[str, str], confi
     from .errors import ConfigError
 
     overrides = list(args.override)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"-o {item}: -o means --override and takes section.key=value (e.g. -o engine.epochs=3); "
+                              f"the run folder is --output {item}")
     for flag, key in flags.items():
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
@@ -297,7 +396,7 @@ def add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
                                           "and <out>.png (a row per class). Sampler, steps and guidance default to the "
                                           "run's config (section sample).")
     p.add_argument("run", help="run folder of 'sdt gen-train'")
-    p.add_argument("--out", required=True, help="output prefix (writes <out>.npz and <out>.png)")
+    add_output_argument(p, "--out", help="output prefix, required (writes <output>.npz and <output>.png)")
     p.add_argument("--per-class", type=int, default=10, help="samples per class")
     p.add_argument("--classes", default=None, metavar="C0,C1,...",
                    help="comma-separated class indices to sample (default: every class); -1: unconditional "
@@ -307,17 +406,24 @@ def add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (DDPM: respaced)")
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (1: none)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--weights", default="ema", choices=("ema", "model", "best"))
+    p.add_argument("--weights-from", default="ema", choices=("ema", "model", "best"),
+                   help="which weights of the run: its newest checkpoint's EMA or model weights, or best.safetensors "
+                        "(default: ema)")
+    add_deprecated_flag(p, "--weights", "weights_from", "--weights-from", choices=("ema", "model", "best"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: the GPU when there is one")
     p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's choice, every core)")
     p.set_defaults(func=run_sample)
 
 
 def run_sample(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
     from .tools.sample import sample_command
 
-    print(sample_command(args.run, args.out, args.per_class, args.classes, args.sampler, args.steps, args.cfg_scale,
-                         args.seed, args.weights, args.batch_size, args.threads))
+    if args.output is None:  # not argparse's required=: the deprecated --out fills it too
+        raise ConfigError("the following argument is required: --output PREFIX (writes PREFIX.npz and PREFIX.png)")
+    print(sample_command(args.run, args.output, args.per_class, args.classes, args.sampler, args.steps, args.cfg_scale,
+                         args.seed, args.weights_from, args.batch_size, args.threads, args.device))
     return 0
 
 
@@ -341,7 +447,8 @@ def add_fid_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="local torch-fidelity Inception-v3 FID weights file (weights-inception-2015-12-05-6726825d.pth): "
                         "use Inception features")
     p.add_argument("--no-accuracy", action="store_true", help="skip the conditional accuracy even if the .npz has labels")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's choice, every core)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: the GPU when there is one")
     p.set_defaults(func=run_fid)
 
 
@@ -349,7 +456,8 @@ def run_fid(args: argparse.Namespace) -> int:
     from .tools.fid import fid_command
 
     for line in fid_command(args.samples, args.reference, args.num_reference, args.data_dir, args.extractor,
-                            args.extractor_checkpoint, args.inception_weights, not args.no_accuracy, args.threads):
+                            args.extractor_checkpoint, args.inception_weights, not args.no_accuracy, args.threads,
+                            args.device):
         print(line)
     return 0
 
@@ -381,9 +489,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdt", description="Spatial Decay Transformers: models, training, evaluation.")
     debug_help = "on an error, show the full traceback (by default bad input is reported in one line)"
     parser.add_argument("--debug", action="store_true", help=debug_help)
+    # the package's own __version__: the package is imported before any of its modules, and an import of it
+    # here would be an upward import (tests/test_layout.py)
+    version = sys.modules[__package__].__version__  # "sdt", also under python -m sdt.cli
+    parser.add_argument("--version", action="version", version=f"sdt {version}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_train_parser(subparsers)
     add_eval_parser(subparsers)
+    add_predict_parser(subparsers)
     add_models_parser(subparsers)
     add_viz_parser(subparsers)
     add_convert_parser(subparsers)

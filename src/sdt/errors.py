@@ -22,3 +22,22 @@ class CheckpointError(SdtError, ValueError):
 
 class DecayVariantError(SdtError, ValueError):
     """An unknown decay variant name; the message lists the valid ones."""
+
+
+class MissingExtraError(SdtError, ImportError):
+    """An optional dependency (one of pyproject's extras) that this use of sdt needs is not installed."""
+
+
+def require_extra(module: str, extra: str, purpose: str) -> None:
+    """Import ``module`` (e.g. ``"onnx"``), or raise ``MissingExtraError`` naming the extra that installs it.
+
+    sdt is installed from a checkout, not from a package index, so the message names the commands
+    that work there: ``pip install -e '.[extra]'`` or ``bash scripts/setup.sh extra``."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise MissingExtraError(
+            f"{purpose} needs {module.split('.')[0]}, which is not installed ({e}): in the sdt checkout run "
+            f"pip install -e '.[{extra}]' (or bash scripts/setup.sh {extra})") from e

@@ -25,7 +25,7 @@ from sdt.engine import save_config
 from sdt.engine import DistInfo, EngineConfig, check_engine_config, lock_run_folder, start_run, unlock_run_folder
 from sdt.tasks import Classify, TrainConfig
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def _train_args(output: Path, overrides: List[str]) -> List[str]:
@@ -91,7 +91,8 @@ def test_help_lists_the_subcommands_and_recipes(capsys):
     assert "--recipe" in text and "--resume" in text and "torchrun" in text and "quick" in text
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
-    assert "--input-size" in capsys.readouterr().out
+    eval_help = capsys.readouterr().out
+    assert "--img-size" in eval_help and "--crop-pct" in eval_help
 
 
 def test_bad_setup_fails_before_writing_anything(fake_fmnist: Path, tmp_path: Path, capsys):

@@ -25,7 +25,7 @@ from sdt.tasks.generate import GenConfig, Generate, generation_transform, load_g
 from sdt.tasks.sampling import UNCONDITIONAL, class_labels, sample_images, save_samples
 from sdt.models.dit import create_dit
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def _overrides(data_dir: Path, **extra: str) -> list:

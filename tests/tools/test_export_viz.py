@@ -72,9 +72,9 @@ def test_truncated_or_foreign_weights_are_one_line_errors(command, tmp_path, cap
     for weights, message in ((truncated, "is not a readable safetensors file"), (foreign, "does not fit this model"),
                              (ten_classes, "2 shape mismatches"), (tmp_path / "truncated.pth", "not a readable PyTorch checkpoint"),
                              (tmp_path / "missing.safetensors", "does not exist")):
-        args = {"convert": ["convert", str(weights), "--model", "sdt_h_nano", "-o", str(out)],
-                "viz": ["viz", "--model", "sdt_h_nano", "--weights", str(weights), "--size", "32", "32", "-o", str(out)],
-                "export": ["export", "sdt_h_nano", "--weights", str(weights), "-o", str(out)]}[command]
+        args = {"convert": ["convert", str(weights), "--model", "sdt_h_nano", "--output", str(out)],
+                "viz": ["viz", "--model", "sdt_h_nano", "--weights", str(weights), "--size", "32", "32", "--output", str(out)],
+                "export": ["export", "sdt_h_nano", "--weights", str(weights), "--output", str(out)]}[command]
         assert main(args) == 2, weights
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (weights, err)
@@ -218,25 +218,25 @@ def test_cli_models_export_convert_viz(tmp_path, capsys):
     assert main(["models", "rmt_nano", "--input-size", "1", "28", "28"]) == 0
     assert "| `rmt_nano` | 3,5" in capsys.readouterr().out
     assert main(["export", "rmt_nano", "--in-chans", "1", "--num-classes", "10", "--input-size", "28", "28",
-                 "-o", str(tmp_path / "m.onnx")]) == 0
+                 "--output", str(tmp_path / "m.onnx")]) == 0
     assert "max |diff|" in capsys.readouterr().out
     rmt = timm.create_model("rmt_nano")
     save_file({k: v.contiguous() for k, v in rmt.state_dict().items()}, tmp_path / "w.safetensors")
-    assert main(["convert", str(tmp_path / "w.safetensors"), "--model", "sdt_h_nano", "-o", str(tmp_path / "s.safetensors")]) == 0
+    assert main(["convert", str(tmp_path / "w.safetensors"), "--model", "sdt_h_nano", "--output", str(tmp_path / "s.safetensors")]) == 0
     assert main(["viz", "--model", "sdt_h_nano", "--weights", str(tmp_path / "s.safetensors"), "--image", "coffee",
-                 "--size", "32", "40", "--query", "10,12", "-o", str(tmp_path / "viz")]) == 0
+                 "--size", "32", "40", "--query", "10,12", "--output", str(tmp_path / "viz")]) == 0
     assert sorted(p.name for p in (tmp_path / "viz").iterdir()) == [f"stage{i}.png" for i in range(1, 5)]
     assert main(["viz", "--model", "sdt_h_nano", "--in-chans", "1", "--num-classes", "10", "--image", "fmnist:3",
-                 "--size", "28", "28", "-o", str(tmp_path / "viz_fmnist")]) == 0
+                 "--size", "28", "28", "--output", str(tmp_path / "viz_fmnist")]) == 0
     assert len(list((tmp_path / "viz_fmnist").glob("stage*.png"))) == 4
     assert main(["viz", "--model", "sdt_vit_fm_tiny", "--in-chans", "1", "--num-classes", "10", "--image", "fmnist:3",
-                 "--block", "all", "-o", str(tmp_path / "viz_vit")]) == 0
+                 "--block", "all", "--output", str(tmp_path / "viz_vit")]) == 0
     assert sorted(p.name for p in (tmp_path / "viz_vit").iterdir()) == [f"block{i}.png" for i in range(1, 7)]
     assert main(["viz", "--model", "sdt_h_nano", "--image", "missing.png"]) == 2
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
     assert main(["viz", "--model", "sdt_h_nano", "--image", str(tmp_path / "broken.png")]) == 2
     assert "cannot read image" in capsys.readouterr().err
-    assert main(["export", "rmt_nano", "--format", "torchscript", "-o", str(tmp_path / "m.pt")]) == 0
+    assert main(["export", "rmt_nano", "--format", "torchscript", "--output", str(tmp_path / "m.pt")]) == 0
     assert torch.jit.load(str(tmp_path / "m.pt"))(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
 

@@ -137,8 +137,12 @@ def _fashion_mnist_file(data_dir: Path, stem: str) -> Path:
         if (data_dir / name).is_file():
             return data_dir / name
     raise DataError(f"Fashion-MNIST file {stem}(.gz) not found in {data_dir}. Install the dataset with "
-                    f"'sudo apt-get install dataset-fashion-mnist' (files go to {FASHION_MNIST_DIR}), "
-                    f"or point data.data_dir / --data-dir at a folder holding the four IDX files.")
+                    f"'sudo apt-get install dataset-fashion-mnist' (files go to {FASHION_MNIST_DIR}); without root, "
+                    f"put the four IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+                    f"t10k-labels-idx1-ubyte, each optionally .gz) in a folder and pass --data-dir FOLDER "
+                    f"(-o data.data_dir=FOLDER), e.g. from 'apt-get download dataset-fashion-mnist && dpkg-deb -x "
+                    f"dataset-fashion-mnist_*.deb fmnist': --data-dir fmnist{FASHION_MNIST_DIR} (README: "
+                    f"Fashion-MNIST without root).")
 
 
 class ArrayImages(Dataset):

@@ -175,6 +175,7 @@ class EngineConfig:
     weight_decay: float = 0.05
     opt_eps: float = 1e-8
     clip_grad: Optional[float] = None      # max gradient norm (None = off)
+    layer_decay: Optional[float] = None    # layer-wise lr decay for fine-tuning, e.g. 0.75 (None = off; timm's)
     # schedule: timm create_scheduler_v2
     sched: str = "cosine"
     warmup_epochs: float = 5.0
@@ -220,6 +221,8 @@ def check_engine_settings(cfg: EngineConfig) -> None:
     require(cfg.lr_base_size >= 1, "lr_base_size", "at least 1")
     require(finite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", ">= 0")
     require(finite(cfg.opt_eps) and cfg.opt_eps > 0, "opt_eps", "a positive number")
+    require(cfg.layer_decay is None or finite(cfg.layer_decay) and 0 < cfg.layer_decay <= 1, "layer_decay",
+            "in (0, 1], e.g. 0.75 (each layer below the head gets that factor of the lr once more), or null (off)")
     require(cfg.clip_grad is None or finite(cfg.clip_grad) and cfg.clip_grad > 0, "clip_grad", "a positive number or null (off)")
     require(cfg.opt.lower() in list_optimizers(), "opt", "a timm optimizer name (e.g. adamw, sgd, lamb; "
                                                          "timm.optim.list_optimizers() lists them)")

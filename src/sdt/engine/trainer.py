@@ -56,7 +56,9 @@ def optimization(cfg: EngineConfig, model: nn.Module, lr: float, steps_per_epoch
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3
 
-    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps)
+    # layer_decay: timm's layer-wise lr decay, layers from the model's group_matcher() (stem first, head last)
+    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps,
+                                    layer_decay=cfg.layer_decay)
     scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
                                        warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=not cfg.sched_on_updates,
                                        updates_per_epoch=steps_per_epoch)

@@ -4,6 +4,7 @@ top-1/top-5/loss) and the pieces ``sdt eval`` shares with it (``create_model``, 
     cfg = load_config(TrainConfig, "quick", ["engine.epochs=1"])
     summary = Classify().train(cfg, output_dir="runs/quick")
 """
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from ..engine import Built, DistInfo, EngineConfig, all_reduce_sum
 from ..errors import ConfigError
 from ..models.registry import check_model_name
 from .base import Rows, Task
+from .pretrained import load_initial_checkpoint
 
 
 @dataclass
@@ -30,6 +32,9 @@ class ModelConfig:
     in_chans: Optional[int] = None           # None: the dataset's channel count
     drop_path_rate: Optional[float] = None   # None: the model's default
     kwargs: Dict[str, Any] = field(default_factory=dict)  # more timm.create_model arguments
+    # weights to fine-tune from (tasks/pretrained.py): a weights file, run, hub folder or shipped tag;
+    # a head with other classes is reset, a stem with other channels adapted
+    initial_checkpoint: Optional[str] = None
 
 
 @dataclass
@@ -158,12 +163,17 @@ class Classify(Task):
         self.dist, self.num_classes = dist_info, num_classes
         torch.manual_seed(cfg.engine.seed)
         model = create_model(cfg.model, num_classes, in_chans)
+        summary = dict(model=cfg.model.name)
+        if cfg.model.initial_checkpoint:
+            summary["initial_weights"] = load_initial_checkpoint(model, cfg.model.initial_checkpoint)
+            if dist_info.is_main:  # before the run's log starts (nothing is written before every check passed)
+                print(f"sdt: {summary['initial_weights']}", file=sys.stderr)
         for ds in datasets.values():
             check_images(ds, in_chans, num_classes, model_stride(model))
         self.mixup, self.criterion = classification_loss(num_classes, cfg.aug)
         size = cfg.data.input_size
         return Built(self.cfg, model, datasets["train"], datasets["val"], cfg.model.name, cfg.data.dataset,
-                     (in_chans, size, size), summary=dict(model=cfg.model.name), workers=cfg.data.workers,
+                     (in_chans, size, size), summary=summary, workers=cfg.data.workers,
                      repeated_aug=cfg.data.repeated_aug)
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
@@ -196,6 +206,7 @@ class Classify(Task):
         rows = [
             ("model", f"`{s['model']}` ({s['params'] / 1e6:.2f}M parameters, {s['flops'] / 1e6:.1f} MMACs at "
                       f"{s['input_size']}x{s['input_size']})"),
+            *([("initial weights", s["initial_weights"])] if "initial_weights" in s else []),
             ("data", f"{data.dataset} {data.data_dir or ''}".strip()),
             self.schedule_row(s),
             ("final val top-1 (model)", f"{final['top1']:.2f}%"),

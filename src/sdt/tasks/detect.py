@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data import MOSAIC_CLASSES, Batch, FashionMosaics, MosaicConfig, check_detection_target
 from ..engine import DistInfo, EngineConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, require_extra
 from ..models.dense import create_detector
 from .base import Rows
 from .dense import BackboneConfig, DenseTask, _palette, _save_grid, _targets_of, _to_rgb, build_backbone
@@ -45,14 +45,15 @@ def build_detector(cfg: DetectModelConfig, canvas: int, num_classes: int = len(M
 
 def coco_backend() -> str:
     """The COCO evaluator torchmetrics' ``MeanAveragePrecision`` will use: faster_coco_eval if installed,
-    else pycocotools; a ``ConfigError`` naming the install command when neither is."""
+    else pycocotools; a ``MissingExtraError`` naming the install command when neither is."""
     import importlib.util
 
+    require_extra("torchmetrics", "dense", "box mAP")
     for module in ("faster_coco_eval", "pycocotools"):
         if importlib.util.find_spec(module) is not None:
             return module
-    raise ConfigError("box mAP needs a COCO evaluator: pip install faster-coco-eval (or pycocotools), "
-                      "or pip install 'sdt[dense]'")
+    require_extra("faster_coco_eval", "dense", "box mAP (a COCO evaluator: faster-coco-eval or pycocotools)")
+    return "faster_coco_eval"
 
 
 class Detect(DenseTask):

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data import IGNORE_INDEX, MOSAIC_CLASSES, Batch, FashionMosaics, MosaicConfig, check_semantic_target
 from ..engine import DistInfo, EngineConfig
-from ..errors import DataError
+from ..errors import DataError, require_extra
 from ..models.dense import create_segmenter
 from .base import Rows
 from .dense import BackboneConfig, DenseTask, _palette, _save_grid, _targets_of, _to_rgb, build_backbone
@@ -50,6 +50,7 @@ class Segment(DenseTask):
     class_names = MOSAIC_CLASSES
 
     def build_model(self, cfg: SegmentConfig) -> nn.Module:
+        require_extra("torchmetrics", "dense", "mIoU")  # before the run starts, not at the first evaluation
         return build_segmenter(cfg.model, self.num_classes)
 
     def model_label(self, cfg: SegmentConfig) -> str:

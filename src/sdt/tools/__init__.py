@@ -1,2 +1,2 @@
-"""Tools: things done with a trained model (sdt eval, fid, export-hub, export/convert, viz, sample, models),
+"""Tools: things done with a trained model (sdt eval, predict, fid, export-hub, export/convert, viz, sample, models),
 each a module of functions the ``sdt`` command calls."""

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import timm
 from torch import nn
 
 from ..data import ImageSamples, check_data_config, check_images, raw_dataset, resolve_in_chans, resolve_num_classes
@@ -30,24 +31,27 @@ def _run_dir_of(checkpoint: Path) -> Optional[Path]:
 def evaluate_checkpoint(checkpoint: str, model: Optional[str] = None, dataset: Optional[str] = None,
                         data_dir: Optional[str] = None,
                         split: str = "test", input_size: Optional[int] = None, batch_size: int = 256,
-                        output_dir: Optional[str] = None, use_ema: bool = False) -> Dict[str, Any]:
+                        output_dir: Optional[str] = None, use_ema: bool = False,
+                        crop_pct: Optional[float] = None) -> Dict[str, Any]:
     """Top-1/top-5/loss, per-class accuracy, confusion-matrix PNG and throughput of a checkpoint.
 
     ``checkpoint``: a run folder (its best.safetensors), a checkpoint folder (its model or EMA
     weights), a .safetensors file, or a folder in timm's hub layout (``sdt export-hub``; its
     config.json gives the model, preprocessing and label names, the data comes from ``dataset`` /
     ``data_dir``). Model and data default to the run's config.yaml when there is one; ``input_size``
-    may differ from training (the models accept any resolution).
+    may differ from training (the models accept any resolution). A weights file outside a run starts
+    from the model's pretrained cfg (input size, crop, interpolation); ``crop_pct`` overrides the crop.
     """
     path = Path(checkpoint)
     if is_hub_dir(path):
         if model is not None or use_ema:
             raise ConfigError(f"{checkpoint} is a hub folder: its config.json names the model and it holds one set of "
                               f"weights; drop --model / --ema")
-        cfg, net, test_set, classes = _hub_eval_setup(path, dataset, data_dir, split, input_size)
+        cfg, net, test_set, classes = _hub_eval_setup(path, dataset, data_dir, split, input_size, crop_pct)
         default_out = path.parent / f"{path.name}-eval-{split}-{cfg.data.input_size}px"  # not inside the folder one uploads
     else:
-        cfg, net, test_set, path, run_dir = _run_eval_setup(path, model, dataset, data_dir, split, input_size, use_ema)
+        cfg, net, test_set, path, run_dir = _run_eval_setup(path, model, dataset, data_dir, split, input_size, use_ema,
+                                                            crop_pct)
         classes = test_set.classes
         default_out = (run_dir or path.parent) / f"eval-{split}-{cfg.data.input_size}px"
     info = setup_distributed("auto")
@@ -71,7 +75,7 @@ def evaluate_checkpoint(checkpoint: str, model: Optional[str] = None, dataset: O
 
 
 def _run_eval_setup(path: Path, model: Optional[str], dataset: Optional[str], data_dir: Optional[str], split: str,
-                    input_size: Optional[int], use_ema: bool
+                    input_size: Optional[int], use_ema: bool, crop_pct: Optional[float] = None
                     ) -> Tuple[TrainConfig, nn.Module, ImageSamples, Path, Optional[Path]]:
     """The model of a run folder, checkpoint folder or weights file with its weights, the ``split`` it is
     evaluated on (the run's config.yaml unless overridden), the weights file and the run folder."""
@@ -89,6 +93,14 @@ def _run_eval_setup(path: Path, model: Optional[str], dataset: Optional[str], da
         cfg.data.data_dir = data_dir
     if run_dir is None and model is None:
         raise ConfigError(f"{checkpoint} is not inside a training run (no config.yaml); pass --model")
+    if run_dir is None:  # no run config: the model's own preprocessing, as timm's pretrained cfg gives it
+        pretrained = timm.models.get_pretrained_cfg(model) or timm.models.get_pretrained_cfg(model.split(".")[0])
+        if pretrained is not None:
+            cfg.data.input_size = pretrained.input_size[-1]
+            cfg.data.crop_pct = pretrained.crop_pct
+            cfg.data.interpolation = pretrained.interpolation or cfg.data.interpolation
+    if crop_pct is not None:
+        cfg.data.crop_pct = crop_pct
     weights = load_weights(path)
     cfg.data.input_size = input_size or cfg.data.input_size
     in_chans = resolve_in_chans(cfg.data, cfg.model.in_chans)
@@ -101,7 +113,8 @@ def _run_eval_setup(path: Path, model: Optional[str], dataset: Optional[str], da
 
 
 def _hub_eval_setup(path: Path, dataset: Optional[str], data_dir: Optional[str], split: str,
-                    input_size: Optional[int]) -> Tuple[TrainConfig, nn.Module, ImageSamples, List[str]]:
+                    input_size: Optional[int], crop_pct: Optional[float] = None
+                    ) -> Tuple[TrainConfig, nn.Module, ImageSamples, List[str]]:
     """The model of a hub folder with the evaluation transform its pretrained_cfg describes
     (``timm.data.create_transform``), the ``split`` it is evaluated on and its label names."""
     from timm.data import create_transform
@@ -118,6 +131,8 @@ def _hub_eval_setup(path: Path, dataset: Optional[str], data_dir: Optional[str],
     check_data_config(cfg.data)
     resolve_in_chans(cfg.data, cfg.model.in_chans)  # the data's channels must be the model's
     data_config = dict(data_config, input_size=(cfg.model.in_chans, cfg.data.input_size, cfg.data.input_size))
+    if crop_pct is not None:
+        data_config["crop_pct"] = crop_pct
     test_set = ImageSamples(raw_dataset(cfg.data, split, cfg.model.in_chans), create_transform(**data_config),
                             strict=cfg.data.strict_images)
     resolve_num_classes(cfg.model.num_classes, test_set.classes)  # the data's classes must fit the head

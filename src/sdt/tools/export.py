@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from ..attention import reference_backend
-from ..errors import CheckpointError
-from ..files import atomic_path, load_into, load_weights, save_weights
+from ..errors import CheckpointError, require_extra
+from ..files import atomic_path, load_into, save_weights
 from ..models.registry import check_model_name
+from ..tasks.pretrained import read_weights_for
 
 ONNX_OPSET = 17
 
@@ -39,14 +40,7 @@ def create_model_from_weights(name: str, weights: str = "", **kwargs) -> nn.Modu
 def load_rmt_or_own_weights(model: nn.Module, path: str) -> Dict[str, torch.Tensor]:
     """Load a weights file strictly into ``model``, RMT's key names converted for SDT-H/RMT models
     (gates absent from RMT's checkpoints start at RMT's decay). Returns the state dict loaded."""
-    from ..models.sdt_h import SpatialDecayTransformer, checkpoint_filter_fn
-
-    state = load_weights(path)
-    if isinstance(model, SpatialDecayTransformer):
-        try:
-            state = checkpoint_filter_fn(state, model)
-        except ValueError as e:  # RMT decay buffers that do not match the model's config
-            raise CheckpointError(f"{path} does not fit this model: {e}") from e
+    state = read_weights_for(model, Path(path))
     load_into(model, state, path)
     return state
 
@@ -75,10 +69,8 @@ def check_onnx(model: nn.Module, path: str, input_shapes: Sequence[Tuple[int, in
 
     Returns one dict per shape with the largest absolute difference of the outputs.
     """
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise ImportError("checking an ONNX export needs onnxruntime: pip install 'sdt[export]'") from e
+    require_extra("onnxruntime", "export", "checking an ONNX export")
+    import onnxruntime as ort
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     results = []
     model.eval()
@@ -128,6 +120,10 @@ def export_command(name: str, weights: str, output: str, fmt: str, num_classes: 
     """``sdt export``: the model ``name`` (with local ``weights``) as ONNX, checked with onnxruntime at
     two shapes unless ``check`` is False, or as TorchScript; yields the lines to print as it goes."""
     check_model_name(name)
+    if fmt == "onnx":  # before the model is built or anything written
+        require_extra("onnx", "export", "sdt export --format onnx")
+        if check:
+            require_extra("onnxruntime", "export", "checking the ONNX export (or pass --no-check)")
     kwargs = {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans)) if v is not None}
     model = create_model_from_weights(name, weights, **kwargs).eval()
     chans = model.in_chans

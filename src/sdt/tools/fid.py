@@ -8,8 +8,8 @@ Extractors:
   extractor of the FIDs published before it. Any classifier trained with
   ``sdt train`` works too (``in_domain_extractor(checkpoint=<run folder>)``).
 - Inception: torch-fidelity's FID Inception-v3 (2048 features) through torchmetrics, only from a
-  local weights file (``weights-inception-2015-12-05-6726825d.pth``); never downloaded. Needs
-  ``pip install sdt[fid-inception]``.
+  local weights file (``weights-inception-2015-12-05-6726825d.pth``); never downloaded. Needs the
+  ``fid-inception`` extra (``pip install -e '.[fid-inception]'`` in the checkout).
 
 Weights are never downloaded and never unpickled with code: every file goes through
 ``sdt.files.load_weights`` (safetensors, or ``torch.load(weights_only=True)``).
@@ -29,8 +29,8 @@ from torch import Tensor
 from torchvision.transforms import Normalize
 
 from ..data import build_transform
-from ..engine import load_config
-from ..errors import CheckpointError, ConfigError, DataError, SdtError
+from ..engine import load_config, setup_distributed
+from ..errors import CheckpointError, ConfigError, DataError, require_extra
 from ..files import load_into, load_weights
 
 if TYPE_CHECKING:
@@ -191,11 +191,8 @@ def inception_fid(weights_path: Optional[str]) -> "FrechetInceptionDistance":
             f"{INCEPTION_WEIGHTS_FILE} (torch-fidelity's FID Inception) on a machine with network access "
             "and pass --inception-weights /path/to/it, or use the default in-domain extractor")
     state = load_weights(weights_path)
-    try:
-        import torch_fidelity  # noqa: F401
-        from torchmetrics.image.fid import FrechetInceptionDistance
-    except ModuleNotFoundError as err:
-        raise SdtError(f"Inception FID needs torch-fidelity: pip install 'sdt[fid-inception]' ({err})") from err
+    require_extra("torch_fidelity", "fid-inception", "Inception FID")
+    from torchmetrics.image.fid import FrechetInceptionDistance
     with tempfile.TemporaryDirectory() as folder:
         checked = Path(folder) / "inception.pth"
         torch.save(dict(state), checked)  # only the tensors read above: unpickling it runs nothing foreign
@@ -255,6 +252,7 @@ def compute_fids(fakes: Sequence[Tensor], real: Tensor, reference: str, extracto
     Uses ``extractor`` (default: the shipped in-domain one) or, with ``inception_weights``, Inception-v3
     (grey images are repeated to 3 channels; torchmetrics resizes to 299).
     """
+    require_extra("torchmetrics", "fid", "FID")
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     for images, which in [(real, "reference images")] + [(fake, "samples") for fake in fakes]:
@@ -268,16 +266,17 @@ def compute_fids(fakes: Sequence[Tensor], real: Tensor, reference: str, extracto
     else:
         extractor = extractor or in_domain_extractor()
         extractor.check_images(real[:1])
-        metric = FrechetInceptionDistance(feature=extractor)
+        metric = FrechetInceptionDistance(feature=extractor).to(extractor.mean.device)  # the extractor's device
         name, prepare = f"{extractor_name or extractor.name} pre-logits ({extractor.num_features})", (lambda x: x)
     metric.reset_real_features = False  # reset() below forgets only the previous samples' features
+    device = metric.device
     for i in range(0, len(real), batch_size):
-        metric.update(prepare(real[i:i + batch_size]), real=True)
+        metric.update(prepare(real[i:i + batch_size]).to(device), real=True)
     results = []
     for fake in fakes:
         metric.reset()
         for i in range(0, len(fake), batch_size):
-            metric.update(prepare(fake[i:i + batch_size]), real=False)
+            metric.update(prepare(fake[i:i + batch_size]).to(device), real=False)
         results.append(FidResult(float(metric.compute()), len(fake), len(real), reference, name))
     return results
 
@@ -300,24 +299,30 @@ def conditional_accuracy(extractor: ClassifierFeatures, images: Tensor, labels: 
                         f"(0..{extractor.num_classes - 1}): the classifier must be trained on the samples' classes")
     correct = 0
     for i in range(0, len(images), batch_size):
-        correct += (extractor.logits(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum().item()
+        predicted = extractor.logits(images[i:i + batch_size].to(extractor.mean.device)).argmax(1).cpu()
+        correct += (predicted == labels[i:i + batch_size]).sum().item()
     return correct / len(images)
 
 
 def fid_command(samples: str, reference_split: str = "test", num_reference: int = 0, data_dir: Optional[str] = None,
                 extractor_name: Optional[str] = None, extractor_checkpoint: Optional[str] = None,
-                inception_weights: Optional[str] = None, accuracy: bool = True, threads: int = 2) -> Iterator[str]:
+                inception_weights: Optional[str] = None, accuracy: bool = True,
+                threads: Optional[int] = None, device: str = "auto") -> Iterator[str]:
     """``sdt fid``: the FID of an .npz of samples against a Fashion-MNIST split and, when the samples have
-    labels (and ``accuracy``), the in-domain classifier's accuracy on them; yields the lines to print."""
+    labels (and ``accuracy``), the in-domain classifier's accuracy on them; yields the lines to print.
+    ``threads``: torch's intra-op threads (None: PyTorch's own choice, every core); ``device``: auto (the
+    GPU when there is one), cpu or cuda."""
     from ..data import FASHION_MNIST_CLASSES, fashion_mnist_tensors
 
-    torch.set_num_threads(threads)
+    require_extra("torchmetrics", "fid", "sdt fid")  # before any work
+    if threads:
+        torch.set_num_threads(threads)
     fake, labels = load_samples(samples)
     real, _ = fashion_mnist_tensors(reference_split, data_dir)
     reference = f"Fashion-MNIST {reference_split}"
     if num_reference:
         real, reference = real[:num_reference], f"{reference}[:{num_reference}]"
-    extractor = in_domain_extractor(extractor_name, extractor_checkpoint)
+    extractor = in_domain_extractor(extractor_name, extractor_checkpoint).to(setup_distributed(device).device)
     scored = None
     if labels is not None and accuracy:
         if extractor.num_classes != len(FASHION_MNIST_CLASSES):

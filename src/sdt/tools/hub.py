@@ -51,7 +51,18 @@ def _normalization(cfg: TrainConfig) -> Tuple[Tuple[float, ...], Tuple[float, ..
     return shortest(normalize.mean), shortest(normalize.std)
 
 
-def _label_names(cfg: TrainConfig, label_names: Optional[Sequence[str]]) -> Tuple[str, ...]:
+def run_data_config(cfg: TrainConfig) -> Dict[str, Any]:
+    """timm's data config (``input_size``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``,
+    ``interpolation``) of a run's evaluation transform; ``timm.data.create_transform(**it)`` rebuilds it."""
+    mean, std = _normalization(cfg)
+    size = cfg.data.input_size
+    return dict(input_size=(cfg.model.in_chans, size, size), mean=mean, std=std,
+                crop_pct=cfg.data.crop_pct, crop_mode="center", interpolation=cfg.data.interpolation)
+
+
+def run_label_names(cfg: TrainConfig, label_names: Optional[Sequence[str]] = None) -> Tuple[str, ...]:
+    """The class names of a run's model in label order: ``label_names`` if given (checked against the
+    head), else its dataset's (Fashion-MNIST's, or the training folder's class folders)."""
     num_classes = cfg.model.num_classes
     if label_names is None:
         if cfg.data.dataset == "fashion-mnist":
@@ -139,11 +150,8 @@ def export_run_to_hub(run_dir: PathLike, out_dir: PathLike, overwrite: bool = Fa
         summary = json.loads((run / "summary.json").read_text())
         model = create_model(cfg.model, cfg.model.num_classes, cfg.model.in_chans)
         load_into(model, load_weights(run / "best.safetensors"), run / "best.safetensors")
-        names = _label_names(cfg, label_names)
-        mean, std = _normalization(cfg)
-        size = cfg.data.input_size
-        data_config = dict(input_size=(cfg.model.in_chans, size, size), mean=mean, std=std,
-                           crop_pct=cfg.data.crop_pct, crop_mode="center", interpolation=cfg.data.interpolation)
+        names = run_label_names(cfg, label_names)
+        data_config = run_data_config(cfg)
 
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"

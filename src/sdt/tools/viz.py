@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..attention import SpatialDecayAttention, apply_rotary, rotary_tables
 from ..decay import decomposed_biases, full_2d_bias
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, require_extra
 from ..models.registry import check_model_name
 
 IMAGE_NAMES = ("astronaut", "chelsea", "coffee")
@@ -40,6 +40,7 @@ def load_image(source: str, size: Tuple[int, int], in_chans: int, mean: Sequence
     from PIL import Image
 
     if source in IMAGE_NAMES:
+        require_extra("skimage", "viz", f"the sample image {source!r} (scikit-image's)")
         from skimage import data
 
         pil = Image.fromarray(getattr(data, source)())

@@ -1,0 +1,108 @@
+"""One meaning per flag, timm's names: -o is --override everywhere, outputs are --output (old spellings
+still work, with a note), shortcut flags equal their -o keys, --version, --img-size / --crop-pct of eval,
+and sample/fid leave the thread count to PyTorch."""
+import json
+
+import pytest
+import timm
+import torch
+
+from sdt.cli import _recipe_and_overrides, build_parser, main
+from sdt.files import save_weights
+from sdt.tasks import TrainConfig
+
+
+def test_version_and_help_list_predict(capsys):
+    import sdt
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"sdt {sdt.__version__}"
+    build_parser().print_help()
+    assert "predict" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [["export", "sdt_h_nano"], ["convert", "w.pth", "--model", "sdt_h_nano"],
+                                     ["viz"]])
+def test_dash_o_is_not_an_output(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(command + ["-o", "out.file"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "-o means --override" in err and "--output out.file" in err
+
+
+def test_dash_o_message_points_to_output(capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "sdt_h_nano", "-o", "m.onnx"])
+    err = capsys.readouterr().err
+    assert "-o means --override" in err and "--output m.onnx" in err
+    assert main(["train", "--recipe", "quick", "-o", "runs/x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "takes section.key=value" in err[0] and "--output runs/x" in err[0]
+
+
+def test_shortcut_flags_equal_their_override_keys():
+    parser = build_parser()
+    args = parser.parse_args(["train", "--recipe", "quick", "--lr", "2e-3", "--seed", "7", "--amp", "bf16",
+                              "--workers", "0", "--device", "cpu", "--epochs", "3", "--batch-size", "32"])
+    by_flags = _recipe_and_overrides(args, args.flags, TrainConfig, None)
+    args = parser.parse_args(["train", "--recipe", "quick", "-o", "engine.lr=2e-3", "-o", "engine.seed=7",
+                              "-o", "engine.amp=bf16", "-o", "data.workers=0", "-o", "engine.device=cpu",
+                              "-o", "engine.epochs=3", "-o", "engine.batch_size=32"])
+    assert by_flags == _recipe_and_overrides(args, args.flags, TrainConfig, None)
+    assert (by_flags.engine.lr, by_flags.engine.seed, by_flags.engine.amp, by_flags.data.workers,
+            by_flags.engine.device) == (2e-3, 7, "bf16", 0, "cpu")
+    for command in ("gen-train", "detect", "segment"):
+        assert parser.parse_args([command, "--lr", "1e-4", "--seed", "3"]).lr == 1e-4
+
+
+def test_old_spellings_work_with_a_note(capsys):
+    parser = build_parser()
+    args = parser.parse_args(["sample", "run", "--out", "s", "--weights", "best"])
+    assert (args.output, args.weights_from) == ("s", "best")
+    err = capsys.readouterr().err
+    assert "--out is deprecated; use --output" in err and "--weights is deprecated; use --weights-from" in err
+    args = parser.parse_args(["sample", "run", "--output", "s", "--weights-from", "model"])
+    assert (args.output, args.weights_from, args.threads) == ("s", "model", None)
+    assert parser.parse_args(["viz", "--out-dir", "maps"]).output == "maps"
+    assert "--out-dir is deprecated" in capsys.readouterr().err
+    args = parser.parse_args(["eval", "run", "--input-size", "20"])
+    assert args.img_size == 20 and "--input-size is deprecated; use --img-size" in capsys.readouterr().err
+    assert parser.parse_args(["fid", "s.npz"]).threads is None
+
+
+def test_sample_and_fid_take_the_gpu_when_there_is_one(monkeypatch, tmp_path):
+    """device auto: sdt sample moves the generator to the device setup_distributed picks (CUDA when available)."""
+    import sdt.tools.sample as sample_tool
+    from sdt.engine.dist import DistInfo
+
+    parser = build_parser()
+    assert parser.parse_args(["sample", "run", "--output", "s"]).device == "auto"
+    assert parser.parse_args(["fid", "s.npz"]).device == "auto"
+    moved = []
+
+    class Generator(torch.nn.Module):
+        def to(self, device):
+            moved.append(device)
+            raise RuntimeError("stop here")
+
+    monkeypatch.setattr(sample_tool, "load_generator", lambda run, weights: (Generator(), None))
+    monkeypatch.setattr(sample_tool, "setup_distributed", lambda name: DistInfo(device=torch.device("meta")))
+    with pytest.raises(RuntimeError, match="stop here"):
+        sample_tool.sample_command("run", str(tmp_path / "s"))
+    assert moved == [torch.device("meta")]
+
+
+def test_eval_of_a_bare_weights_file_takes_the_models_pretrained_cfg(fake_fmnist, tmp_path):
+    """sdt_h_nano's pretrained cfg is 64 px (crop 1.0): a weights file outside a run is evaluated at 64, not 28."""
+    weights = tmp_path / "w.safetensors"
+    torch.manual_seed(0)
+    save_weights(weights, timm.create_model("sdt_h_nano", num_classes=10, in_chans=1).state_dict())
+    common = ["eval", str(weights), "--model", "sdt_h_nano", "--data-dir", str(fake_fmnist), "--batch-size", "64"]
+    assert main(common + ["--output", str(tmp_path / "a")]) == 0
+    full = json.loads((tmp_path / "a" / "eval.json").read_text())
+    assert full["input_size"] == 64
+    assert main(common + ["--crop-pct", "0.5", "--output", str(tmp_path / "b")]) == 0
+    cropped = json.loads((tmp_path / "b" / "eval.json").read_text())
+    assert cropped["input_size"] == 64 and cropped["loss"] != full["loss"]
