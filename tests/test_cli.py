@@ -115,7 +115,7 @@ def test_our_errors_are_one_line_bugs_keep_their_traceback_and_debug_shows_all(m
     def buggy(args):
         raise ValueError("a bug inside sdt")
 
-    monkeypatch.setattr(cli, "run_task", buggy)
+    monkeypatch.setattr(cli.common, "run_task", buggy)
     parser = cli.build_parser
     monkeypatch.setattr(cli, "build_parser", lambda: _with_func(parser(), "train", buggy))
     with pytest.raises(ValueError, match="a bug inside sdt"):  # not swallowed into one line

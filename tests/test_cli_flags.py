@@ -7,7 +7,8 @@ import pytest
 import timm
 import torch
 
-from sdt.cli import _recipe_and_overrides, build_parser, main
+from sdt.cli import build_parser, main
+from sdt.cli.common import _recipe_and_overrides
 from sdt.files import save_weights
 from sdt.tasks import TrainConfig
 

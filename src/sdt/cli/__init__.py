@@ -15,53 +15,21 @@
     sdt segment           train a Semantic-FPN segmenter on Fashion-MNIST mosaics, mIoU
 
 Each subcommand is one ``add_*_parser`` function (its arguments) and one ``run_*`` function that calls
-one function of the layers below; the four training commands share ``run_task``.
+one function of the layers below; the four training commands share ``run_task`` (``cli/common.py``, with
+the flags every command shares).
 """
 import argparse
 import sys
-from typing import Any, Dict, List, Optional
+from typing import List, Optional
 
-from .data import DATASETS
-from .decay import DECAY_ALIASES, DECAY_VARIANTS
-from .engine.config import available_recipes, recipes_for
-from .models.registry import check_model_name
-from .tasks import GenConfig, TrainConfig
-from .tasks.diffusion import OBJECTIVES, SAMPLERS
-from .tools.fid import DEFAULT_EXTRACTOR
-
-
-class _DeprecatedFlag(argparse.Action):
-    """An old spelling of a flag: stores like the new one, with a note on stderr (kept for one release)."""
-
-    def __init__(self, option_strings: List[str], dest: str, new: str = "", **kwargs: Any):
-        self.new = new
-        super().__init__(option_strings, dest, **kwargs)
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: Optional[str] = None) -> None:
-        print(f"{parser.prog}: note: {option_string} is deprecated; use {self.new}", file=sys.stderr)
-        setattr(namespace, self.dest, values)
-
-
-def add_deprecated_flag(p: argparse.ArgumentParser, old: str, dest: str, new: str, **kwargs: Any) -> None:
-    p.add_argument(old, dest=dest, action=_DeprecatedFlag, new=new, help=argparse.SUPPRESS, **kwargs)
-
-
-class _OverrideNotOutput(argparse.Action):
-    """``-o`` on a command without config overrides: it means --override everywhere, so an output is --output."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: Optional[str] = None) -> None:
-        parser.error(f"-o means --override (section.key=value) in sdt; this command takes none: write the "
-                     f"output with --output {values}")
-
-
-def add_output_argument(p: argparse.ArgumentParser, old: Optional[str] = None, **kwargs: Any) -> None:
-    """--output, its deprecated old spelling ``old``, and ``-o`` answered with a pointer to --output."""
-    p.add_argument("--output", **kwargs)
-    if old:
-        add_deprecated_flag(p, old, "output", "--output")
-    p.add_argument("-o", action=_OverrideNotOutput, help=argparse.SUPPRESS)
+from ..data import DATASETS
+from ..decay import DECAY_ALIASES, DECAY_VARIANTS
+from ..engine.config import recipes_for
+from ..models.registry import check_model_name
+from ..tasks import GenConfig, TrainConfig
+from ..tasks.diffusion import OBJECTIVES, SAMPLERS
+from ..tools.fid import DEFAULT_EXTRACTOR
+from .common import add_deprecated_flag, add_output_argument, add_override_arguments, add_run_arguments
 
 
 def add_models_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -75,7 +43,7 @@ def add_models_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from .tools.table import model_table
+    from ..tools.table import model_table
 
     for name in args.names:
         check_model_name(name)
@@ -101,7 +69,7 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from .tools.export import export_command
+    from ..tools.export import export_command
 
     size = args.input_size
     if size is not None and len(size) == 2:
@@ -150,7 +118,7 @@ def _block_arg(text: str) -> Optional[int]:
 
 
 def run_viz(args: argparse.Namespace) -> int:
-    from .tools.viz import viz_command
+    from ..tools.viz import viz_command
 
     for path in viz_command(args.model, args.weights, args.image, args.size, args.query, args.block, args.output,
                             args.num_classes, args.in_chans):
@@ -173,7 +141,7 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_convert(args: argparse.Namespace) -> int:
     import timm
 
-    from .tools.export import convert_rmt_checkpoint
+    from ..tools.export import convert_rmt_checkpoint
 
     check_model_name(args.model)
     kwargs = {"num_classes": args.num_classes} if args.num_classes is not None else {}
@@ -181,36 +149,6 @@ def run_convert(args: argparse.Namespace) -> int:
     counts = convert_rmt_checkpoint(args.checkpoint, model, args.output)
     print(f"wrote {args.output}: {counts['tensors']} tensors, {counts['gate_tensors']} gate tensors at RMT's decay")
     return 0
-
-
-def add_run_arguments(p: argparse.ArgumentParser, recipe_help: str, default_output: str) -> None:
-    """--recipe, --output and --resume: what every command that starts or continues a run takes."""
-    p.add_argument("--recipe", help=recipe_help)
-    p.add_argument("--output", help=f"run folder (default: {default_output}); must be new unless --resume")
-    p.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
-                   help="continue the run in --output from its newest checkpoint (or from CHECKPOINT), with its saved config")
-
-
-# the shortcut flags of every training command (timm's train.py names) -> their config keys
-SHORTCUT_FLAGS = {"epochs": "engine.epochs", "batch_size": "engine.batch_size", "lr": "engine.lr", "seed": "engine.seed",
-                  "amp": "engine.amp", "workers": "data.workers", "device": "engine.device"}
-
-
-def add_override_arguments(p: argparse.ArgumentParser, example: str, task: str, flags: Dict[str, str],
-                           default_recipe: Optional[str] = None) -> None:
-    """--epochs, --batch-size and -o of every training command; ``task`` (a class of ``sdt.tasks``) runs it,
-    ``flags`` maps its shortcut flags to config keys."""
-    p.add_argument("--epochs", type=int, help="= -o engine.epochs=...")
-    p.add_argument("--batch-size", type=int, help="global batch size (= -o engine.batch_size=...)")
-    p.add_argument("--lr", type=float, help="learning rate per engine.lr_base_size images (= -o engine.lr=...)")
-    p.add_argument("--seed", type=int, help="= -o engine.seed=...")
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), help="mixed precision (= -o engine.amp=...)")
-    p.add_argument("--workers", type=int, help="data loader processes (= -o data.workers=...)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="= -o engine.device=...")
-    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-                   help=f"set any config value, e.g. {example} (repeatable)")
-    p.set_defaults(func=run_task, task=task, default_recipe=default_recipe,
-                   flags={**flags, **SHORTCUT_FLAGS})
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -260,7 +198,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .tools.eval import evaluate_checkpoint, format_eval
+    from ..tools.eval import evaluate_checkpoint, format_eval
 
     result = evaluate_checkpoint(args.checkpoint, model=args.model, dataset=args.dataset, data_dir=args.data_dir,
                                  split=args.split, input_size=args.img_size, batch_size=args.batch_size,
@@ -294,7 +232,7 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from .tools.predict import predict_command
+    from ..tools.predict import predict_command
 
     return predict_command(args.images, args.model, args.arch, args.topk, args.json)
 
@@ -315,7 +253,7 @@ def add_export_hub_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export_hub(args: argparse.Namespace) -> int:
-    from .tools.hub import export_run_to_hub
+    from ..tools.hub import export_run_to_hub
 
     names = None if args.label_names is None else [n.strip() for n in args.label_names.split(",")]
     out = export_run_to_hub(args.run, args.out, overwrite=args.overwrite, label_names=names)
@@ -352,43 +290,6 @@ def add_gen_train_parser(subparsers: argparse._SubParsersAction) -> None:
                             "dataset": "data.dataset", "data_dir": "data.data_dir"}, default_recipe="gen-fashion-mnist")
 
 
-def _recipe_and_overrides(args: argparse.Namespace, flags: Dict[str, str], config_class: type,
-                          default_recipe: Optional[str] = None) -> Optional[Any]:
-    """The config of a new run from --recipe (or ``default_recipe``), the shortcut flags and -o
-    overrides; None for --resume, which continues with the run's saved config."""
-    from .engine import load_config
-    from .errors import ConfigError
-
-    overrides = list(args.override)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"-o {item}: -o means --override and takes section.key=value (e.g. -o engine.epochs=3); "
-                              f"the run folder is --output {item}")
-    for flag, key in flags.items():
-        if getattr(args, flag) is not None:
-            overrides.append(f"{key}={getattr(args, flag)}")
-    if args.resume is not None:
-        if overrides or args.recipe:
-            raise ConfigError("--resume continues a run with its saved config; drop --recipe and overrides")
-        return None
-    recipe = args.recipe or default_recipe
-    if not recipe:
-        raise ConfigError(f"choose a recipe, e.g. --recipe quick (recipes: {', '.join(available_recipes())})")
-    return load_config(config_class, recipe, overrides)
-
-
-def run_task(args: argparse.Namespace) -> int:
-    """train, gen-train, detect, segment: the config from the recipe, the shortcut flags and -o, then the task's run."""
-    from . import tasks
-
-    if getattr(args, "attn", None) is not None:
-        print(f"sdt {args.command}: note: --attn is deprecated; use --decay", file=sys.stderr)
-        args.decay = args.decay or args.attn
-    task = getattr(tasks, args.task)()
-    task.train(_recipe_and_overrides(args, args.flags, task.config_class, args.default_recipe), args.output, args.resume)
-    return 0
-
-
 def add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("sample", help="class-conditional samples from a generation run (PNG grid + .npz)",
                               description="Sample every class from a 'sdt gen-train' run (EMA weights of its newest "
@@ -417,8 +318,8 @@ def add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from .errors import ConfigError
-    from .tools.sample import sample_command
+    from ..errors import ConfigError
+    from ..tools.sample import sample_command
 
     if args.output is None:  # not argparse's required=: the deprecated --out fills it too
         raise ConfigError("the following argument is required: --output PREFIX (writes PREFIX.npz and PREFIX.png)")
@@ -453,7 +354,7 @@ def add_fid_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_fid(args: argparse.Namespace) -> int:
-    from .tools.fid import fid_command
+    from ..tools.fid import fid_command
 
     for line in fid_command(args.samples, args.reference, args.num_reference, args.data_dir, args.extractor,
                             args.extractor_checkpoint, args.inception_weights, not args.no_accuracy, args.threads,
@@ -491,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help=debug_help)
     # the package's own __version__: the package is imported before any of its modules, and an import of it
     # here would be an upward import (tests/test_layout.py)
-    version = sys.modules[__package__].__version__  # "sdt", also under python -m sdt.cli
+    version = sys.modules[__name__.partition(".")[0]].__version__  # "sdt", also under python -m sdt.cli
     parser.add_argument("--version", action="version", version=f"sdt {version}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_train_parser(subparsers)
@@ -519,7 +420,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from .errors import SdtError
+    from ..errors import SdtError
 
     try:
         return args.func(args)
@@ -544,7 +445,3 @@ def _end_processes() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
