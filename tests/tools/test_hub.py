@@ -270,7 +270,7 @@ def test_sdt_eval_of_an_exported_run_matches_eval_of_the_run(finished_run, tmp_p
     from sdt.data import FASHION_MNIST_CLASSES
 
     hub = tmp_path / "hub"
-    assert main(["export-hub", str(finished_run), str(hub)]) == 0
+    assert main(["export-hub", str(finished_run), "--output", str(hub)]) == 0
     assert "wrote" in capsys.readouterr().out
     data_dir = yaml.safe_load((finished_run / "config.yaml").read_text())["data"]["data_dir"]
     assert main(["eval", str(finished_run), "--output", str(tmp_path / "run-eval")]) == 0
@@ -285,10 +285,14 @@ def test_sdt_eval_of_an_exported_run_matches_eval_of_the_run(finished_run, tmp_p
 
     assert main(["eval", str(hub), "--model", "sdt_h_tiny"]) == 2
     assert "hub folder" in capsys.readouterr().err
-    assert main(["export-hub", str(finished_run), str(hub)]) == 2  # not empty, no --overwrite
+    assert main(["export-hub", str(finished_run), str(hub)]) == 2  # the old positional spelling: not empty, no --overwrite
     err = capsys.readouterr().err
-    assert "already holds files" in err and "Traceback" not in err
-    assert main(["export-hub", str(finished_run), str(hub), "--overwrite", "--label-names", "a,b"]) == 2
+    assert "already holds files" in err and "Traceback" not in err and "positional is deprecated; use --output" in err
+    assert main(["export-hub", str(finished_run)]) == 2
+    assert "--output FOLDER" in capsys.readouterr().err
+    assert main(["export-hub", str(finished_run), str(hub), "--output", str(hub)]) == 2
+    assert "two outputs" in capsys.readouterr().err
+    assert main(["export-hub", str(finished_run), "--output", str(hub), "--overwrite", "--label-names", "a,b"]) == 2
     assert "2 label names for a 10-class model" in capsys.readouterr().err
-    assert main(["export-hub", str(tmp_path / "nope"), str(tmp_path / "h2")]) == 2
+    assert main(["export-hub", str(tmp_path / "nope"), "--output", str(tmp_path / "h2")]) == 2
     assert "not a finished sdt train run" in capsys.readouterr().err

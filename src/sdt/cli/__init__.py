@@ -245,18 +245,27 @@ def add_export_hub_parser(subparsers: argparse._SubParsersAction) -> None:
                     "crop) and a README model card with the run's measured metrics. "
                     "timm.create_model('local-dir:OUT', pretrained=True) and 'sdt eval OUT' load it.")
     p.add_argument("run", help="run folder of a finished 'sdt train'")
-    p.add_argument("out", help="folder to write (new or empty, unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT (the old folder goes once the new one is complete)")
+    add_output_argument(p, help="folder to write (new or empty, unless --overwrite)")
+    p.add_argument("old_output", nargs="?", help=argparse.SUPPRESS)  # the output as a second positional (deprecated)
+    p.add_argument("--overwrite", action="store_true", help="replace the output folder (the old one goes once the new one is complete)")
     p.add_argument("--label-names", default=None, metavar="A,B,...",
                    help="comma-separated class names in label order (default: the run's dataset's)")
     p.set_defaults(func=run_export_hub)
 
 
 def run_export_hub(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
     from ..tools.hub import export_run_to_hub
 
+    if args.old_output is not None:
+        if args.output is not None:
+            raise ConfigError(f"two outputs: --output {args.output} and {args.old_output}; give --output alone")
+        print("sdt export-hub: note: the output as a second positional is deprecated; use --output", file=sys.stderr)
+        args.output = args.old_output
+    if args.output is None:
+        raise ConfigError("give the folder to write with --output FOLDER")
     names = None if args.label_names is None else [n.strip() for n in args.label_names.split(",")]
-    out = export_run_to_hub(args.run, args.out, overwrite=args.overwrite, label_names=names)
+    out = export_run_to_hub(args.run, args.output, overwrite=args.overwrite, label_names=names)
     print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))} "
           f"(load with timm.create_model('local-dir:{out}', pretrained=True) after `import sdt`, or sdt eval {out})")
     return 0
