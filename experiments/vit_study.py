@@ -1,5 +1,7 @@
-"""Issue 18: where does data-dependent decay matter? Decay variants in a plain ViT (sdt_vit_fm_tiny),
-where attention is the only spatial mixer, on Fashion-MNIST subsets.
+"""Issues 18 and 33: where does data-dependent decay matter, and does it beat fixed decay once its gates
+have time to learn? Decay variants in a plain ViT (sdt_vit_fm_tiny), where attention is the only spatial
+mixer, on Fashion-MNIST subsets. Regimes: ``long`` (issue 33, the default: 6k images x 20 epochs =
+1,860 steps; vit, fixed, cag and cag with a 10x gate lr) and issue 18's ``2k`` and ``6k``.
 
     python -m experiments.vit_study --plan                 # the grid and its estimated CPU hours
     python -m experiments.vit_study --smoke --out /tmp/vs  # tiny budget, end to end in minutes
@@ -8,12 +10,13 @@ where attention is the only spatial mixer, on Fashion-MNIST subsets.
     python -m experiments.vit_study --report-only          # tables + plot from the finished runs
 
 Each run is ``sdt train --recipe ablation`` with ``model.name=sdt_vit_fm_tiny`` and the variant's
-``model.kwargs`` in ``<out>/<regime>-e<epochs>/<variant>-s<seed>``. Finished runs (summary.json)
+``model.kwargs`` in ``<out>/<images>k-e<epochs>/<variant>-s<seed>``. Finished runs (summary.json)
 are skipped, killed ones resume from their last checkpoint (``experiments/runner.py``'s rules).
 The default ``--out`` is tracked by git without checkpoints and weights (its .gitignore), so the
 finished runs of one sitting are committed and the next sitting continues the grid; the gate
 analysis of a run is cached in its ``gates.json`` for the same reason.
-The report gives mean ± sd per variant and paired differences (same seed) with 95% t-intervals.
+The report gives mean ± sd per variant and paired differences (same seed) with 95% t-intervals, the
+validation curves, and how far the gates moved during training (the ``gate_drift`` metrics).
 """
 import argparse
 import json
@@ -22,8 +25,9 @@ import os
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from .runner import deadline, mean_std, run_or_resume, t_quantile_975
 
@@ -36,47 +40,80 @@ VARIANTS = {  # name -> model.kwargs
     "learned": dict(decay="learned", pos_embed="none"),
     "cag": dict(decay="cag", pos_embed="none"),       # SDT
     "cag_pos": dict(decay="cag", pos_embed="learned"),
+    "cag_lr10": dict(decay="cag", pos_embed="none"),  # SDT, gate parameters at 10x the lr (ENGINE below)
 }
-CENTRAL = ("vit", "nopos", "fixed", "cag")  # the three central comparisons need these at >= 5 seeds
+# Engine overrides of a variant. The paper gives no gate lr: 10x shows whether the shared one under-trains the gates.
+ENGINE = {"cag_lr10": ['engine.lr_scale={"*gate*": 10}']}
+NOTES = {"cag_lr10": "; gate lr x10"}
 COMPARISONS = (("fixed", "nopos"), ("cag", "fixed"), ("cag", "vit"), ("fixed", "vit"), ("learned", "fixed"), ("cag_pos", "vit"),
-               ("cag_pos", "cag"))
-REGIMES = {"2k": 2000, "6k": 6000}
-# Epochs per regime: about the same images seen (40k, 42k) in both; sized for ~4 h wall with --jobs 2 (docs/vit_study.md)
-EPOCHS = {"2k": 20, "6k": 7}
+               ("cag_pos", "cag"), ("cag_lr10", "cag"), ("cag_lr10", "fixed"))
+FIRST_SIX = ("vit", "nopos", "fixed", "learned", "cag", "cag_pos")
 
 
-def run_dir(out: Path, regime: str, variant: str, seed: int, epochs: int) -> Path:
-    return out / f"{regime}-e{epochs}" / f"{variant}-s{seed}"
+@dataclass(frozen=True)
+class Regime:
+    """One budget of the study: its training images and epochs (1 epoch = images // 64 optimizer steps),
+    its variants in grid order, and which of them get ``--seeds`` seeds (the rest ``--extra-seeds``)."""
+    images: int
+    epochs: int
+    variants: Tuple[str, ...]
+    central: Tuple[str, ...]
+    seeds: int
+    extra_seeds: int
+
+    @property
+    def folder(self) -> str:
+        return f"{self.images // 1000}k-e{self.epochs}"
 
 
-def grid(seeds: int, extra_seeds: int, regimes: List[str]) -> List[tuple]:
+REGIMES = {
+    # issue 18: 620 / 651 steps, about the same images seen (40k, 42k); sized for ~4 h wall with --jobs 2
+    "2k": Regime(2000, 20, FIRST_SIX, ("vit", "nopos", "fixed", "cag"), 5, 3),
+    "6k": Regime(6000, 7, FIRST_SIX, ("vit", "nopos", "fixed", "cag"), 5, 3),  # superseded by "long" (docs/vit_study.md)
+    # issue 33: 3x the steps (1,860), so the gates have time to move; the variants a user chooses between
+    "long": Regime(6000, 20, ("vit", "fixed", "cag", "cag_lr10"), ("vit", "fixed", "cag"), 3, 3),
+}
+
+
+def run_dir(out: Path, regime: str, variant: str, seed: int) -> Path:
+    return out / REGIMES[regime].folder / f"{variant}-s{seed}"
+
+
+def grid(regimes: List[str], seeds: Optional[int] = None, extra_seeds: Optional[int] = None) -> List[tuple]:
     """Seed-major: after any prefix every variant has about the same number of seeds."""
     out = []
-    for regime in regimes:
-        for seed in range(seeds):
-            for variant in VARIANTS:
-                if variant in CENTRAL or seed < extra_seeds:
-                    out.append((regime, variant, seed))
+    for name in regimes:
+        regime = REGIMES[name]
+        central, extra = seeds or regime.seeds, extra_seeds if extra_seeds is not None else regime.extra_seeds
+        for seed in range(max(central, extra)):
+            for variant in regime.variants:
+                if seed < (central if variant in regime.central else extra):
+                    out.append((name, variant, seed))
     return out
 
 
-def train(out: Path, regime: str, variant: str, seed: int, epochs: int, extra: List[str],
-          until: Optional[float] = None) -> None:
+def train(out: Path, regime: str, variant: str, seed: int, extra: List[str], until: Optional[float] = None) -> None:
     kw = [a for k, v in VARIANTS[variant].items() for a in ("-o", f"model.kwargs.{k}={v}")]
-    run_or_resume(run_dir(out, regime, variant, seed, epochs),
+    kw += [a for o in ENGINE.get(variant, []) for a in ("-o", o)]
+    r = REGIMES[regime]
+    run_or_resume(run_dir(out, regime, variant, seed),
                   ["--recipe", "ablation", "-o", f"model.name={MODEL}", *kw, "-o", f"engine.seed={seed}",
-                   "-o", f"data.train_subset={REGIMES[regime]}", "-o", f"engine.epochs={epochs}", *extra], until=until)
+                   "-o", f"data.train_subset={r.images}", "-o", f"engine.epochs={r.epochs}", *extra], until=until)
 
 
 def measure_throughput(batch: int = 64, steps: int = 4) -> Dict[str, float]:
-    """Training img/s (1 thread) of each variant from a few fwd+bwd steps."""
+    """Training img/s (1 thread) of each distinct model.kwargs from a few fwd+bwd steps."""
     import timm
     import torch
 
     import sdt  # noqa: F401
     torch.set_num_threads(1)
-    rates = {}
+    rates: Dict[str, float] = {}
     for name, kwargs in VARIANTS.items():
+        same = next((n for n in rates if VARIANTS[n] == kwargs), None)
+        if same is not None:  # the lr does not change the cost of a step
+            rates[name] = rates[same]
+            continue
         model = timm.create_model(MODEL, **kwargs).train()
         x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
         torch.nn.functional.cross_entropy(model(x), y).backward()  # warm-up
@@ -89,18 +126,19 @@ def measure_throughput(batch: int = 64, steps: int = 4) -> Dict[str, float]:
 
 def plan(args: argparse.Namespace) -> None:
     rates = measure_throughput()
-    runs = grid(args.seeds, args.extra_seeds, args.regime)
-    cpu_s = sum(REGIMES[r] * EPOCHS[r] / rates[v] for r, v, _ in runs)
-    evals = len(runs) * (2000 * 2 + 10000) / (3 * statistics.mean(rates.values()))  # val/test forwards ~3x faster
+    runs = grid(args.regime, args.seeds, args.extra_seeds)
+    cpu_s = sum(REGIMES[r].images * REGIMES[r].epochs / rates[v] for r, v, _ in runs)
+    evals = sum(REGIMES[r].epochs * 2000 + 10000 for r, _, _ in runs) / (3 * statistics.mean(rates.values()))  # ~3x faster
     print("measured 1-thread training img/s: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
     print(f"load: {os.getloadavg()[0]:.2f}")
-    for regime in args.regime:
-        n = [v for r, v, _ in runs if r == regime]
-        print(f"regime {regime}: {REGIMES[regime]} images x {EPOCHS[regime]} epochs; "
-              + ", ".join(f"{v} x{n.count(v)}" for v in VARIANTS))
+    for name in args.regime:
+        r = REGIMES[name]
+        n = [v for g, v, _ in runs if g == name]
+        print(f"regime {name} ({r.folder}): {r.images} images x {r.epochs} epochs = {r.images // 64 * r.epochs} steps; "
+              + ", ".join(f"{v} x{n.count(v)}" for v in r.variants))
     total = (cpu_s + evals) / 3600
     print(f"{len(runs)} runs, about {total:.1f} core-hours; with --jobs 2 on 2 cores about {total / 2 / 1.0:.1f} h wall "
-          f"(training only {cpu_s / 3600:.1f} core-h)")
+          f"(training only {cpu_s / 3600:.1f} core-h; runs share the cores, so expect up to 1.4x that)")
 
 
 def collect(out: Path) -> List[Dict]:
@@ -140,15 +178,87 @@ def report(out: Path) -> str:
         for v, kw in VARIANTS.items():
             rs = [x for x in g if x["variant"] == v]
             if rs:
-                lines.append(f"| `{v}` | {kw} | {len(rs)} | {mean_std([x['test_top1'] for x in rs])} | "
+                lines.append(f"| `{v}` | {kw}{NOTES.get(v, '')} | {len(rs)} | {mean_std([x['test_top1'] for x in rs])} | "
                              f"{mean_std([x['val_top1'] for x in rs])} | {rs[0]['params']:,} |")
         lines += ["", "Paired differences (test top-1 points, same seed), 95% t-interval:", "",
                   "| comparison | pairs | mean | 95% CI |", "|---|---:|---:|---:|"]
-        lines += [paired(g, a, b) for a, b in COMPARISONS] + [""]
+        present = {x["variant"] for x in g}
+        lines += [paired(g, a, b) for a, b in COMPARISONS if {a, b} <= present] + [""]
+    for regime, epochs in groups:
+        lines += curves(out / f"{regime}-e{epochs}")
     text = "\n".join(lines)
     (out / "results.md").write_text(text)
     plot(rows, groups, out / "accuracy.png")
     return text
+
+
+def read_curves(group_dir: Path) -> Dict[str, Dict[int, List[Dict]]]:
+    """variant -> seed -> the validation rows of its metrics.jsonl (step, top1, gate_drift...), finished runs only."""
+    from sdt.engine.log import read_metrics
+
+    out: Dict[str, Dict[int, List[Dict]]] = {}
+    for summary in sorted(group_dir.glob("*-s*/summary.json")):
+        variant, seed = summary.parent.name.rsplit("-s", 1)
+        rows = [r for r in read_metrics(summary.parent / "metrics.jsonl") if r["kind"] == "val"]
+        out.setdefault(variant, {})[int(seed)] = rows
+    return out
+
+
+def curves(group_dir: Path) -> List[str]:
+    """Validation top-1 against step per variant (mean over seeds, thin lines = seeds) in curves.png, and
+    for the gated variants the mean |s - lambda| per block against step (``sdt.attention.GateDrift``, logged
+    by the classification task at every validation) in gate_drift.png, both in ``group_dir``. Returns the
+    markdown lines for results.md (the drift at the end of training per block), or none when the runs
+    predate the drift metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = read_curves(group_dir)
+    if not data:
+        return []
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, (variant, seeds) in enumerate(sorted(data.items())):
+        color = f"C{i}"
+        for rows in seeds.values():
+            ax.plot([r["step"] for r in rows], [r["top1"] for r in rows], color=color, alpha=0.25, lw=0.8)
+        steps = [r["step"] for r in next(iter(seeds.values()))]
+        mean = [statistics.mean(rows[k]["top1"] for rows in seeds.values() if k < len(rows)) for k in range(len(steps))]
+        ax.plot(steps, mean, color=color, lw=2, label=f"{variant} ({len(seeds)} seeds)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title(f"{MODEL}, {group_dir.name}: accuracy during training", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(group_dir / "curves.png", dpi=100)
+    plt.close(fig)
+
+    gated = {v: seeds for v, seeds in data.items() if all("gate_drift" in rows[-1] for rows in seeds.values())}
+    if not gated:
+        return []
+    blocks = sorted(int(k.split(".")[1]) for k in next(iter(next(iter(gated.values())).values()))[-1] if k.startswith("gate_drift."))
+    fig, axes = plt.subplots(1, len(gated), figsize=(5.5 * len(gated), 3.8), squeeze=False, sharey=True)
+    lines = ["", f"Gate movement in {group_dir.name}: mean |s - lambda_h| over validation images, heads and tokens at "
+                 "the last validation (s = alpha_h G, the rate the attention uses; 0 at initialisation), mean ± sd over seeds:",
+             "", "| variant | seeds | " + " | ".join(f"block {b}" for b in blocks) + " |",
+             "|---|---:|" + "---:|" * len(blocks)]
+    for ax, (variant, seeds) in zip(axes[0], sorted(gated.items())):
+        for b in blocks:
+            steps = [r["step"] for r in next(iter(seeds.values()))]
+            mean = [statistics.mean(rows[k][f"gate_drift.{b}"] for rows in seeds.values() if k < len(rows)) for k in range(len(steps))]
+            ax.plot(steps, mean, label=f"block {b}")
+        ax.set_xlabel("optimizer step")
+        ax.set_title(f"{variant}: mean |s - lambda| per block ({len(seeds)} seeds)", fontsize=9)
+        ax.legend(fontsize=7)
+        last = [[rows[-1][f"gate_drift.{b}"] for rows in seeds.values()] for b in blocks]
+        lines.append(f"| `{variant}` | {len(seeds)} | " + " | ".join(
+            f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0:.3f}" for v in last) + " |")
+    axes[0, 0].set_ylabel("mean |s - lambda_h|")
+    fig.tight_layout()
+    fig.savefig(group_dir / "gate_drift.png", dpi=100)
+    plt.close(fig)
+    return lines
 
 
 def plot(rows: List[Dict], groups: List[tuple], path: Path) -> None:
@@ -297,9 +407,10 @@ def plot_gates(results: List[Dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="experiments/results/vit_study")
-    parser.add_argument("--regime", choices=sorted(REGIMES), action="append")
-    parser.add_argument("--seeds", type=int, default=5, help="seeds of the central variants")
-    parser.add_argument("--extra-seeds", type=int, default=3, help="seeds of learned and cag_pos")
+    parser.add_argument("--regime", choices=sorted(REGIMES), action="append",
+                        help="long (default): 6k images x 20 epochs, issue 33; 2k and 6k: issue 18's")
+    parser.add_argument("--seeds", type=int, help="seeds of the central variants (default: the regime's)")
+    parser.add_argument("--extra-seeds", type=int, help="seeds of the other variants (default: the regime's)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--plan", action="store_true", help="print the grid and its estimated cost")
     parser.add_argument("--smoke", action="store_true", help="tiny budget (1 epoch, 256 images, 1 seed)")
@@ -308,7 +419,12 @@ def main() -> None:
     parser.add_argument("--gates", action="store_true", help="only the gate analysis of the finished cag runs")
     parser.add_argument("-o", "--override", action="append", default=[])
     args = parser.parse_args()
-    args.regime = args.regime or ["2k"]
+    args.regime = args.regime or ["long"]
+    if args.smoke:
+        for name, r in REGIMES.items():
+            REGIMES[name] = Regime(256, 1, r.variants, r.central, 2, 1)
+        args.seeds, args.extra_seeds = 2, 1
+        args.override += ["data.val_subset=128", "data.test_subset=256", "engine.ckpt_every_steps=2"]
     if args.plan:
         plan(args)
         return
@@ -318,17 +434,11 @@ def main() -> None:
         return
     extra = [a for o in args.override for a in ("-o", o)]
     extra += ["-o", f"engine.threads={max(1, (os.cpu_count() or 1) // args.jobs)}"]
-    epochs = dict(EPOCHS)
-    if args.smoke:
-        REGIMES.update({r: 256 for r in REGIMES})
-        epochs = {r: 1 for r in REGIMES}
-        args.seeds, args.extra_seeds, args.regime = 2, 1, ["2k"]
-        extra += ["-o", "data.val_subset=128", "-o", "data.test_subset=256", "-o", "engine.ckpt_every_steps=2"]
     until = deadline(args.until) if args.until else None
     if not args.report_only:
-        runs = grid(args.seeds, args.extra_seeds, args.regime)
+        runs = grid(args.regime, args.seeds, args.extra_seeds)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            list(pool.map(lambda g: train(out, g[0], g[1], g[2], epochs[g[0]], extra, until), runs))
+            list(pool.map(lambda g: train(out, g[0], g[1], g[2], extra, until), runs))
     print(report(out))
 
 

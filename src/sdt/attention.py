@@ -23,7 +23,7 @@ exactly at RMT's decay and learns away from it. alpha is learned per head by def
 logsigmoid's flat tail; ``alpha="fixed"`` keeps it at 1.
 """
 import contextlib
-from typing import Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -231,6 +231,46 @@ class DecayGate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"decay={self.decay!r}, num_heads={self.num_heads}"
+
+
+class GateDrift:
+    """How far the learned decay rates of ``model`` have moved from RMT's fixed rates, measured on the
+    forward passes run inside ``with GateDrift(model) as drift:``.
+
+    For each learnable ``DecayGate`` (in module order) it sums |s - lambda_h| over images, heads and
+    tokens, where s is the rate the gate hands to the attention (alpha_h G for "cag") and lambda_h
+    RMT's rate: 0 at initialisation, so it shows whether the gates learn at all. ``sums`` is a
+    (gates, 2) float64 tensor of [sum, count] on the gates' device, for a caller to all-reduce
+    across processes before ``metrics()``. A model without learnable gates gives no metrics.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.gates: List[DecayGate] = [m for m in model.modules() if isinstance(m, DecayGate) and m.learnable]
+        device = self.gates[0].fixed_rates.device if self.gates else None
+        self.sums = torch.zeros(len(self.gates), 2, dtype=torch.float64, device=device)
+        self._hooks: List[torch.utils.hooks.RemovableHandle] = []
+
+    def _record(self, index: int, gate: DecayGate, rates: Tensor) -> None:
+        drift = (rates.detach().float() - gate.fixed_rates.view(1, -1, 1)).abs()  # (B, n, L) or (1, n, 1)
+        self.sums[index, 0] += drift.sum().double()
+        self.sums[index, 1] += drift.numel()
+
+    def __enter__(self) -> "GateDrift":
+        self._hooks = [gate.register_forward_hook(lambda m, inp, out, i=i: self._record(i, m, out))
+                       for i, gate in enumerate(self.gates)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def metrics(self) -> Dict[str, float]:
+        """``gate_drift``: the mean over gates; ``gate_drift.<i>``: gate i's mean |s - lambda_h|."""
+        if not self.gates or not bool((self.sums[:, 1] > 0).all()):
+            return {}
+        per_gate = (self.sums[:, 0] / self.sums[:, 1]).tolist()
+        return {"gate_drift": sum(per_gate) / len(per_gate), **{f"gate_drift.{i}": v for i, v in enumerate(per_gate)}}
 
 
 @register_notrace_module  # shape-dependent dispatch: a leaf for torch.fx, as timm does for its attentions

@@ -13,7 +13,7 @@ import dataclasses
 import math
 import typing
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar, Union
 
@@ -176,6 +176,8 @@ class EngineConfig:
     opt_eps: float = 1e-8
     clip_grad: Optional[float] = None      # max gradient norm (None = off)
     layer_decay: Optional[float] = None    # layer-wise lr decay for fine-tuning, e.g. 0.75 (None = off; timm's)
+    # lr multipliers by parameter name (fnmatch pattern -> factor; the first match wins), e.g. {"*gate*": 10}
+    lr_scale: Dict[str, float] = field(default_factory=dict)
     # schedule: timm create_scheduler_v2
     sched: str = "cosine"
     warmup_epochs: float = 5.0
@@ -223,6 +225,8 @@ def check_engine_settings(cfg: EngineConfig) -> None:
     require(finite(cfg.opt_eps) and cfg.opt_eps > 0, "opt_eps", "a positive number")
     require(cfg.layer_decay is None or finite(cfg.layer_decay) and 0 < cfg.layer_decay <= 1, "layer_decay",
             "in (0, 1], e.g. 0.75 (each layer below the head gets that factor of the lr once more), or null (off)")
+    require(all(isinstance(v, (int, float)) and not isinstance(v, bool) and finite(v) and v > 0 for v in cfg.lr_scale.values()),
+            "lr_scale", "a mapping of parameter-name patterns to positive factors, e.g. {'*gate*': 10}")
     require(cfg.clip_grad is None or finite(cfg.clip_grad) and cfg.clip_grad > 0, "clip_grad", "a positive number or null (off)")
     require(cfg.opt.lower() in list_optimizers(), "opt", "a timm optimizer name (e.g. adamw, sgd, lamb; "
                                                          "timm.optim.list_optimizers() lists them)")

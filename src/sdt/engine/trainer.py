@@ -11,6 +11,8 @@ bitwise on CPU with the same number of processes (``sdt.engine.dist``).
 import logging
 import math
 from contextlib import nullcontext
+from fnmatch import fnmatch
+from functools import partial
 from pathlib import Path
 from typing import Any, ContextManager, Dict, List, Optional, Protocol, Tuple
 
@@ -19,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import Batch, collate
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..files import load_into, load_weights, save_weights
 from .checkpoints import load_train_state, prune_checkpoints, write_checkpoint
 from .config import EngineConfig, check_engine_config
@@ -49,6 +51,38 @@ def autocast(amp: str, device: torch.device) -> ContextManager[Any]:
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+def scaled_param_groups(model: nn.Module, cfg: EngineConfig) -> List[Dict[str, Any]]:
+    """timm's parameter groups (weight decay, and layer decay when set), each split by ``cfg.lr_scale``:
+    a parameter whose name matches a pattern gets that factor on its group's ``lr_scale``, which timm's
+    schedulers multiply into the lr. A pattern that matches no parameter is a ``ConfigError``."""
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+
+    no_decay = getattr(model, "no_weight_decay", lambda: set())()
+    if cfg.layer_decay is not None:
+        groups = param_groups_layer_decay(model, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay,
+                                          no_weight_decay_list=no_decay)
+    else:
+        groups = param_groups_weight_decay(model, weight_decay=cfg.weight_decay, no_weight_decay_list=no_decay)
+    names = {id(p): n for n, p in model.named_parameters()}
+    unmatched = [pattern for pattern in cfg.lr_scale if not any(fnmatch(n, pattern) for n in names.values())]
+    if unmatched:
+        example = next(iter(names.values()), "")
+        raise ConfigError(f"engine.lr_scale: pattern(s) {', '.join(map(repr, unmatched))} match no parameter of the "
+                          f"model; patterns are fnmatch patterns on parameter names such as {example!r}")
+
+    def factor(p: nn.Parameter) -> float:
+        return next((f for pattern, f in cfg.lr_scale.items() if fnmatch(names[id(p)], pattern)), 1.0)
+
+    out = []
+    for group in groups:
+        by_factor: Dict[float, List[nn.Parameter]] = {}
+        for p in group["params"]:
+            by_factor.setdefault(factor(p), []).append(p)
+        for f, params in by_factor.items():
+            out.append({**group, "params": params, "lr_scale": group.get("lr_scale", 1.0) * f})
+    return out
+
+
 def optimization(cfg: EngineConfig, model: nn.Module, lr: float, steps_per_epoch: int, device: torch.device) -> Tuple[
         torch.optim.Optimizer, Any, torch.amp.GradScaler, Optional[Any]]:
     """timm's optimizer and schedule, the fp16 gradient scaler (off otherwise) and the EMA of ``model`` (or None)."""
@@ -58,7 +92,8 @@ def optimization(cfg: EngineConfig, model: nn.Module, lr: float, steps_per_epoch
 
     # layer_decay: timm's layer-wise lr decay, layers from the model's group_matcher() (stem first, head last)
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps,
-                                    layer_decay=cfg.layer_decay)
+                                    layer_decay=cfg.layer_decay,
+                                    param_group_fn=partial(scaled_param_groups, cfg=cfg) if cfg.lr_scale else None)
     scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
                                        warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=not cfg.sched_on_updates,
                                        updates_per_epoch=steps_per_epoch)
@@ -212,7 +247,9 @@ class Trainer:
                 metrics = self.evaluate()
                 logger.log("val", self.global_step, self.epoch, metrics)
                 self._update_best(metrics)
-                _logger.info("epoch %d/%d: %s", self.epoch, cfg.epochs, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                # per-part values (``gate_drift.3``) go to metrics.jsonl only: the console line stays one line
+                _logger.info("epoch %d/%d: %s", self.epoch, cfg.epochs,
+                             ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "." not in k))
             self.save_checkpoint()
         logger.close()
         return {"best": self.best, "global_step": self.global_step, "train_seconds": self.train_seconds,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from ..attention import GateDrift
 from ..data import (AugConfig, Batch, DataConfig, ImageSamples, build_transform, check_data_config, check_images,
                     resolve_in_chans, resolve_num_classes, split_datasets)
 from ..engine import Built, DistInfo, EngineConfig, all_reduce_sum
@@ -185,7 +186,12 @@ class Classify(Task):
         return self.criterion(model(images), targets)
 
     def evaluate(self, model: nn.Module, loader: DataLoader, dist_info: DistInfo) -> Dict[str, float]:
-        return summarize(classification_counts(model, loader, self.num_classes, dist_info))
+        """top1 / top5 / loss, and for a model with learned decay how far its rates moved (``GateDrift``)."""
+        with GateDrift(model) as drift:
+            counts = classification_counts(model, loader, self.num_classes, dist_info)
+        if drift.gates:
+            all_reduce_sum(drift.sums, dist_info)
+        return {**summarize(counts), **drift.metrics()}
 
     def test_set(self) -> ImageSamples:
         split = test_split(self.cfg.data)
