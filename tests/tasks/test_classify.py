@@ -68,6 +68,10 @@ def test_train_writes_a_complete_run_and_eval_works_at_another_resolution(fake_f
     assert f"{summary['test']['top1']:.2f}%" in report and "parameters" in report and "images/s" in report
     vals = _val_records(run)
     assert len(vals) == 2 and {"top1", "top5", "loss", "ema_top1"} <= set(vals[0])
+    # the cag model logs how far its gates moved, per gate in metrics.jsonl, the mean alone on the console
+    assert {"gate_drift", "gate_drift.0", "ema_gate_drift"} <= set(vals[0]) and vals[-1]["gate_drift"] > 0
+    log = (run / "train.log").read_text()
+    assert "gate_drift " in log and "gate_drift.0" not in log
     # the resolved config has the dataset's shape filled in
     assert "num_classes: 10" in (run / "config.yaml").read_text() and "in_chans: 1" in (run / "config.yaml").read_text()
     # retention: ckpt every 3 steps + epoch ends, only the newest 2 kept
