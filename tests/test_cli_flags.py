@@ -68,9 +68,38 @@ def test_old_spellings_work_with_a_note(capsys):
     assert (args.output, args.weights_from, args.threads) == ("s", "model", None)
     assert parser.parse_args(["viz", "--out-dir", "maps"]).output == "maps"
     assert "--out-dir is deprecated" in capsys.readouterr().err
-    args = parser.parse_args(["eval", "run", "--input-size", "20"])
-    assert args.img_size == 20 and "--input-size is deprecated; use --img-size" in capsys.readouterr().err
     assert parser.parse_args(["fid", "s.npz"]).threads is None
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--input-size", "1", "20", "20"], (1, (20, 20))),
+    (["--img-size", "20"], (None, (20, 20))),
+    ([], (None, None)),
+])
+def test_input_size_means_c_h_w_in_eval_as_in_export_and_models(argv, expected, capsys):
+    from sdt.cli.common import input_size
+
+    args = build_parser().parse_args(["eval", "run", *argv])
+    assert input_size(args, "eval", "N") == expected
+    assert capsys.readouterr().err == ""
+
+
+def test_the_old_one_number_input_size_of_eval_still_works_with_a_note(capsys):
+    from sdt.cli.common import input_size
+
+    assert input_size(build_parser().parse_args(["eval", "run", "--input-size", "20"]), "eval", "N") == (None, (20, 20))
+    assert "--input-size N is deprecated; use --input-size C H W or --img-size N" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--input-size", "1", "20"], "--input-size takes three positive numbers C H W"),
+    (["--input-size", "1", "0", "20"], "--input-size takes three positive numbers C H W"),
+    (["--input-size", "1", "20", "20", "--img-size", "20"], "not both"),
+    (["--input-size", "1", "20", "24"], "evaluation runs at a square size"),
+])
+def test_eval_input_size_errors_name_the_fix(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["eval", "run", *argv])
 
 
 def test_sample_and_fid_take_the_gpu_when_there_is_one(monkeypatch, tmp_path):

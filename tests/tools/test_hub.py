@@ -280,8 +280,12 @@ def test_sdt_eval_of_an_exported_run_matches_eval_of_the_run(finished_run, tmp_p
     assert hub_eval["top1"] == run_eval["top1"] and hub_eval["confusion"] == run_eval["confusion"]
     assert hub_eval["loss"] == run_eval["loss"] and hub_eval["top5"] == run_eval["top5"]  # the same logits
     assert hub_eval["model"] == "sdt_h_nano" and tuple(hub_eval["per_class"]) == FASHION_MNIST_CLASSES
-    assert main(["eval", str(hub), "--data-dir", data_dir, "--input-size", "20", "--output", str(tmp_path / "e20")]) == 0
+    assert main(["eval", str(hub), "--data-dir", data_dir, "--input-size", "1", "20", "20", "--output", str(tmp_path / "e20")]) == 0
     assert json.loads((tmp_path / "e20" / "eval.json").read_text())["input_size"] == 20
+    capsys.readouterr()
+    assert main(["eval", str(hub), "--data-dir", data_dir, "--input-size", "3", "20", "20"]) == 2
+    err = capsys.readouterr().err
+    assert "asks for 3 input channels, but sdt_h_nano here takes 1" in err and "--input-size 1 N N" in err
 
     assert main(["eval", str(hub), "--model", "sdt_h_tiny"]) == 2
     assert "hub folder" in capsys.readouterr().err

@@ -29,7 +29,8 @@ from ..models.registry import check_model_name
 from ..tasks import GenConfig, TrainConfig
 from ..tasks.diffusion import OBJECTIVES, SAMPLERS
 from ..tools.fid import DEFAULT_EXTRACTOR
-from .common import add_deprecated_flag, add_output_argument, add_override_arguments, add_run_arguments
+from .common import (add_deprecated_flag, add_input_size_arguments, add_output_argument, add_override_arguments,
+                     add_run_arguments, input_size)
 
 
 def add_models_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -59,9 +60,7 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default="", help="local .safetensors/.pth weights (ours or RMT's released ones)")
     p.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the model's)")
     p.add_argument("--in-chans", type=int, default=None, help="input channels (default: the model's)")
-    p.add_argument("--input-size", type=int, nargs="+", default=None, metavar="C H W",
-                   help="example input size C H W (default: the model's pretrained_cfg; H W alone is deprecated)")
-    p.add_argument("--img-size", type=int, default=None, help="example input height = width (= --input-size C N N)")
+    add_input_size_arguments(p, "example input size")
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     add_output_argument(p, required=True, help="file to write (written atomically)")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
@@ -71,16 +70,10 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from ..tools.export import export_command
 
-    size = args.input_size
-    if size is not None and len(size) == 2:
-        print("sdt export: note: --input-size H W is deprecated; use --input-size C H W or --img-size N", file=sys.stderr)
-    elif size is not None and len(size) != 3:
-        raise SystemExit(f"sdt export: error: --input-size takes C H W, got {' '.join(map(str, size))}")
-    elif size is not None:
-        args.in_chans = args.in_chans or size[0]
-        size = size[1:]
-    if args.img_size is not None:
-        size = (args.img_size, args.img_size)
+    chans, size = input_size(args, "export", "H W")
+    if chans is not None and args.in_chans is not None and chans != args.in_chans:
+        raise SystemExit(f"sdt export: error: --input-size says {chans} channels and --in-chans {args.in_chans}; give one")
+    args.in_chans = args.in_chans or chans
     for line in export_command(args.model, args.weights, args.output, args.format, args.num_classes, args.in_chans,
                                size, check=not args.no_check):
         print(line)
@@ -185,8 +178,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
                     "confusion.png to --output (default: <run>/eval-<split>-<size>px).")
     p.add_argument("checkpoint", help="run folder, checkpoint folder or .safetensors file")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="default: test")
-    p.add_argument("--img-size", type=int, help="test-time resolution (default: the run's, or the model's pretrained cfg)")
-    add_deprecated_flag(p, "--input-size", "img_size", "--img-size", type=int)
+    add_input_size_arguments(p, "test-time input size")
     p.add_argument("--crop-pct", type=float, help="centre-crop fraction (default: the run's, or the model's pretrained cfg)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--model", help="model name (needed for a weights file outside a run folder)")
@@ -200,9 +192,13 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from ..tools.eval import evaluate_checkpoint, format_eval
 
+    chans, size = input_size(args, "eval", "N")
+    if size is not None and size[0] != size[1]:
+        raise SystemExit(f"sdt eval: error: evaluation runs at a square size (resize, then centre crop), got "
+                         f"{size[0]}x{size[1]}; use --input-size C N N or --img-size N")
     result = evaluate_checkpoint(args.checkpoint, model=args.model, dataset=args.dataset, data_dir=args.data_dir,
-                                 split=args.split, input_size=args.img_size, batch_size=args.batch_size,
-                                 output_dir=args.output, use_ema=args.ema, crop_pct=args.crop_pct)
+                                 split=args.split, input_size=size and size[0], batch_size=args.batch_size,
+                                 output_dir=args.output, use_ema=args.ema, crop_pct=args.crop_pct, in_chans=chans)
     print(format_eval(result))
     return 0
 

@@ -2,7 +2,7 @@
 of the training commands, and ``run_task``, which turns them into a config and runs the task."""
 import argparse
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..engine.config import available_recipes
 
@@ -22,6 +22,33 @@ class _DeprecatedFlag(argparse.Action):
 
 def add_deprecated_flag(p: argparse.ArgumentParser, old: str, dest: str, new: str, **kwargs: Any) -> None:
     p.add_argument(old, dest=dest, action=_DeprecatedFlag, new=new, help=argparse.SUPPRESS, **kwargs)
+
+
+def add_input_size_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """--input-size C H W (timm's order, as in ``sdt models``) and --img-size N (= C N N) for ``what``."""
+    p.add_argument("--input-size", type=int, nargs="+", default=None, metavar="C H W",
+                   help=f"{what} as C H W (default: the run's or the model's pretrained cfg)")
+    p.add_argument("--img-size", type=int, default=None, help=f"{what} height = width (--input-size C N N)")
+
+
+def input_size(args: argparse.Namespace, command: str, old_form: str) -> Tuple[Optional[int], Optional[Tuple[int, int]]]:
+    """(channels or None, (H, W) or None) from --input-size / --img-size. ``old_form`` ("H W" or "N") is the
+    command's former meaning of --input-size: still read, with a note, for one release."""
+    size, img_size = args.input_size, args.img_size
+    if size is not None and img_size is not None:
+        raise SystemExit(f"sdt {command}: error: give --input-size C H W or --img-size N, not both")
+    if img_size is not None:
+        return None, (img_size, img_size)
+    if size is None:
+        return None, None
+    if len(size) == len(old_form.split()):
+        print(f"sdt {command}: note: --input-size {old_form} is deprecated; use --input-size C H W or --img-size N",
+              file=sys.stderr)
+        return None, (size[-2], size[-1]) if len(size) == 2 else (size[0], size[0])
+    if len(size) != 3 or min(size) < 1:
+        raise SystemExit(f"sdt {command}: error: --input-size takes three positive numbers C H W (e.g. 3 224 224), "
+                         f"got {' '.join(map(str, size))}")
+    return size[0], (size[1], size[2])
 
 
 class _OverrideNotOutput(argparse.Action):

@@ -32,7 +32,7 @@ def evaluate_checkpoint(checkpoint: str, model: Optional[str] = None, dataset: O
                         data_dir: Optional[str] = None,
                         split: str = "test", input_size: Optional[int] = None, batch_size: int = 256,
                         output_dir: Optional[str] = None, use_ema: bool = False,
-                        crop_pct: Optional[float] = None) -> Dict[str, Any]:
+                        crop_pct: Optional[float] = None, in_chans: Optional[int] = None) -> Dict[str, Any]:
     """Top-1/top-5/loss, per-class accuracy, confusion-matrix PNG and throughput of a checkpoint.
 
     ``checkpoint``: a run folder (its best.safetensors), a checkpoint folder (its model or EMA
@@ -41,6 +41,7 @@ def evaluate_checkpoint(checkpoint: str, model: Optional[str] = None, dataset: O
     ``data_dir``). Model and data default to the run's config.yaml when there is one; ``input_size``
     may differ from training (the models accept any resolution). A weights file outside a run starts
     from the model's pretrained cfg (input size, crop, interpolation); ``crop_pct`` overrides the crop.
+    ``in_chans``, when given, must be the model's input channels (``--input-size C H W``).
     """
     path = Path(checkpoint)
     if is_hub_dir(path):
@@ -54,6 +55,10 @@ def evaluate_checkpoint(checkpoint: str, model: Optional[str] = None, dataset: O
                                                             crop_pct)
         classes = test_set.classes
         default_out = (run_dir or path.parent) / f"eval-{split}-{cfg.data.input_size}px"
+    if in_chans is not None and in_chans != cfg.model.in_chans:
+        raise ConfigError(f"--input-size asks for {in_chans} input channels, but {cfg.model.name} here takes "
+                          f"{cfg.model.in_chans} ({cfg.data.dataset} images are converted to that); use "
+                          f"--input-size {cfg.model.in_chans} N N or --img-size N")
     info = setup_distributed("auto")
     net = net.to(info.device)
     size, num_classes = cfg.data.input_size, cfg.model.num_classes
