@@ -124,6 +124,26 @@ def test_sample_and_fid_take_the_gpu_when_there_is_one(monkeypatch, tmp_path):
     assert moved == [torch.device("meta")]
 
 
+def test_inception_fid_runs_on_the_device_it_is_given(monkeypatch):
+    """--inception-weights with --device cuda: the Inception metric goes to that device (it stayed on the CPU)."""
+    import sdt.tools.fid as fid_tool
+
+    moved = []
+
+    class Metric:
+        def to(self, device):
+            moved.append(device)
+            raise RuntimeError("stop here")
+
+    monkeypatch.setattr(fid_tool, "inception_fid", lambda weights: Metric())
+    images = torch.zeros(4, 1, 28, 28, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="stop here"):
+        fid_tool.compute_fids([images], images, "ref", inception_weights="w.pth", device=torch.device("meta"))
+    with pytest.raises(RuntimeError, match="stop here"):
+        fid_tool.compute_fids([images], images, "ref", inception_weights="w.pth")
+    assert moved == [torch.device("meta"), torch.device("cpu")]
+
+
 def test_eval_of_a_bare_weights_file_takes_the_models_pretrained_cfg(fake_fmnist, tmp_path):
     """sdt_h_nano's pretrained cfg is 64 px (crop 1.0): a weights file outside a run is evaluated at 64, not 28."""
     weights = tmp_path / "w.safetensors"

@@ -245,12 +245,13 @@ def _to_rgb(images: Tensor) -> Tensor:
 @torch.no_grad()
 def compute_fids(fakes: Sequence[Tensor], real: Tensor, reference: str, extractor: Optional[ClassifierFeatures] = None,
                  extractor_name: Optional[str] = None, inception_weights: Optional[str] = None,
-                 batch_size: int = 500) -> List[FidResult]:
+                 batch_size: int = 500, device: Optional[torch.device] = None) -> List[FidResult]:
     """FID of each uint8 image set in ``fakes`` (N_k, C, H, W) against ``real`` (M, C, H, W), all of one
     image size; the real features are extracted once for all of them.
 
     Uses ``extractor`` (default: the shipped in-domain one) or, with ``inception_weights``, Inception-v3
-    (grey images are repeated to 3 channels; torchmetrics resizes to 299).
+    (grey images are repeated to 3 channels; torchmetrics resizes to 299). The features are computed on
+    ``device``: by default the extractor's, and the CPU for Inception.
     """
     require_extra("torchmetrics", "fid", "FID")
     from torchmetrics.image.fid import FrechetInceptionDistance
@@ -263,10 +264,11 @@ def compute_fids(fakes: Sequence[Tensor], real: Tensor, reference: str, extracto
                             f"{tuple(real.shape[1:])}: FID compares images of one kind")
     if inception_weights is not None:
         metric, name, prepare = inception_fid(inception_weights), "inception-v3 (2048, pool3)", _to_rgb
+        metric = metric.to(device or torch.device("cpu"))
     else:
         extractor = extractor or in_domain_extractor()
         extractor.check_images(real[:1])
-        metric = FrechetInceptionDistance(feature=extractor).to(extractor.mean.device)  # the extractor's device
+        metric = FrechetInceptionDistance(feature=extractor).to(device or extractor.mean.device)
         name, prepare = f"{extractor_name or extractor.name} pre-logits ({extractor.num_features})", (lambda x: x)
     metric.reset_real_features = False  # reset() below forgets only the previous samples' features
     device = metric.device
@@ -283,9 +285,9 @@ def compute_fids(fakes: Sequence[Tensor], real: Tensor, reference: str, extracto
 
 def compute_fid(fake: Tensor, real: Tensor, reference: str, extractor: Optional[ClassifierFeatures] = None,
                 extractor_name: Optional[str] = None, inception_weights: Optional[str] = None,
-                batch_size: int = 500) -> FidResult:
+                batch_size: int = 500, device: Optional[torch.device] = None) -> FidResult:
     """FID between uint8 image sets fake (N, C, H, W) and real (M, C, H, W): ``compute_fids`` for one set."""
-    return compute_fids([fake], real, reference, extractor, extractor_name, inception_weights, batch_size)[0]
+    return compute_fids([fake], real, reference, extractor, extractor_name, inception_weights, batch_size, device)[0]
 
 
 @torch.no_grad()
@@ -322,7 +324,8 @@ def fid_command(samples: str, reference_split: str = "test", num_reference: int 
     reference = f"Fashion-MNIST {reference_split}"
     if num_reference:
         real, reference = real[:num_reference], f"{reference}[:{num_reference}]"
-    extractor = in_domain_extractor(extractor_name, extractor_checkpoint).to(setup_distributed(device).device)
+    on = setup_distributed(device).device
+    extractor = in_domain_extractor(extractor_name, extractor_checkpoint).to(on)
     scored = None
     if labels is not None and accuracy:
         if extractor.num_classes != len(FASHION_MNIST_CLASSES):
@@ -331,6 +334,6 @@ def fid_command(samples: str, reference_split: str = "test", num_reference: int 
                               "or pass --no-accuracy")
         conditional = labels >= 0  # unconditional samples (label -1) have no class to check
         scored = conditional_accuracy(extractor, fake[conditional], labels[conditional]), int(conditional.sum())
-    yield str(compute_fid(fake, real, reference, extractor, inception_weights=inception_weights))
+    yield str(compute_fid(fake, real, reference, extractor, inception_weights=inception_weights, device=on))
     if scored is not None:
         yield f"conditional accuracy {scored[0]:.4f} ({scored[1]} samples, classifier {extractor.name})"
