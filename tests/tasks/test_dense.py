@@ -437,9 +437,10 @@ def test_bad_run_config_fails_before_any_file_is_written(fake_fmnist: Path, tmp_
         Detect().train(load_config(DetectConfig, "detect-mosaic", _run_overrides(fake_fmnist, **{"data.max_side": 100})), str(run))
     with pytest.raises(ConfigError, match="unknown detector"):
         Detect().train(load_config(DetectConfig, "detect-mosaic", _run_overrides(fake_fmnist, **{"model.detector": "yolo"})), str(run))
-    with pytest.raises(ConfigError, match="model.pretrained"):
+    with pytest.raises(ConfigError, match="model.initial_checkpoint"):
         Segment().train(load_config(SegmentConfig, "segment-mosaic",
-                                     _run_overrides(fake_fmnist, **{"model.pretrained": str(tmp_path / "none.pt")})), str(run))
+                                     _run_overrides(fake_fmnist, **{"model.initial_checkpoint": str(tmp_path / "none.pt")})),
+                        str(run))
     assert not run.exists()
 
 

@@ -10,7 +10,7 @@ import torch
 from timm.models import adapt_input_conv
 
 import sdt  # noqa: F401  (registers the models)
-from sdt.errors import CheckpointError
+from sdt.errors import CheckpointError, ConfigError
 from sdt.files import load_weights, save_weights
 from sdt.tasks.pretrained import load_initial_checkpoint, weights_file
 
@@ -106,3 +106,57 @@ def test_sdt_train_initial_checkpoint_starts_from_the_weights(fake_fmnist, tmp_p
     trained, shipped = load_weights(out / "best.safetensors"), load_weights(weights_file(TAG))
     for key in ("stem.conv.0.weight", "head.fc.weight", "stages.2.blocks.0.attn.q.weight"):
         torch.testing.assert_close(trained[key], shipped[key].float(), rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_a_fine_tune_resumes_without_its_initial_weights_file(fake_fmnist, tmp_path, capsys):
+    """The checkpoint holds the weights, so resuming reads no initial file: it may be gone by then."""
+    import shutil
+
+    from conftest import tiny_overrides
+    from sdt.cli import main
+    from sdt.engine.checkpoints import checkpoint_dirs
+
+    initial = tmp_path / "initial.safetensors"
+    shutil.copy(weights_file(TAG), initial)
+    out = tmp_path / "run"
+    overrides = [o for o in tiny_overrides(fake_fmnist, **{"data.input_size": "28"}) if not o.startswith("model.")]
+    assert main(["train", "--recipe", "quick", "--output", str(out), "--initial-checkpoint", str(initial)]
+                + [a for o in overrides for a in ("-o", o)]) == 0
+    finished = load_weights(out / "best.safetensors")
+    initial.unlink()
+    first = checkpoint_dirs(out)[0]  # step 18 of 20: two more steps to train
+    capsys.readouterr()
+    assert main(["train", "--output", str(out), "--resume", str(first)]) == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["initial_weights"] == f"initial weights from {initial} (at the run's start)"
+    resumed = load_weights(out / "best.safetensors")
+    assert resumed.keys() == finished.keys()
+
+
+def test_detect_and_segment_take_initial_checkpoint_like_train(tmp_path):
+    """One name for one thing: the dense tasks' backbone weights are model.initial_checkpoint (--initial-checkpoint),
+    which takes what sdt train's takes (a shipped tag here); the former key model.pretrained still loads."""
+    import warnings
+
+    from sdt.cli import build_parser
+    from sdt.engine import load_config
+    from sdt.tasks.dense import build_backbone, check_backbone_config
+    from sdt.tasks.segment import SegmentConfig
+
+    args = build_parser().parse_args(["segment", "--initial-checkpoint", TAG])
+    assert args.initial_checkpoint == TAG
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = load_config(SegmentConfig, "segment-mosaic", [f"model.pretrained={TAG}"])
+    assert cfg.model.initial_checkpoint == TAG
+    assert any("model.pretrained is deprecated; it is read as model.initial_checkpoint" in str(w.message) for w in caught)
+    check_backbone_config(cfg.model)
+    backbone = build_backbone(cfg.model)
+    shipped = load_weights(weights_file(TAG))
+    body = dict(backbone.body.named_parameters()) if hasattr(backbone, "body") else None
+    assert body is not None, "the FPN backbone keeps the classifier's trunk as .body"
+    key = "stages.2.blocks.0.attn.q.weight"  # timm's features_only wrapper names the stages stages_<i>
+    torch.testing.assert_close(body["stages_2.blocks.0.attn.q.weight"], shipped[key].float())
+    missing = load_config(SegmentConfig, "segment-mosaic", [f"model.initial_checkpoint={tmp_path / 'none.pt'}"])
+    with pytest.raises(ConfigError, match="model.initial_checkpoint: .*none.pt is neither a weights file"):
+        check_backbone_config(missing.model)

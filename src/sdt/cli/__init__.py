@@ -387,7 +387,11 @@ def add_dense_parsers(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--backbone", help="= -o model.backbone=... (sdt_h_nano, rmt_nano, sdt_h_nano_full2d, tv_resnet18, ...)")
         if name == "detect":
             p.add_argument("--detector", choices=("fasterrcnn", "maskrcnn", "retinanet", "fcos"), help="= -o model.detector=...")
-        flags = {"backbone": "model.backbone", **({"detector": "model.detector"} if name == "detect" else {})}
+        p.add_argument("--initial-checkpoint", metavar="WEIGHTS",
+                       help="classification weights for the backbone: a run or hub folder, a .safetensors / RMT .pth "
+                            "or a shipped tag like sdt_h_nano.fmnist_e30 (= -o model.initial_checkpoint=...)")
+        flags = {"backbone": "model.backbone", "initial_checkpoint": "model.initial_checkpoint",
+                 **({"detector": "model.detector"} if name == "detect" else {})}
         add_override_arguments(p, "-o data.canvas=192 -o model.frozen_stages=1", name.capitalize(), flags, default_recipe=recipe)
 
 

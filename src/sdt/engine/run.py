@@ -274,6 +274,7 @@ def train(task: RunTask, cfg: Optional[Any] = None, output_dir: Optional[str] = 
     and write summary.json, curves.png and report.md. Returns the summary."""
     cfg, info, out, resume_from = resolve_run(task.config_class, cfg, output_dir, resume, task.run_name)
     check_engine_settings(cfg.engine)
+    task.resuming = resume_from is not None  # the checkpoint's weights replace any initial ones
     built = task.build(cfg, info)
     trainer = Trainer(cfg.engine, built.model, task, built.train_set, built.val_set, out, info,
                       workers=built.workers, resume_from=resume_from, repeated_aug=built.repeated_aug)

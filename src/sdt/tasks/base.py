@@ -42,6 +42,8 @@ class Task:
     def __init__(self) -> None:
         self.cfg: Any = None  # the run's resolved config, set by build
         self.dist = DistInfo()
+        # set before build: the run continues from a checkpoint, so build can skip what it replaces (initial weights)
+        self.resuming = False
 
     def train(self, cfg: Optional[Any] = None, output_dir: Optional[str] = None,
               resume: Optional[str] = None) -> Dict[str, Any]:

@@ -165,7 +165,9 @@ class Classify(Task):
         torch.manual_seed(cfg.engine.seed)
         model = create_model(cfg.model, num_classes, in_chans)
         summary = dict(model=cfg.model.name)
-        if cfg.model.initial_checkpoint:
+        if cfg.model.initial_checkpoint and self.resuming:  # the checkpoint holds the weights; the file may be gone
+            summary["initial_weights"] = f"initial weights from {cfg.model.initial_checkpoint} (at the run's start)"
+        elif cfg.model.initial_checkpoint:
             summary["initial_weights"] = load_initial_checkpoint(model, cfg.model.initial_checkpoint)
             if dist_info.is_main:  # before the run's log starts (nothing is written before every check passed)
                 print(f"sdt: {summary['initial_weights']}", file=sys.stderr)

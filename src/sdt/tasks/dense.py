@@ -12,7 +12,7 @@ so a batch's ``targets`` are the mosaics' indices, and the task looks each targe
 ``__getitem__ -> (image, index)`` / ``target(index) -> dict`` pair works; every target goes
 through ``sdt.data.check_detection_target`` / ``check_semantic_target``.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -22,18 +22,22 @@ from torch.utils.data import Dataset
 
 from ..data import MOSAIC_CLASSES, FashionMosaics, check_mosaic_config, describe
 from ..engine import Built, DistInfo, Trainer
-from ..errors import ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError
 from ..files import atomic_path
 from ..models.dense import create_backbone
 from .base import Rows, Task
+from .pretrained import weights_file
 
 
 @dataclass
 class BackboneConfig:
+    RENAMED_KEYS = {"pretrained": "initial_checkpoint"}  # runs and recipes from before the key had sdt train's name
     backbone: str = "sdt_h_nano"                 # sdt_h_*, rmt_*, *_full2d, any timm features_only model, tv_resnet18
     out_indices: Optional[Tuple[int, ...]] = None  # feature levels into the FPN (None: all)
     fpn_channels: int = 64
-    pretrained: Optional[str] = None             # local classification weights (safetensors / RMT .pth)
+    # classification weights to start the backbone from: a run, hub or checkpoint folder, a .safetensors or RMT's
+    # .pth, or a shipped tag such as sdt_h_nano.fmnist_e30 (the head is dropped); the train command's key too
+    initial_checkpoint: Optional[str] = None
     frozen_stages: int = -1                      # -1 none, 0 stem, n stem + first n stages
     norm_eval: bool = False                      # norm layers of the backbone in eval mode, frozen
     kwargs: Dict[str, Any] = field(default_factory=dict)  # timm.create_model arguments (e.g. stem_stride: 4)
@@ -45,15 +49,18 @@ def check_backbone_config(cfg: BackboneConfig) -> None:
         raise ConfigError(f"model.fpn_channels must be at least 1, got {cfg.fpn_channels}")
     if cfg.frozen_stages < -1:
         raise ConfigError(f"model.frozen_stages must be -1 (nothing frozen) or more, got {cfg.frozen_stages}")
-    if cfg.pretrained is not None and not Path(cfg.pretrained).is_file():
-        raise ConfigError(f"model.pretrained: {cfg.pretrained} is not a file (pass a .safetensors of a run or "
-                          f"`sdt convert`, or RMT's released .pth)")
+    if cfg.initial_checkpoint is not None:
+        try:
+            weights_file(cfg.initial_checkpoint)
+        except CheckpointError as e:
+            raise ConfigError(f"model.initial_checkpoint: {e}") from None
 
 
 def build_backbone(cfg: BackboneConfig, extra_blocks: str = "none") -> nn.Module:
     """The backbone + FPN of ``cfg`` for the grayscale mosaics."""
     return create_backbone(cfg.backbone, in_chans=1, out_indices=cfg.out_indices, fpn_channels=cfg.fpn_channels,
-                           extra_blocks=extra_blocks, pretrained=cfg.pretrained, frozen_stages=cfg.frozen_stages,
+                           extra_blocks=extra_blocks, frozen_stages=cfg.frozen_stages,
+                           pretrained=None if cfg.initial_checkpoint is None else str(weights_file(cfg.initial_checkpoint)),
                            norm_eval=cfg.norm_eval, model_kwargs=cfg.kwargs)
 
 
@@ -104,7 +111,8 @@ class DenseTask(Task):
         self.cfg, self.dist, self.train_set = cfg, dist_info, datasets["train"]
         self.num_classes = FashionMosaics.num_classes
         torch.manual_seed(cfg.engine.seed)
-        model = self.build_model(cfg)
+        # a resumed run's checkpoint holds the weights: the initial ones are not read (the file may be gone)
+        model = self.build_model(replace(cfg, model=replace(cfg.model, initial_checkpoint=None)) if self.resuming else cfg)
         stride = model.backbone.stride
         if cfg.data.canvas % stride:
             raise ConfigError(f"data.canvas={cfg.data.canvas} must be a multiple of the backbone's stride {stride}")
