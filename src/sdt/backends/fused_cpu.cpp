@@ -53,34 +53,48 @@ inline float exp_nonpositive(float x) {
 
 constexpr int64_t kLanes = 16;  // floats per AVX-512 register
 
+// The grid of one sequence: `rows` and `cols` give each token's row and column (as floats, L each), so that
+// the distance to every key is one flat loop over the L keys.
 struct Layout {
   int64_t height, width;
   bool indicator;
   float scale;
+  const float* rows;
+  const float* cols;
   int64_t tokens() const { return height * width; }
 };
 
+// The row and column of each token of a height x width grid, for Layout.
+struct GridCoordinates {
+  std::vector<float> rows, cols;
+  GridCoordinates(int64_t height, int64_t width) : rows(height * width), cols(height * width) {
+    for (int64_t j = 0; j < height * width; ++j) {
+      rows[j] = static_cast<float>(j / width);
+      cols[j] = static_cast<float>(j % width);
+    }
+  }
+};
+
 // Calls body(j, dist(query, j), pair(query, j)) for every key j, pair = (s_i + s_j) / 2 * dist:
-// the bias is -|pair|. A loop over grid rows and columns, one per distance, so that it vectorises
-// (bodies that only write row j; a sum across j in the body keeps the compiler from vectorising).
+// the bias is -|pair|. One loop over all L keys, so that it vectorises in whole vectors with one tail
+// per row (a loop per grid row left a scalar tail per grid row: at a 14-wide grid, 6 of 14 keys; bodies
+// that only write row j, plus a sum the compiler vectorises as a reduction under -ffast-math).
 template <typename Body>
 inline void for_each_key(const Layout& layout, const float* rates, int64_t query, Body body) {
-  const int64_t q_row = query / layout.width, q_col = query % layout.width;
+  const float q_row = layout.rows[query], q_col = layout.cols[query];
   const float half_rate_i = 0.5f * rates[query];
-  for (int64_t r = 0; r < layout.height; ++r) {
-    const float* line_rates = rates + r * layout.width;
-    const int64_t offset = r * layout.width;
-    if (layout.indicator) {
-      for (int64_t c = 0; c < layout.width; ++c) {
-        const float dist = (r == q_row && c == q_col) ? 0.0f : 1.0f;
-        body(offset + c, dist, (half_rate_i + 0.5f * line_rates[c]) * dist);
-      }
-    } else {
-      const float row_dist = static_cast<float>(std::abs(q_row - r)), q_col_f = static_cast<float>(q_col);
-      for (int64_t c = 0; c < layout.width; ++c) {
-        const float dist = row_dist + std::fabs(q_col_f - static_cast<float>(c));
-        body(offset + c, dist, (half_rate_i + 0.5f * line_rates[c]) * dist);
-      }
+  const int64_t tokens = layout.tokens();
+  if (layout.indicator) {
+    for (int64_t j = 0; j < tokens; ++j) {
+      const float dist = j == query ? 0.0f : 1.0f;
+      body(j, dist, (half_rate_i + 0.5f * rates[j]) * dist);
+    }
+  } else {
+    const float* rows = layout.rows;
+    const float* cols = layout.cols;
+    for (int64_t j = 0; j < tokens; ++j) {
+      const float dist = std::fabs(q_row - rows[j]) + std::fabs(q_col - cols[j]);
+      body(j, dist, (half_rate_i + 0.5f * rates[j]) * dist);
     }
   }
 }
@@ -126,6 +140,49 @@ inline float softmax_row(float* row, const float* rates, int64_t query, const La
 #pragma omp simd
   for (int64_t j = 0; j < tokens; ++j) row[j] *= inverse;
   return row_max + std::log(total);
+}
+
+// One query row of the backward, in place: the logits in p become P = exp(logits - lse), dP in ds becomes
+// dS = P * (dP - delta), and each key's rate gradient is added to grad_rates; returns the query's own rate
+// gradient (their sum). d(pair) = -sign(pair) * dS, and d(pair) / d(s_i) = d(pair) / d(s_j) = dist / 2.
+// The restrict pointers let the loop vectorise.
+template <bool Indicator>
+inline float backward_row_for(const Layout& layout, const float* __restrict rates, int64_t query, float row_lse,
+                              float row_delta, float* __restrict p, float* __restrict ds, float* __restrict grad_rates,
+                              float* __restrict row_grad) {
+  const float scale = layout.scale, q_row = layout.rows[query], q_col = layout.cols[query];
+  const float half_rate_i = 0.5f * rates[query];
+  const float* __restrict rows = layout.rows;
+  const float* __restrict cols = layout.cols;
+  const int64_t tokens = layout.tokens();
+  // for_each_key's loop written out, one per distance, and its sum in a second pass over row_grad: through
+  // the lambda, with the distance chosen inside the loop, or with the sum inside it, GCC left it scalar
+  for (int64_t j = 0; j < tokens; ++j) {
+    const float dist = Indicator ? (j == query ? 0.0f : 1.0f) : std::fabs(q_row - rows[j]) + std::fabs(q_col - cols[j]);
+    const float pair = (half_rate_i + 0.5f * rates[j]) * dist;
+    const float prob = exp_nonpositive(p[j] * scale - std::fabs(pair) - row_lse);
+    p[j] = prob;
+    const float grad = prob * (ds[j] - row_delta);
+    ds[j] = grad;
+    const float sign = pair > 0.0f ? 1.0f : (pair < 0.0f ? -1.0f : 0.0f);
+    const float grad_rate = -sign * grad * 0.5f * dist;
+    row_grad[j] = grad_rate;
+    grad_rates[j] += grad_rate;
+  }
+  float lane_sum[kLanes] = {};
+  const int64_t whole = tokens / kLanes * kLanes;
+  for (int64_t j = 0; j < whole; j += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lane_sum[l] += row_grad[j + l];
+  for (int64_t j = whole; j < tokens; ++j) lane_sum[j - whole] += row_grad[j];
+  float row_sum = 0.0f;
+  for (int64_t l = 0; l < kLanes; ++l) row_sum += lane_sum[l];
+  return row_sum;
+}
+
+inline float backward_row(const Layout& layout, const float* rates, int64_t query, float row_lse, float row_delta,
+                          float* p, float* ds, float* grad_rates, float* row_grad) {
+  return layout.indicator ? backward_row_for<true>(layout, rates, query, row_lse, row_delta, p, ds, grad_rates, row_grad)
+                          : backward_row_for<false>(layout, rates, query, row_lse, row_delta, p, ds, grad_rates, row_grad);
 }
 
 // Work split: `rows` query rows per block and `group` whole sequences per task when one block
@@ -221,7 +278,9 @@ std::tuple<Tensor, Tensor> decay_attention_forward(const Tensor& q, const Tensor
                                                    const Tensor& rates, int64_t height, int64_t width,
                                                    bool indicator, int64_t budget) {
   check_inputs(q, k, v, rates, height, width);
-  const Layout layout{height, width, indicator, 1.0f / std::sqrt(static_cast<float>(q.size(2)))};
+  const GridCoordinates grid(height, width);
+  const Layout layout{height, width, indicator, 1.0f / std::sqrt(static_cast<float>(q.size(2))), grid.rows.data(),
+                      grid.cols.data()};
   if (q.scalar_type() == at::kBFloat16) return forward_impl<at::BFloat16>(q, k, v, rates, layout, budget);
   return forward_impl<float>(q, k, v, rates, layout, budget);
 }
@@ -243,7 +302,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> decay_attention_backward(
     return {grad_q.to(q.scalar_type()), grad_k.to(q.scalar_type()), grad_v.to(q.scalar_type()), grad_rates};
   }
   const int64_t sequences = q.size(0), tokens = q.size(1);
-  const Layout layout{height, width, indicator, 1.0f / std::sqrt(static_cast<float>(q.size(2)))};
+  const GridCoordinates grid(height, width);
+  const Layout layout{height, width, indicator, 1.0f / std::sqrt(static_cast<float>(q.size(2))), grid.rows.data(),
+                      grid.cols.data()};
   const Split split(sequences, tokens, budget);
   auto grad_out = grad_out_in.contiguous();
   auto delta = (grad_out * out).sum(-1);  // rowsum(dO * O) = rowsum(P * dP): (S, L)
@@ -262,6 +323,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> decay_attention_backward(
     at::NoGradGuard no_grad;
     auto probs_buffer = at::empty({split.group, split.rows, tokens}, q.options());
     auto grad_buffer = at::empty({split.group, split.rows, tokens}, q.options());
+    std::vector<float> row_grad(tokens);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t first = task * split.group, count = std::min(split.group, sequences - first);
       auto k_t_group = k_t.narrow(0, first, count), v_t_group = v_t.narrow(0, first, count);
@@ -284,20 +346,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> decay_attention_backward(
             float* p = probs_buffer.data_ptr<float>() + (s * split.rows + r) * tokens;
             float* ds = grad_buffer.data_ptr<float>() + (s * split.rows + r) * tokens;
             const float row_lse = lse_data[index], row_delta = delta_data[index];
-            float row_sum = 0.0f;
-            // P = exp(logits - lse); dS = P * (dP - delta); d(pair) = -sign(pair) * dS, and
-            // d(pair) / d(s_i) = d(pair) / d(s_j) = dist / 2: rate i gets the row, rate j the column.
-            for_each_key(layout, seq_rates, query, [&](int64_t j, float dist, float pair) {
-              const float prob = exp_nonpositive(p[j] * scale - std::fabs(pair) - row_lse);
-              p[j] = prob;
-              const float grad = prob * (ds[j] - row_delta);
-              ds[j] = grad;
-              const float sign = static_cast<float>((pair > 0.0f) - (pair < 0.0f));
-              const float grad_rate = -sign * grad * 0.5f * dist;
-              row_sum += grad_rate;
-              seq_grad_rates[j] += grad_rate;
-            });
-            seq_grad_rates[query] += row_sum;
+            seq_grad_rates[query] +=
+                backward_row(layout, seq_rates, query, row_lse, row_delta, p, ds, seq_grad_rates, row_grad.data());
           }
         }
         grad_v_group.baddbmm_(probs.transpose(1, 2), grad_out_block);
