@@ -76,7 +76,10 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     import sdt  # noqa: F401  registers the models
-    from sdt.models.complexity import count_flops
+    try:
+        from sdt.models.complexity import count_flops
+    except ImportError:  # a --baseline tree from before the package's layout (131cbfb): sdt/complexity.py
+        from sdt.complexity import count_flops
 
     torch.set_num_threads(args.threads)
     cases: Dict[str, Callable[[], None]] = {}
