@@ -375,10 +375,11 @@ def plot_gates(results: List[Dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    variants = sorted({r["variant"] for r in results})
-    fig, axes = plt.subplots(2, len(variants), figsize=(6 * len(variants), 6.4), squeeze=False)
-    for col, variant in enumerate(variants):
-        rs = [r for r in results if r["variant"] == variant]
+    columns = sorted({(r["group"], r["variant"]) for r in results})  # one column per regime and variant
+    fig, axes = plt.subplots(2, len(columns), figsize=(6 * len(columns), 6.4), squeeze=False)
+    for col, (group, variant) in enumerate(columns):
+        rs = [r for r in results if (r["group"], r["variant"]) == (group, variant)]
+        label = f"{group} {variant}"
         depths, heads = max(r["depth"] for r in rs) + 1, max(r["head"] for r in rs) + 1
         ax = axes[0, col]
         for head in range(heads):
@@ -389,7 +390,7 @@ def plot_gates(results: List[Dict], path: Path) -> None:
                     "k_", markersize=10)
         ax.set_xlabel("depth (block)")
         ax.set_ylabel("mean G over tokens and images")
-        ax.set_title(f"{variant}: learned G per head (dots) vs RMT's fixed rate (bars)", fontsize=9)
+        ax.set_title(f"{label}: learned G per head (dots) vs RMT's fixed rate (bars)", fontsize=9)
         ax.legend(fontsize=7)
         ax = axes[1, col]
         for i, key in enumerate(("object", "background")):
@@ -397,7 +398,7 @@ def plot_gates(results: List[Dict], path: Path) -> None:
                    [statistics.mean(r[key] for r in rs if r["depth"] == d) for d in range(depths)], width=0.38, label=key)
         ax.set_xlabel("depth (block)")
         ax.set_ylabel("mean G")
-        ax.set_title(f"{variant}: G on object vs background patches (over heads and seeds)", fontsize=9)
+        ax.set_title(f"{label}: G on object vs background patches (over heads and seeds)", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
