@@ -253,7 +253,7 @@ def curves(group_dir: Path) -> List[str]:
         ax.legend(fontsize=7)
         last = [[rows[-1][f"gate_drift.{b}"] for rows in seeds.values()] for b in blocks]
         lines.append(f"| `{variant}` | {len(seeds)} | " + " | ".join(
-            f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0:.3f}" for v in last) + " |")
+            f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}" for v in last) + " |")
     axes[0, 0].set_ylabel("mean |s - lambda_h|")
     fig.tight_layout()
     fig.savefig(group_dir / "gate_drift.png", dpi=100)
