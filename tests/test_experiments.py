@@ -124,3 +124,43 @@ def test_generation_rejects_an_extractor_without_local_weights_before_training(t
     with pytest.raises(SystemExit, match="--extractor 'resnet18.a1_in1k': extractor 'resnet18.a1_in1k' has no local weights"):
         generation.main()
     assert calls == [] and not any(tmp_path.iterdir())
+
+
+def test_vit_study_long_regime_grid_is_seed_major_and_passes_the_gate_lr(tmp_path: Path, calls):
+    """Issue 33's regime: 6k images x 20 epochs in 6k-e20/, vit/fixed/cag/cag_lr10 per seed, and cag_lr10's
+    engine.lr_scale override reaches the sdt command."""
+    from experiments import vit_study
+
+    runs = vit_study.grid(["long"])
+    assert runs[:4] == [("long", v, 0) for v in ("vit", "fixed", "cag", "cag_lr10")] and len(runs) == 12
+    assert vit_study.grid(["long"], seeds=2, extra_seeds=1)[-1] == ("long", "cag", 1)
+    vit_study.train(tmp_path, "long", "cag_lr10", 1, [])
+    cmd = calls[0]["cmd"]
+    assert str(tmp_path / "6k-e20" / "cag_lr10-s1") in cmd
+    for override in ('engine.lr_scale={"*gate*": 10}', "data.train_subset=6000", "engine.epochs=20", "engine.seed=1",
+                     "model.kwargs.decay=cag"):
+        assert cmd[cmd.index(override) - 1] == "-o", override
+
+
+def test_vit_study_curves_plot_accuracy_and_gate_drift_of_finished_runs(tmp_path: Path):
+    """curves.png for every finished run, gate_drift.png and the drift table for the gated ones; a run
+    without summary.json (still training) is left out."""
+    from experiments import vit_study
+
+    group = tmp_path / "6k-e20"
+    for name, drift in (("fixed-s0", None), ("cag-s0", 0.1), ("cag-s1", 0.3), ("cag_lr10-s0", None)):
+        run = group / name
+        run.mkdir(parents=True)
+        rows = []
+        for step in (93, 186):
+            row = {"kind": "val", "step": step, "epoch": step // 93, "top1": 50.0 + step / 10}
+            if drift is not None:
+                row.update({"gate_drift": drift, "gate_drift.0": drift, "gate_drift.1": 2 * drift})
+            rows.append(row)
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        if name != "cag_lr10-s0":
+            (run / "summary.json").write_text("{}")
+    lines = vit_study.curves(group)
+    assert (group / "curves.png").stat().st_size > 1000 and (group / "gate_drift.png").stat().st_size > 1000
+    table = "\n".join(lines)
+    assert "| `cag` | 2 | 0.200 ± 0.141 | 0.400 ± 0.283 |" in table and "cag_lr10" not in table and "fixed" not in table
