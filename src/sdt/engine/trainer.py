@@ -102,6 +102,11 @@ def optimization(cfg: EngineConfig, model: nn.Module, lr: float, steps_per_epoch
     return optimizer, scheduler, scaler, ema
 
 
+def console_metrics(metrics: Dict[str, float]) -> str:
+    """The epoch's console line; per-part values (``gate_drift.3``) go to metrics.jsonl only."""
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "." not in k)
+
+
 class Trainer:
     """Trains ``model`` on ``train_set`` with ``task``'s loss; evaluates on ``val_set`` every
     ``eval_every_epochs``; checkpoints to ``output_dir``. ``resume_from``: a checkpoint folder.
@@ -247,9 +252,7 @@ class Trainer:
                 metrics = self.evaluate()
                 logger.log("val", self.global_step, self.epoch, metrics)
                 self._update_best(metrics)
-                # per-part values (``gate_drift.3``) go to metrics.jsonl only: the console line stays one line
-                _logger.info("epoch %d/%d: %s", self.epoch, cfg.epochs,
-                             ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "." not in k))
+                _logger.info("epoch %d/%d: %s", self.epoch, cfg.epochs, console_metrics(metrics))
             self.save_checkpoint()
         logger.close()
         return {"best": self.best, "global_step": self.global_step, "train_seconds": self.train_seconds,
