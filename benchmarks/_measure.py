@@ -11,7 +11,7 @@ approximate (pages the allocator kept mapped can hide a little growth). On CUDA 
 import ctypes
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -57,6 +57,21 @@ def interleaved_medians(cases: Dict[str, Callable[[], object]], rounds: int, war
             if round_index >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def train_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
+               forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Callable[[], None]:
+    """The benchmarks' training case: one optimizer step of cross-entropy on (images, labels), the model in
+    train mode. ``forward``: what to call in place of ``model`` (e.g. its ``torch.compile``)."""
+    forward = forward or model
+
+    def step() -> None:
+        model.train()
+        loss = torch.nn.functional.cross_entropy(forward(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
 
 
 def markdown_table(header: List[str], rows: List[List[str]]) -> str:

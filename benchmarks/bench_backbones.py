@@ -47,6 +47,8 @@ def create(name: str, size: int):
 def model_cases(name: str, batch: int, train_batch: int, size: int) -> Dict[str, Callable[[], None]]:
     import torch
 
+    from _measure import train_step
+
     torch.manual_seed(0)
     model = create(name, size).eval()
     images = torch.randn(batch, 3, size, size)
@@ -61,14 +63,8 @@ def model_cases(name: str, batch: int, train_batch: int, size: int) -> Dict[str,
                 model(images)
         return run
 
-    def train():
-        model.train()
-        loss = torch.nn.functional.cross_entropy(model(train_images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return {f"{name} fp32": infer(False), f"{name} bf16": infer(True), f"{name} train": train}
+    return {f"{name} fp32": infer(False), f"{name} bf16": infer(True),
+            f"{name} train": train_step(model, train_images, labels, optimizer)}
 
 
 def worker(args: argparse.Namespace) -> None:

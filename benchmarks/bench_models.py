@@ -16,7 +16,7 @@ import timm
 import torch
 
 import sdt  # noqa: F401  registers the models
-from _measure import environment, interleaved_medians, markdown_table, peak_memory_gib
+from _measure import environment, interleaved_medians, markdown_table, peak_memory_gib, train_step
 
 # (label, timm name, kwargs)
 MODELS: List[Tuple[str, str, dict]] = [
@@ -44,14 +44,7 @@ def step_fns(model: torch.nn.Module, batch: int,
         with torch.no_grad():
             forward(images)
 
-    def train():
-        model.train()
-        loss = torch.nn.functional.cross_entropy(forward(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return infer, train
+    return infer, train_step(model, images, labels, optimizer, forward)
 
 
 def main() -> None:

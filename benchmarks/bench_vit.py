@@ -16,7 +16,7 @@ import timm
 import torch
 
 import sdt  # noqa: F401  registers the models
-from _measure import environment, interleaved_medians, load_average, markdown_table
+from _measure import environment, interleaved_medians, load_average, markdown_table, train_step
 
 CASES = {
     "none (no position info)": dict(decay="none", pos_embed="none"),
@@ -42,13 +42,7 @@ def main() -> None:
         cfg = model.pretrained_cfg
         x = torch.randn(args.batch, *cfg["input_size"])
         y = torch.randint(0, model.num_classes, (args.batch,))
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-
-        def step(model=model, x=x, y=y, opt=opt):
-            opt.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-        steps[name] = step
+        steps[name] = train_step(model, x, y, torch.optim.SGD(model.parameters(), lr=1e-3))
     load_before = load_average()
     seconds = interleaved_medians(steps, args.rounds, warmup=2)
     base = seconds["none (no position info)"]
