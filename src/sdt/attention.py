@@ -23,12 +23,14 @@ exactly at RMT's decay and learns away from it. alpha is learned per head by def
 logsigmoid's flat tail; ``alpha="fixed"`` keeps it at 1.
 """
 import contextlib
+import math
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 from timm.layers import register_notrace_function, register_notrace_module
 
@@ -143,10 +145,54 @@ def depthwise_residual(conv: nn.Conv2d, x: Tensor, residual: Tensor) -> Tensor:
     return add_into(conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), residual)
 
 
+# oneDNN's linear with the bias and GELU applied in the GEMM's epilogue. ATen's addmm first copies the
+# bias into the whole output, and a separate GELU reads and writes it again: at SDT-H-T's stage-1
+# shapes (50k rows) that is 1.6x the time of the fused GEMM (docs/benchmarks.md section 5). It has no
+# autograd, so it serves float32 inference only.
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+LINEAR_ACTIVATIONS = ("none", "gelu")
+
+
+@torch.jit.unused
+def _onednn_linear_applies(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    """Whether ``linear_act`` runs oneDNN's fused linear: float32 on the CPU with nothing that needs a gradient,
+    outside autocast (whose casts the op would skip), ``torch.compile`` (inductor packs its own GEMMs) and
+    the portable traces."""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                              or (bias is not None and bias.requires_grad))
+    return (_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and (bias is None or bias.dtype == torch.float32) and weight.dim() == 2 and x.numel() > 0
+            and not needs_grad and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and not _portable_trace())
+
+
+def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str = "none") -> Tensor:
+    """``F.linear(x, weight, bias)``, then exact GELU if ``activation == "gelu"``: (..., K) -> (..., N).
+
+    Float32 inference on the CPU runs oneDNN's linear with the bias and the activation fused into the GEMM
+    (``_onednn_linear_applies``); everything else, training included, the plain ops. Same values up to
+    float rounding.
+    """
+    if activation not in LINEAR_ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose one of {LINEAR_ACTIVATIONS}")
+    if not torch.jit.is_scripting() and _onednn_linear_applies(x, weight, bias):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], "none" if activation == "gelu" else "")
+    out = F.linear(x, weight, bias)
+    return F.gelu(out) if activation == "gelu" else out
+
+
+if _ONEDNN_LINEAR and torch.ops.mkldnn._linear_pointwise.default not in flop_registry:
+    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+    def _onednn_linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        """FlopCounterMode (``sdt.models.complexity``) knows no oneDNN op: count the GEMM inside it."""
+        return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
+
+
 # Leaves for torch.fx, in timm's tracer (register_notrace_function) and in plain torch.fx.symbolic_trace
 # (torch.fx.wrap): they branch on the device or on the grid size, so a traced graph calls them and they
 # run eagerly on the actual input. spatial_decay_attention picks its backend per call the same way.
-for _name in ("rotary_tables", "_gate_logits_eager", "spatial_decay_attention", "add_into", "depthwise_residual"):
+for _name in ("rotary_tables", "_gate_logits_eager", "spatial_decay_attention", "add_into", "depthwise_residual",
+              "linear_act"):
     torch.fx.wrap(_name)
     register_notrace_function(globals()[_name])
 del _name
@@ -357,7 +403,7 @@ class SpatialDecayAttention(nn.Module):
         if with_gate:
             weights.append(gate.weight.float())
             biases.append(gate.bias.float())
-        qkv = F.linear(x, torch.cat(weights), torch.cat(biases))
+        qkv = linear_act(x, torch.cat(weights), torch.cat(biases))
         # split and unbind, not slices and indexing: their backward is one concatenation, where each
         # slice's would fill a zero tensor of the whole output's size
         if with_gate:
@@ -410,7 +456,9 @@ class SpatialDecayAttention(nn.Module):
                 out = add_into(self.lce(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), out)
             else:
                 out = depthwise_residual(self.lce, v, out)
-        return self.proj(out)
+        if torch.jit.is_scripting():
+            return self.proj(out)
+        return linear_act(out, self.proj.weight, self.proj.bias)
 
 
 @contextlib.contextmanager

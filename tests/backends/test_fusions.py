@@ -8,13 +8,19 @@
   and the gradients of every parameter (the gate's weight included).
 - the in-place residual additions of ``SpatialDecayBlock``: grad mode, ``no_grad`` and
   ``inference_mode`` give the same output and leave the block's input untouched.
+- ``linear_act``: oneDNN's linear with the bias and GELU fused, in float32 inference, against
+  ``F.linear`` (+ GELU); the autograd path where a gradient is needed; its FLOP count.
 """
 import pytest
 import timm
 import torch
 
 import sdt  # noqa: F401  registers the models
-from sdt.attention import SpatialDecayAttention, apply_rotary, depthwise_residual, reference_backend, rotary_tables
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sdt.attention import (
+    _ONEDNN_LINEAR, SpatialDecayAttention, apply_rotary, depthwise_residual, linear_act, reference_backend, rotary_tables,
+)
 from sdt.backends import fused_cpu
 from sdt.backends.ops import depthwise_conv_op, rotary_heads_op
 
@@ -224,3 +230,80 @@ def test_flop_counter_counts_the_depthwise_kernel_as_its_convolution():
             fn()
         counts.append(counter.get_total_flops())
     assert counts[0] == counts[1] > 0
+
+
+class _OpLog(TorchDispatchMode):
+    """The aten/mkldnn ops a call dispatches, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+onednn_needed = pytest.mark.skipif(not _ONEDNN_LINEAR, reason="this torch has no oneDNN linear")
+
+
+@onednn_needed
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_linear_act_in_inference_is_the_fused_onednn_gemm(activation, strided, mode):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 5, 24, generator=generator)
+    x = x.transpose(1, 2) if strided else x  # the attention's output reaches proj as such a view
+    linear = torch.nn.Linear(24, 40)
+    expected = linear(x)
+    expected = torch.nn.functional.gelu(expected) if activation == "gelu" else expected
+    with getattr(torch, mode)(), _OpLog() as log:
+        out = linear_act(x, linear.weight, linear.bias, activation)
+    assert "mkldnn._linear_pointwise" in log.names and "aten.addmm" not in log.names
+    torch.testing.assert_close(out, expected.detach(), atol=1e-5, rtol=1e-5)
+
+
+@onednn_needed
+def test_linear_act_takes_the_autograd_path_where_a_gradient_is_needed_or_autocast_casts():
+    x = torch.randn(3, 16, requires_grad=True)
+    linear = torch.nn.Linear(16, 8)
+    with _OpLog() as log:
+        out = linear_act(x, linear.weight, linear.bias, "gelu")
+    assert "mkldnn._linear_pointwise" not in log.names
+    out.sum().backward()
+    expected_x = x.detach().clone().requires_grad_()
+    torch.nn.functional.gelu(torch.nn.functional.linear(expected_x, linear.weight, linear.bias)).sum().backward()
+    torch.testing.assert_close(x.grad, expected_x.grad)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert linear_act(x, linear.weight, linear.bias).dtype == torch.bfloat16  # autocast's bf16 GEMM
+    with pytest.raises(ValueError, match="unknown activation 'relu'"):
+        linear_act(x, linear.weight, linear.bias, "relu")
+
+
+@onednn_needed
+def test_flop_counter_counts_the_onednn_linear_as_its_gemm():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, linear = torch.randn(2, 3, 5, 16), torch.nn.Linear(16, 8)
+    counts = []
+    for grad in (False, True):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.set_grad_enabled(grad):
+            linear_act(x, linear.weight, linear.bias, "gelu")
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] == 2 * 30 * 16 * 8
+
+
+@onednn_needed
+@fused_needed
+def test_model_inference_with_fused_linears_matches_grad_mode():
+    torch.manual_seed(0)
+    model = timm.create_model("sdt_h_nano", num_classes=10, in_chans=1).eval()
+    x = torch.randn(2, 1, 28, 28)
+    expected = model(x)  # parameters need gradients: the plain F.linear path
+    with torch.inference_mode(), _OpLog() as log:
+        out = model(x)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert log.names.count("mkldnn._linear_pointwise") >= linears // 2  # q/k/v/gate share one
+    torch.testing.assert_close(out, expected.detach(), atol=1e-5, rtol=1e-5)

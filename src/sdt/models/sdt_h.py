@@ -40,7 +40,7 @@ from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs,
 from timm.models import PretrainedCfg, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 
-from ..attention import SpatialDecayAttention, add_into, depthwise_residual, rotary_tables
+from ..attention import SpatialDecayAttention, add_into, depthwise_residual, linear_act, rotary_tables
 from ..data.images import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
 __all__ = ["SpatialDecayTransformer", "checkpoint_filter_fn", "rmt_config_to_kwargs"]
@@ -67,7 +67,7 @@ def _add_residual(x: Tensor, update: Tensor) -> Tensor:
 
 # Leaves for torch.fx (timm's tracer and plain symbolic_trace): they branch on the grad mode, dtypes
 # and devices, which a traced graph must decide when it runs, not when it was traced.
-for _name in ("_add_residual", "add_into", "depthwise_residual"):  # wrap patches this module's names
+for _name in ("_add_residual", "add_into", "depthwise_residual", "linear_act"):  # wrap patches this module's names
     torch.fx.wrap(_name)
 register_notrace_function(_add_residual)
 del _name
@@ -121,10 +121,14 @@ class ConvFFN(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.act(self.fc1(x))
         if torch.jit.is_scripting():
+            x = self.act(self.fc1(x))
             return self.fc2(add_into(_to_nhwc(self.dwconv(_to_nchw(x))), x))
-        return self.fc2(depthwise_residual(self.dwconv, x, x))
+        if type(self.act) is nn.GELU and self.act.approximate == "none":  # fused into the GEMM in inference
+            x = linear_act(x, self.fc1.weight, self.fc1.bias, "gelu")
+        else:
+            x = self.act(self.fc1(x))
+        return linear_act(depthwise_residual(self.dwconv, x, x), self.fc2.weight, self.fc2.bias)
 
 
 class SpatialDecayBlock(nn.Module):
