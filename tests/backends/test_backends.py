@@ -169,17 +169,21 @@ def test_auto_dispatch_table():
     assert choose_backend(stage4, torch.zeros(8, 16, 49), grid4, "full") == "fused"
     assert choose_backend(stage1, learned, grid1, "decomposed") == "fused"  # learned rates in training
     assert choose_backend(torch.zeros(8, 4, 784, 32), learned, (28, 28), "full") == "fused"  # bias would need grad
-    # untrained per-head rates: the reference while the (n, L, L) bias is small, and decomposed beyond 28x28
+    # untrained per-head rates on the CPU: fused, except tiny grids (up to 8x8 full, lines up to 4 long)
     with torch.no_grad():
-        assert choose_backend(stage1, learned, grid1, "decomposed") == "reference"  # frozen: a fixed (n, W, W) bias
-        assert choose_backend(torch.zeros(8, 4, 784, 32), learned, (28, 28), "full") == "reference"
-    assert choose_backend(stage1, fixed, grid1, "full") == "fused"  # (n, L, L) bias of 157 MB
-    assert choose_backend(stage3, torch.zeros(1, 8, 1), grid3, "full") == "reference"
-    assert choose_backend(stage1, fixed, grid1, "decomposed") == "reference"  # 56x56: reference trains faster
-    # fixed and decomposed up to a 28-wide grid (stage 2, the nano stages): fused on the CPU only
-    assert choose_backend(torch.zeros(8, 4, 784, 32), fixed, (28, 28), "decomposed") == "fused"
+        assert choose_backend(stage1, learned, grid1, "decomposed") == "fused"  # frozen: fixed rates
+        assert choose_backend(torch.zeros(8, 4, 784, 32), learned, (28, 28), "full") == "fused"
+    assert choose_backend(stage1, fixed, grid1, "full") == "fused"
+    assert choose_backend(stage1, fixed, grid1, "decomposed") == "fused"
+    assert choose_backend(stage3, torch.zeros(1, 8, 1), grid3, "full") == "fused"
     assert choose_backend(torch.zeros(128, 2, 196, 16), torch.zeros(1, 2, 1), (14, 14), "decomposed") == "fused"
+    assert choose_backend(stage4, torch.zeros(1, 16, 1), grid4, "full") == "reference"  # 49 tokens
+    assert choose_backend(stage4, torch.zeros(1, 16, 1), grid4, "decomposed") == "fused"
+    nano3 = torch.zeros(128, 8, 16, 16)
+    assert choose_backend(nano3, torch.zeros(1, 8, 1), (4, 4), "decomposed") == "reference"
+    # fixed off the CPU: the reference while the (n, L, L) bias is small, and always decomposed
     assert choose_backend(torch.zeros(8, 4, 784, 32, device="meta"), fixed, (28, 28), "decomposed") == "reference"
+    assert choose_backend(torch.zeros(8, 8, 196, 32, device="meta"), torch.zeros(1, 8, 1), grid3, "full") == "reference"
     assert choose_backend(stage1, None, grid1, "full") == "reference"
     # other devices (meta stands in for CUDA's rules below flex)
     meta = torch.zeros(8, 4, 3136, 16, device="meta")

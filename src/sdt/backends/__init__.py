@@ -30,8 +30,10 @@ CUDA rules are by design and unmeasured**: no GPU was available while this was b
 | TorchScript scripting or tracing, fx symbolic tracing, ONNX export  | reference |
 | no decay (``rates is None``)                                        | reference |
 | CUDA, Triton importable                                             | triton    |
-| fixed, full layout, bias elements <= 2^25 (128 MiB)                 | reference |
-| fixed, decomposed layout, off the CPU or a grid side longer than 28 | reference |
+| fixed, CPU, full layout of at most 64 tokens                        | reference |
+| fixed, CPU, decomposed layout with no grid side longer than 4       | reference |
+| fixed, off the CPU, full layout, bias elements <= 2^25 (128 MiB)    | reference |
+| fixed, off the CPU, decomposed layout                               | reference |
 | CPU, training or inference                                          | fused     |
 | decomposed layout                                                   | chunked   |
 | bias elements <= 2^20 (4 MiB)                                       | reference |
@@ -54,13 +56,16 @@ from .reference import reference_attention, reference_kernel
 
 BACKENDS = ("auto", "reference", "chunked", "fused", "triton", "flex")
 LAYOUTS = ("full", "decomposed")
-# Largest materialised bias (B' * n * L^2 elements) for which "auto" keeps the reference backend:
-# for untrained per-head rates, and for everything else (see the table above).
+# Largest materialised bias (B' * n * L^2 elements) for which "auto" keeps the reference backend off the
+# CPU: for untrained per-head rates, and for everything else (see the table above).
 REFERENCE_MAX_FIXED_ELEMENTS = 1 << 25
 REFERENCE_MAX_ELEMENTS = 1 << 20
-# Longest grid side up to which the fused CPU kernel beats the reference for fixed rates in the
-# decomposed layout (1.05-1.7x at sides 7-28; at 56 the reference trains 1.3x faster).
-FUSED_MAX_FIXED_DECOMPOSED_SIDE = 28
+# Fixed rates on the CPU: the fused kernel is 1.1-2.9x faster than the reference (SDPA with the bias as
+# its mask) at every SDT-H-T stage, DiT and nano shape, inference and training, except where both take
+# about a millisecond: full grids up to 8x8 (0.93-1.0x) and decomposed lines up to 4 long (0.85x in
+# training). Measured 2026-12-06 on the vectorised kernel (docs/benchmarks.md, "Why the dispatch").
+REFERENCE_MAX_FIXED_FULL_TOKENS_CPU = 64
+REFERENCE_MAX_FIXED_DECOMPOSED_SIDE_CPU = 4
 
 
 def check_backend(backend: str) -> str:
@@ -93,9 +98,12 @@ def choose_backend(q: Tensor, rates: Optional[Tensor], grid: Tuple[int, int], la
         return "triton"
     _, heads, tokens, _ = q.shape
     if rates.shape[-1] == 1 and not _needs_grad(rates):  # fixed
-        if layout == "full" and rates.shape[0] * heads * tokens * tokens <= REFERENCE_MAX_FIXED_ELEMENTS:
-            return "reference"
-        if layout != "full" and not (device == "cpu" and max(grid) <= FUSED_MAX_FIXED_DECOMPOSED_SIDE):
+        if device == "cpu":
+            if layout == "full" and tokens <= REFERENCE_MAX_FIXED_FULL_TOKENS_CPU:
+                return "reference"
+            if layout != "full" and max(grid) <= REFERENCE_MAX_FIXED_DECOMPOSED_SIDE_CPU:
+                return "reference"
+        elif layout != "full" or rates.shape[0] * heads * tokens * tokens <= REFERENCE_MAX_FIXED_ELEMENTS:
             return "reference"
     if device == "cpu":
         return "fused"
