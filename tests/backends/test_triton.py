@@ -44,7 +44,7 @@ def _triton_interprets() -> bool:
 KERNELS_HERE = CUDA or _triton_interprets()
 
 import sdt.backends.triton as sdt_triton  # noqa: E402  (after TRITON_INTERPRET)
-from sdt.backends.reference import from_cols, from_rows, reference_attention, to_cols, to_rows  # noqa: E402
+from sdt.backends.reference import from_cols, reference_attention, rows_to_cols, to_cols, to_rows  # noqa: E402
 from sdt.backends.ops import op_kernel  # noqa: E402
 from sdt.backends.triton import triton_backward, triton_forward  # noqa: E402
 
@@ -210,8 +210,7 @@ def test_decomposed_layout_as_batches_of_one_dimensional_sequences(rate_kind):
             row_rates = to_rows(rates.unsqueeze(-1), grid).squeeze(-1)
             col_rates = to_cols(rates.unsqueeze(-1), grid).squeeze(-1)
         rows = op_attention(to_rows(q, grid), to_rows(k, grid), to_rows(v, grid), row_rates, (1, grid[1]))
-        rows = from_rows(rows, grid)
-        cols = op_attention(to_cols(q, grid), to_cols(k, grid), to_cols(rows, grid), col_rates, (1, grid[0]))
+        cols = op_attention(to_cols(q, grid), to_cols(k, grid), rows_to_cols(rows, grid), col_rates, (1, grid[0]))
         return from_cols(cols, grid)
 
     out, grads = outputs_and_grads(decomposed, q, k, v, rates)

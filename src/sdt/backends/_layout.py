@@ -33,14 +33,19 @@ def to_cols(t: Tensor, grid: Tuple[int, int]) -> Tensor:
     return t.unflatten(2, grid).permute(0, 3, 1, 2, 4).flatten(0, 1)
 
 
-def from_rows(t: Tensor, grid: Tuple[int, int]) -> Tensor:
-    """(B*H, n, W, d) -> (B, n, H*W, d), the inverse of ``to_rows``."""
-    return t.unflatten(0, (-1, grid[0])).transpose(1, 2).flatten(2, 3)
-
-
 def from_cols(t: Tensor, grid: Tuple[int, int]) -> Tensor:
-    """(B*W, n, H, d) -> (B, n, H*W, d), the inverse of ``to_cols``."""
-    return t.unflatten(0, (-1, grid[1])).permute(0, 2, 3, 1, 4).flatten(2, 3)
+    """(B*W, n, H, d) -> (B, n, H*W, d), the inverse of ``to_cols``.
+
+    The result is a view of a token-major (B, H*W, n, d) tensor: the attention module merges the heads
+    back into channels next, and that merge is then free instead of a second copy.
+    """
+    return t.unflatten(0, (-1, grid[1])).permute(0, 3, 1, 2, 4).flatten(1, 2).transpose(1, 2)
+
+
+def rows_to_cols(t: Tensor, grid: Tuple[int, int]) -> Tensor:
+    """(B*H, n, W, d) -> (B*W, n, H, d): the row pass's output as the column pass's input, in one copy
+    (undoing the row layout and then taking the column layout makes two)."""
+    return t.unflatten(0, (-1, grid[0])).permute(0, 3, 2, 1, 4).flatten(0, 1)
 
 
 def line_rates(rates: Tensor, batch: int, grid: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
@@ -75,10 +80,10 @@ def attend(kernel: Kernel, q: Tensor, k: Tensor, v: Tensor, rates: Tensor, grid:
         return kernel(q, k, v, rates, grid, distance)
     height, width = grid
     row_rates, col_rates = line_rates(rates, q.shape[0], grid)
-    v_rows = from_rows(kernel(to_rows(q, grid), to_rows(k, grid), to_rows(v, grid), row_rates, (1, width), distance),
-                       grid)
-    out = kernel(to_cols(q, grid), to_cols(k, grid), to_cols(v_rows, grid), col_rates, (1, height), distance)
+    v_rows = kernel(to_rows(q, grid), to_rows(k, grid), to_rows(v, grid), row_rates, (1, width), distance)
+    out = kernel(to_cols(q, grid), to_cols(k, grid), rows_to_cols(v_rows, grid), col_rates, (1, height), distance)
     return from_cols(out, grid)
 
 
-__all__ = ["Kernel", "attend", "flat_rates", "from_cols", "from_rows", "line_rates", "to_cols", "to_rows"]
+__all__ = ["Kernel", "attend", "flat_rates", "from_cols", "line_rates", "rows_to_cols", "to_cols",
+           "to_rows"]

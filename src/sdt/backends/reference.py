@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..decay import full_2d_bias
-from ._layout import from_cols, from_rows, line_rates, to_cols, to_rows
+from ._layout import from_cols, line_rates, rows_to_cols, to_cols, to_rows
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -59,8 +59,7 @@ def reference_attention(
     col_rates: Optional[Tensor] = None
     if rates is not None:
         row_rates, col_rates = line_rates(rates, q.shape[0], grid)
-    v_rows = from_rows(reference_kernel(to_rows(q, grid), to_rows(k, grid), to_rows(v, grid), row_rates,
-                                        (1, grid[1]), distance), grid)
-    out = reference_kernel(to_cols(q, grid), to_cols(k, grid), to_cols(v_rows, grid), col_rates, (1, grid[0]),
+    v_rows = reference_kernel(to_rows(q, grid), to_rows(k, grid), to_rows(v, grid), row_rates, (1, grid[1]), distance)
+    out = reference_kernel(to_cols(q, grid), to_cols(k, grid), rows_to_cols(v_rows, grid), col_rates, (1, grid[0]),
                            distance)
     return from_cols(out, grid)
