@@ -2,7 +2,7 @@
 counting the imports made inside functions (a lazy import hides a cycle from Python, not from a reader):
 
     errors, files                          the bottom
-    decay <- backends <- attention <- models   the model stack
+    decay <- backends <- layers <- attention <- models   the model stack
     data, engine                           beside the model stack (models may take data's constants)
     tasks                                  on both
     tools                                  on tasks or models
@@ -110,13 +110,15 @@ LAYERS = {  # a layer -> the layers it may import (besides itself)
     "files": {"errors"},
     "decay": {"errors"},
     "backends": {"errors", "decay"},
-    "attention": {"errors", "decay", "backends"},
+    "layers": {"errors", "decay", "backends"},
+    "attention": {"errors", "decay", "backends", "layers"},
     "data": {"errors"},
-    "models": {"errors", "files", "decay", "backends", "attention", "data"},
+    "models": {"errors", "files", "decay", "backends", "layers", "attention", "data"},
     "engine": {"errors", "files", "data"},
-    "tasks": {"errors", "files", "decay", "backends", "attention", "data", "models", "engine"},
-    "tools": {"errors", "files", "decay", "backends", "attention", "data", "models", "engine", "tasks"},
-    "cli": {"errors", "files", "decay", "backends", "attention", "data", "models", "engine", "tasks", "tools"},
+    "tasks": {"errors", "files", "decay", "backends", "layers", "attention", "data", "models", "engine"},
+    "tools": {"errors", "files", "decay", "backends", "layers", "attention", "data", "models", "engine", "tasks"},
+    "cli": {"errors", "files", "decay", "backends", "layers", "attention", "data", "models", "engine", "tasks",
+            "tools"},
 }
 
 

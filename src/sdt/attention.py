@@ -23,21 +23,20 @@ exactly at RMT's decay and learns away from it. alpha is learned per head by def
 logsigmoid's flat tail; ``alpha="fixed"`` keeps it at 1.
 """
 import contextlib
-import math
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 from timm.layers import register_notrace_function, register_notrace_module
 
 from .backends import LAYOUTS, _portable_trace, check_backend, spatial_decay_attention, triton_available
 from .backends import fused_cpu
-from .backends.ops import depthwise_conv_op, rotary_heads_op
+from .backends.ops import rotary_heads_op
 from .decay import DECAY_VARIANTS, decay_rates, decay_variant, rate_logits
+from .layers import add_into, depthwise_residual, linear_act
 
 DECAYS = tuple(DECAY_VARIANTS)  # the names, in the table's order
 ALPHAS = ("learned", "fixed")
@@ -105,96 +104,14 @@ def _gate_logits_eager(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         return F.linear(x.float(), weight.float(), bias.float())
 
 
-def add_into(update: Tensor, residual: Tensor) -> Tensor:
-    """residual + update, written into ``update`` where the dtypes and shapes agree (else a new tensor).
-
-    ``update`` must be a fresh result whose producer's backward does not read it (a conv, a Linear,
-    layerscale, drop path): autograd then allows the in-place addition, which saves allocating and
-    filling a new tensor of the activation's size. Same value as ``residual + update``.
-    """
-    if update.dtype == residual.dtype and update.shape == residual.shape:
-        return update.add_(residual)
-    return residual + update
-
-
-@torch.jit.unused
-def _depthwise_kernel_applies(conv: nn.Conv2d, x: Tensor, residual: Tensor) -> bool:
-    """Whether ``sdt::depthwise_conv`` computes conv(x) + residual: a depthwise, stride-1, "same" conv with an
-    odd square kernel on the CPU with the C++ kernel built, x and residual of one float32/bf16 dtype (the
-    plain path's dtype too), outside autocast's bf16 casts (the op keeps x's dtype) and the portable traces."""
-    channels, kernel = conv.in_channels, conv.kernel_size[0]
-    return (conv.groups == channels == conv.out_channels and conv.kernel_size == (kernel, kernel) and kernel % 2 == 1
-            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.padding == (kernel // 2, kernel // 2)
-            and conv.padding_mode == "zeros" and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and residual.dtype == x.dtype and residual.shape == x.shape and x.stride(-1) == 1
-            and not (x.dtype == torch.float32 and torch.is_autocast_enabled("cpu"))
-            and not _portable_trace() and fused_cpu.available())
-
-
-def depthwise_residual(conv: nn.Conv2d, x: Tensor, residual: Tensor) -> Tensor:
-    """residual + conv(x) for channels-last x, residual (B, H, W, C) and a depthwise ``conv``: -> (B, H, W, C).
-
-    On the CPU the custom op ``sdt::depthwise_conv`` (oneDNN's convolution with the residual added into
-    its output, and the weight and bias gradients from the C++ kernel: oneDNN's depthwise backward was
-    the slow part of a training step), else ``conv`` on the NCHW view (channels-last memory) with the
-    residual added into its output. TorchScript takes no module
-    argument: scripted callers spell the plain path out under ``torch.jit.is_scripting()``.
-    """
-    if _depthwise_kernel_applies(conv, x, residual):
-        return depthwise_conv_op(x, conv.weight, conv.bias, residual)
-    return add_into(conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), residual)
-
-
-# oneDNN's linear with the bias and GELU applied in the GEMM's epilogue. ATen's addmm first copies the
-# bias into the whole output, and a separate GELU reads and writes it again: at SDT-H-T's stage-1
-# shapes (50k rows) that is 1.6x the time of the fused GEMM (docs/benchmarks.md section 5). It has no
-# autograd, so it serves float32 inference only.
-_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-LINEAR_ACTIVATIONS = ("none", "gelu")
-
-
-@torch.jit.unused
-def _onednn_linear_applies(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
-    """Whether ``linear_act`` runs oneDNN's fused linear: float32 on the CPU with nothing that needs a gradient,
-    outside autocast (whose casts the op would skip), ``torch.compile`` (inductor packs its own GEMMs) and
-    the portable traces."""
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                              or (bias is not None and bias.requires_grad))
-    return (_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and (bias is None or bias.dtype == torch.float32) and weight.dim() == 2 and x.numel() > 0
-            and not needs_grad and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and not _portable_trace())
-
-
-def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str = "none") -> Tensor:
-    """``F.linear(x, weight, bias)``, then exact GELU if ``activation == "gelu"``: (..., K) -> (..., N).
-
-    Float32 inference on the CPU runs oneDNN's linear with the bias and the activation fused into the GEMM
-    (``_onednn_linear_applies``); everything else, training included, the plain ops. Same values up to
-    float rounding.
-    """
-    if activation not in LINEAR_ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; choose one of {LINEAR_ACTIVATIONS}")
-    if not torch.jit.is_scripting() and _onednn_linear_applies(x, weight, bias):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], "none" if activation == "gelu" else "")
-    out = F.linear(x, weight, bias)
-    return F.gelu(out) if activation == "gelu" else out
-
-
-if _ONEDNN_LINEAR and torch.ops.mkldnn._linear_pointwise.default not in flop_registry:
-    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
-    def _onednn_linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-        """FlopCounterMode (``sdt.models.complexity``) knows no oneDNN op: count the GEMM inside it."""
-        return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
-
-
 # Leaves for torch.fx, in timm's tracer (register_notrace_function) and in plain torch.fx.symbolic_trace
 # (torch.fx.wrap): they branch on the device or on the grid size, so a traced graph calls them and they
 # run eagerly on the actual input. spatial_decay_attention picks its backend per call the same way.
-for _name in ("rotary_tables", "_gate_logits_eager", "spatial_decay_attention", "add_into", "depthwise_residual",
-              "linear_act"):
+for _name in ("rotary_tables", "_gate_logits_eager", "spatial_decay_attention"):
     torch.fx.wrap(_name)
     register_notrace_function(globals()[_name])
+for _name in ("add_into", "depthwise_residual", "linear_act"):  # sdt.layers registers them with timm's tracer
+    torch.fx.wrap(_name)
 del _name
 
 

@@ -18,9 +18,8 @@ import torch
 import sdt  # noqa: F401  registers the models
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sdt.attention import (
-    _ONEDNN_LINEAR, SpatialDecayAttention, apply_rotary, depthwise_residual, linear_act, reference_backend, rotary_tables,
-)
+from sdt.attention import SpatialDecayAttention, apply_rotary, reference_backend, rotary_tables
+from sdt.layers import _ONEDNN_LINEAR, depthwise_residual, linear_act
 from sdt.backends import fused_cpu
 from sdt.backends.ops import depthwise_conv_op, rotary_heads_op
 

@@ -40,7 +40,8 @@ from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs,
 from timm.models import PretrainedCfg, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 
-from ..attention import SpatialDecayAttention, add_into, depthwise_residual, linear_act, rotary_tables
+from ..attention import SpatialDecayAttention, rotary_tables
+from ..layers import add_into, depthwise_residual, linear_act
 from ..data.images import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
 __all__ = ["SpatialDecayTransformer", "checkpoint_filter_fn", "rmt_config_to_kwargs"]
