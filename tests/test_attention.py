@@ -4,7 +4,7 @@ import timm
 import torch
 
 import sdt  # noqa: F401  (registers the models)
-from sdt.attention import DecayGate, GateDrift
+from sdt.attention import DecayGate, GateDrift, SpatialDecayAttention
 
 
 def test_drift_is_zero_at_initialisation_and_the_mean_distance_after_training():
@@ -48,3 +48,16 @@ def test_only_learnable_gates_are_tracked(decay, gates):
 
 def test_a_gate_that_saw_no_forward_pass_gives_no_metrics():
     assert GateDrift(timm.create_model("sdt_vit_fm_tiny", decay="cag")).metrics() == {}
+
+
+def test_gate_input_replaces_the_tokens_the_gate_reads():
+    """``gate_input`` equal to x gives the fused path's result (the gate's logits then come from their own
+    GEMM); other tokens change only the rates."""
+    torch.manual_seed(0)
+    attn = SpatialDecayAttention(16, 2, decay="cag")
+    with torch.no_grad():
+        attn.gate.weight.normal_(0, 0.5)
+    x = torch.randn(2, 3, 4, 16)
+    torch.testing.assert_close(attn(x, gate_input=x), attn(x), atol=1e-5, rtol=1e-5)
+    other = torch.randn(2, 3, 4, 16)
+    assert not torch.allclose(attn(x, gate_input=other), attn(x), atol=1e-4)

@@ -300,7 +300,7 @@ class SpatialDecayAttention(nn.Module):
         return t.flatten(1, 2).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
     @torch.jit.unused
-    def _fused_qkv(self, x: Tensor, rotary: Optional[Tuple[Tensor, Tensor]]
+    def _fused_qkv(self, x: Tensor, rotary: Optional[Tuple[Tensor, Tensor]], fuse_gate: bool = True
                    ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
         """q, k (B, n, L, d) with rotary, v (B, H, W, C) and, in float32 outside autocast, the gate's logits
         (B, H, W, n), from one GEMM.
@@ -309,13 +309,14 @@ class SpatialDecayAttention(nn.Module):
         The gate's logits join the GEMM only where it runs in float32 anyway: under autocast the
         gate stays a float32 GEMM of its own (``DecayGate``). q and k are neighbours in the GEMM's
         output, so one ``sdt::rotary_heads`` pass rotates both and writes them in the layout the
-        attention kernels read, where that kernel runs (``_rotary_kernel_applies``).
+        attention kernels read, where that kernel runs (``_rotary_kernel_applies``). ``fuse_gate=False``:
+        the gate reads other tokens than x, so its logits stay out of the GEMM.
         """
         dim = self.q.out_features
         weights = [self.q.weight, self.k.weight, self.v.weight]
         biases = [self.q.bias, self.k.bias, self.v.bias]
         gate = self.gate
-        with_gate = (gate.weight is not None and gate.bias is not None and x.dtype == torch.float32
+        with_gate = (fuse_gate and gate.weight is not None and gate.bias is not None and x.dtype == torch.float32
                      and x.device.type != "meta" and not torch.is_autocast_enabled(x.device.type))
         if with_gate:
             weights.append(gate.weight.float())
@@ -349,8 +350,10 @@ class SpatialDecayAttention(nn.Module):
             return q.dtype in (torch.float32, torch.bfloat16) and fused_cpu.available()
         return q.device.type == "cuda" and triton_available()
 
-    def forward(self, x: Tensor, rotary: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
-        """x: (B, H, W, C); rotary: (sin, cos) from ``rotary_tables`` (built here if None). -> (B, H, W, C)"""
+    def forward(self, x: Tensor, rotary: Optional[Tuple[Tensor, Tensor]] = None,
+                gate_input: Optional[Tensor] = None) -> Tensor:
+        """x: (B, H, W, C); rotary: (sin, cos) from ``rotary_tables`` (built here if None); gate_input: the
+        (B, H, W, C) tokens the decay gate reads instead of x (DiT's ``gate_input="normalized"``). -> (B, H, W, C)"""
         height, width = x.shape[1], x.shape[2]
         gate_logits: Optional[Tensor] = None
         if torch.jit.is_scripting():
@@ -364,8 +367,8 @@ class SpatialDecayAttention(nn.Module):
                     rotary = rotary_tables((height, width), self.head_dim, x.device)
                 q, k = apply_rotary(q, rotary[0], rotary[1]), apply_rotary(k, rotary[0], rotary[1])
         else:
-            q, k, v, gate_logits = self._fused_qkv(x, rotary)
-        rates = self.gate(x, gate_logits)
+            q, k, v, gate_logits = self._fused_qkv(x, rotary, fuse_gate=gate_input is None)
+        rates = self.gate(x if gate_input is None else gate_input, gate_logits)
         out = spatial_decay_attention(q, k, self._heads(v), rates, (height, width), self.layout, self.distance, self.backend)
         out = out.transpose(1, 2).flatten(2).unflatten(1, (height, width))
         if self.lce is not None:

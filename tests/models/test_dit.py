@@ -169,3 +169,41 @@ def test_grad_checkpointing_same_output_and_grads(attn):
     assert any(g.abs().sum() > 0 for n, g in grads.items() if ".attn." in n)
     model.set_grad_checkpointing(False)
     assert not model.grad_checkpointing
+
+
+def _gate_rates(model: DiT, t: torch.Tensor) -> list:
+    """The rates every block's decay gate hands to the attention, for one image, label 1 and timesteps t."""
+    rates = []
+    hooks = [block.attn.gate.register_forward_hook(lambda m, inp, out: rates.append(out.detach()))
+             for block in model.blocks]
+    with torch.no_grad():
+        model(torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(0)).expand(len(t), -1, -1, -1),
+              t, torch.ones(len(t), dtype=torch.long))
+    for hook in hooks:
+        hook.remove()
+    return rates
+
+
+def test_gate_input_normalized_keeps_the_timestep_out_of_the_gate():
+    """With gate_input="normalized" the gate reads LayerNorm(x), so at the first block (whose x does not depend
+    on t) its rates are the same at every timestep; adaLN's modulation makes them differ in the default."""
+    t = torch.tensor([0.1, 0.9])
+    for gate_input, same in (("normalized", True), ("modulated", False)):
+        model = _randomize(tiny(decay="cag", gate_input=gate_input)).eval()
+        first = _gate_rates(model, t)[0]  # (2, n, L): one row per timestep
+        assert torch.allclose(first[0], first[1]) is same, gate_input
+
+
+def test_gate_input_normalized_is_the_gate_on_the_block_norm():
+    model = _randomize(tiny(decay="cag", gate_input="normalized")).eval()
+    block = model.blocks[0]
+    x = torch.randn(2, 4, 4, 32)
+    c = torch.randn(2, 32)
+    seen = []
+    hook = block.attn.gate.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    with torch.no_grad():
+        block(x, c)
+    hook.remove()
+    torch.testing.assert_close(seen[0], block.norm1(x))
+    with pytest.raises(ValueError, match="unknown gate_input 'adaln'.*normalized"):
+        tiny(decay="cag", gate_input="adaln")

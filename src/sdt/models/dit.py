@@ -84,12 +84,25 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
+GATE_INPUTS = ("modulated", "normalized")
+
+
 class DiTBlock(nn.Module):
-    """adaLN-Zero block on (B, H, W, D) conditioned on c (B, D)."""
+    """adaLN-Zero block on (B, H, W, D) conditioned on c (B, D).
+
+    ``gate_input``: what a content-aware decay gate reads. "modulated" (default): the attention's input,
+    ``LayerNorm(x) * (1 + scale(c)) + shift(c)``, as everything else in the block. "normalized":
+    ``LayerNorm(x)`` without adaLN's shift and scale, so the decay cannot follow the timestep and label
+    through them (issue 33's test of why CAG is worse in DiT, docs/generation.md).
+    """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, decay: str = "none",
-                 init_value: float = 2.0, heads_range: float = 6.0, attn_backend: str = "auto"):
+                 init_value: float = 2.0, heads_range: float = 6.0, attn_backend: str = "auto",
+                 gate_input: str = "modulated"):
         super().__init__()
+        if gate_input not in GATE_INPUTS:
+            raise ValueError(f"unknown gate_input {gate_input!r}; choose one of {GATE_INPUTS}")
+        self.gate_input = gate_input
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = SpatialDecayAttention(
             hidden_size, num_heads, decay=decay, layout="full", init_value=init_value, heads_range=heads_range,
@@ -100,7 +113,9 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa[:, None, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        normalized = self.norm1(x)
+        gate_tokens = normalized if self.gate_input == "normalized" else None
+        x = x + gate_msa[:, None, None] * self.attn(modulate(normalized, shift_msa, scale_msa), gate_input=gate_tokens)
         x = x + gate_mlp[:, None, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
@@ -134,6 +149,8 @@ class DiT(nn.Module):
         learn_sigma: also predict the variance interpolation (output 2C channels).
         init_value, heads_range: RMT's per-head decay rates (and CAG's starting point).
         attn_backend: spatial-decay attention backend (see ``sdt.backends``).
+        gate_input: what a content-aware gate reads, "modulated" (adaLN's output) or "normalized"
+            (``LayerNorm(x)`` alone); see ``DiTBlock``.
         attn: the former name of ``decay`` (deprecated).
     """
 
@@ -153,6 +170,7 @@ class DiT(nn.Module):
             init_value: float = 2.0,
             heads_range: float = 6.0,
             attn_backend: str = "auto",
+            gate_input: str = "modulated",
             attn: Optional[str] = None,
     ):
         super().__init__()
@@ -176,7 +194,7 @@ class DiT(nn.Module):
         grid = input_size // patch_size
         self.register_buffer("pos_embed", self.sincos_pos_embed((grid, grid)), persistent=False)
         self.blocks = nn.ModuleList([
-            DiTBlock(hidden_size, num_heads, mlp_ratio, decay, init_value, heads_range, attn_backend)
+            DiTBlock(hidden_size, num_heads, mlp_ratio, decay, init_value, heads_range, attn_backend, gate_input)
             for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.grad_checkpointing = False
