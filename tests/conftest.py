@@ -1,4 +1,5 @@
-"""Shared helpers: a tiny fake Fashion-MNIST on disk and a tiny model, so training tests take seconds."""
+"""Shared helpers: a tiny fake Fashion-MNIST on disk and a tiny model, so training tests take seconds; a
+recorder of the ops a block of code dispatches."""
 import gzip
 import socket
 import struct
@@ -8,6 +9,7 @@ from typing import List
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # A ~10k-parameter SDT-H (same code path as sdt_h_nano) on 16x16 inputs.
 TINY_MODEL = [
@@ -63,3 +65,23 @@ def tiny_overrides(data_dir: Path, **extra: str) -> List[str]:
 # The test machine is small and shared: one intra-op thread avoids OpenMP oversubscription, which
 # made tiny element-wise ops ~50x slower under load.
 torch.set_num_threads(1)
+
+
+class RecordOps(TorchDispatchMode):
+    """Inside ``with RecordOps() as record:`` every op dispatched below autograd, in order: ``record.ops``
+    (OpOverloads), ``record.names`` (``"aten.addmm"``, ``"mkldnn._linear_pointwise"``) and ``record.outputs``."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list = []
+        self.outputs: list = []
+
+    @property
+    def names(self) -> List[str]:
+        return [str(op.overloadpacket) for op in self.ops]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append(func)
+        self.outputs.append(out)
+        return out

@@ -195,21 +195,11 @@ def test_gradients_reach_gate_weight_and_alpha():
 
 def _aten_output_dtypes(fn):
     """The dtypes of every tensor that the aten ops of fn() produce."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from conftest import RecordOps
 
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.dtypes = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            self.dtypes.update(t.dtype for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
-            return out
-
-    with Record() as record:
+    with RecordOps() as record:
         result = fn()
-    return result, record.dtypes
+    return result, {t.dtype for t in torch.utils._pytree.tree_leaves(record.outputs) if isinstance(t, torch.Tensor)}
 
 
 def test_rotary_stays_in_bf16_under_autocast():

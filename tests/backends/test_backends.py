@@ -461,18 +461,9 @@ def test_flex_backward_graph_passes_the_joint_graph_check(monkeypatch):
 def test_cuda_dispatch_picks_triton_for_every_layout_and_rate_kind(monkeypatch):
     """Fake CUDA tensors (no GPU needed): auto chooses triton, and the call reaches the custom op."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     import sdt.backends as backends
-
-    class RecordOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(func)
-            return func(*args, **(kwargs or {}))
+    from conftest import RecordOps
 
     grid = (8, 8)
     with FakeTensorMode(allow_non_fake_inputs=True):

@@ -16,8 +16,7 @@ import timm
 import torch
 
 import sdt  # noqa: F401  registers the models
-from torch.utils._python_dispatch import TorchDispatchMode
-
+from conftest import RecordOps
 from sdt.attention import SpatialDecayAttention, apply_rotary, reference_backend, rotary_tables
 from sdt.layers import _ONEDNN_LINEAR, depthwise_residual, linear_act
 from sdt.backends import fused_cpu
@@ -231,18 +230,6 @@ def test_flop_counter_counts_the_depthwise_kernel_as_its_convolution():
     assert counts[0] == counts[1] > 0
 
 
-class _OpLog(TorchDispatchMode):
-    """The aten/mkldnn ops a call dispatches, by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 onednn_needed = pytest.mark.skipif(not _ONEDNN_LINEAR, reason="this torch has no oneDNN linear")
 
 
@@ -257,7 +244,7 @@ def test_linear_act_in_inference_is_the_fused_onednn_gemm(activation, strided, m
     linear = torch.nn.Linear(24, 40)
     expected = linear(x)
     expected = torch.nn.functional.gelu(expected) if activation == "gelu" else expected
-    with getattr(torch, mode)(), _OpLog() as log:
+    with getattr(torch, mode)(), RecordOps() as log:
         out = linear_act(x, linear.weight, linear.bias, activation)
     assert "mkldnn._linear_pointwise" in log.names and "aten.addmm" not in log.names
     torch.testing.assert_close(out, expected.detach(), atol=1e-5, rtol=1e-5)
@@ -267,7 +254,7 @@ def test_linear_act_in_inference_is_the_fused_onednn_gemm(activation, strided, m
 def test_linear_act_takes_the_autograd_path_where_a_gradient_is_needed_or_autocast_casts():
     x = torch.randn(3, 16, requires_grad=True)
     linear = torch.nn.Linear(16, 8)
-    with _OpLog() as log:
+    with RecordOps() as log:
         out = linear_act(x, linear.weight, linear.bias, "gelu")
     assert "mkldnn._linear_pointwise" not in log.names
     out.sum().backward()
@@ -301,7 +288,7 @@ def test_model_inference_with_fused_linears_matches_grad_mode():
     model = timm.create_model("sdt_h_nano", num_classes=10, in_chans=1).eval()
     x = torch.randn(2, 1, 28, 28)
     expected = model(x)  # parameters need gradients: the plain F.linear path
-    with torch.inference_mode(), _OpLog() as log:
+    with torch.inference_mode(), RecordOps() as log:
         out = model(x)
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert log.names.count("mkldnn._linear_pointwise") >= linears // 2  # q/k/v/gate share one
