@@ -293,3 +293,23 @@ def test_model_inference_with_fused_linears_matches_grad_mode():
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert log.names.count("mkldnn._linear_pointwise") >= linears // 2  # q/k/v/gate share one
     torch.testing.assert_close(out, expected.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_stem_runs_its_convolutions_on_channels_last_memory_and_returns_contiguous_nhwc():
+    """The stem's convolutions see channels-last inputs (oneDNN then skips its reorders around each one); the
+    values are the NCHW stem's and the output is contiguous (B, H, W, C) without a final copy."""
+    torch.manual_seed(0)
+    stem = timm.create_model("sdt_h_nano").stem.eval()
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+             for m in stem.conv if isinstance(m, torch.nn.Conv2d)]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = stem(x)
+    for h in hooks:
+        h.remove()
+    assert seen == [True] * 4
+    assert out.shape == (2, 16, 16, 32) and out.is_contiguous()
+    with torch.no_grad():
+        expected = stem.conv(x).permute(0, 2, 3, 1)  # NCHW memory, the plain module
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
