@@ -14,6 +14,12 @@ the same machine; the tables report medians over the rounds.
     PYTHONPATH=src python benchmarks/bench_backbones.py                              # batch 16, 5 rounds
     PYTHONPATH=src python benchmarks/bench_backbones.py --baseline ../sdt-131cbfb/src --rounds 5   # after: git worktree add ../sdt-131cbfb 131cbfb
     PYTHONPATH=src python benchmarks/bench_backbones.py --models sdt_h_nano --size 64 --batch 2 --rounds 1  # smoke
+
+``--keep-freed-memory`` runs the models (all of them, not the baseline worker) with freed memory kept for reuse,
+as ``sdt train``/``eval`` run (``sdt.engine.keep_freed_memory``); ``--baseline src`` then times the same tree
+without it, interleaved:
+
+    PYTHONPATH=src python benchmarks/bench_backbones.py --keep-freed-memory --baseline src --baseline-models sdt_h_tiny deit_small_patch16_224
 """
 import argparse
 import json
@@ -78,6 +84,11 @@ def worker(args: argparse.Namespace) -> None:
         from sdt.complexity import count_flops
 
     torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        from sdt.engine import keep_freed_memory
+
+        if not keep_freed_memory():
+            raise SystemExit("--keep-freed-memory: nothing changed (not glibc, or MALLOC_*_ / GLIBC_TUNABLES are set)")
     cases: Dict[str, Callable[[], None]] = {}
     macs: Dict[str, int] = {}
     if args.matmul:
@@ -96,7 +107,7 @@ def worker(args: argparse.Namespace) -> None:
 
 class Worker:
     def __init__(self, tag: str, src: Path, ext_dir: Optional[str], models: List[str], args: argparse.Namespace,
-                 matmul: bool):
+                 matmul: bool, keep_freed_memory: bool = False):
         env = dict(os.environ, PYTHONPATH=str(src))
         if ext_dir:
             env["TORCH_EXTENSIONS_DIR"] = ext_dir
@@ -104,6 +115,8 @@ class Worker:
                    "--train-batch", str(args.train_batch), "--size", str(args.size), "--models", *models]
         if matmul:
             command.append("--matmul")
+        if keep_freed_memory:
+            command.append("--keep-freed-memory")
         self.tag = tag
         self.process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         hello = self.process.stdout.readline()
@@ -135,6 +148,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="the models' worker keeps freed memory for reuse (sdt.engine.keep_freed_memory)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--matmul", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -149,14 +164,15 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     src = Path(os.environ.get("PYTHONPATH", "src").split(os.pathsep)[0]).resolve()
-    workers = [Worker("", src, None, args.models, args, matmul=True)]
+    workers = [Worker("", src, None, args.models, args, matmul=True, keep_freed_memory=args.keep_freed_memory)]
     if args.baseline:
         workers.append(Worker(" (baseline)", args.baseline.resolve(), args.baseline_ext_dir, args.baseline_models,
                               args, matmul=False))
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown CPU")
     print(f"{cpu}; {environment()}")
-    print(f"sources: {src}" + (f"; baseline {args.baseline.resolve()}" if args.baseline else ""))
+    print(f"sources: {src}" + (f"; baseline {args.baseline.resolve()}" if args.baseline else "")
+          + ("; freed memory kept for reuse (not in the baseline worker)" if args.keep_freed_memory else ""))
     print(f"inference batch {args.batch}, training batch {args.train_batch}, {args.size}x{args.size}, "
           f"{args.rounds} rounds after 1 warm-up round (median)")
     print(load_average(), "(before)", flush=True)
