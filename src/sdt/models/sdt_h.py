@@ -95,8 +95,9 @@ class Stem(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # Channels-last memory throughout: oneDNN's convolutions read and write it as it is, where on NCHW
-        # memory each one reorders to its own blocked layout and back (the stem took 1.4x as long at 224 px,
-        # 5% of sdt_h_tiny's float32 inference). The NHWC output is then a view of contiguous memory: the
+        # memory each one reorders to its own blocked layout and back (sdt_h_tiny's training step took 7%
+        # longer at 224 px, and inference 5% in a process that page-faults those buffers in afresh each
+        # call; docs/benchmarks.md, section 5). The NHWC output is then a view of contiguous memory: the
         # residual stream of every block keeps that layout (an elementwise op follows its first operand),
         # so LayerNorm and the Linears run on it without a copy.
         return _to_nhwc(self.conv(x.contiguous(memory_format=torch.channels_last))).contiguous()
