@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from ..data import FASHION_MNIST_CLASSES
-from ..engine import load_config
+from ..engine import keep_freed_memory, load_config
 from ..errors import ConfigError, DataError, SdtError
 from ..files import is_hub_dir, load_hub_model, load_into, load_weights
 from ..models.registry import check_model_name
@@ -174,6 +174,7 @@ def predict_command(images: Sequence[str], model: str, arch: Optional[str] = Non
     import json
     import sys
 
+    keep_freed_memory()  # as the engine's commands do: no page faults for each batch's activations
     results = predict_images(load_predictor(model, arch), images, topk)
     for result in results:
         if "error" in result:
