@@ -73,7 +73,7 @@ def run_settings(folder: Path) -> Dict[str, str]:
 def sample(out: Path, kind: str, per_class: int, threads: int) -> Path:
     prefix = run_folder(out, kind) / f"samples-{per_class * 10}"
     if not prefix.with_suffix(".npz").is_file():
-        subprocess.run([sys.executable, "-m", "sdt.cli", "sample", str(run_folder(out, kind)), "--out", str(prefix),
+        subprocess.run([sys.executable, "-m", "sdt.cli", "sample", str(run_folder(out, kind)), "--output", str(prefix),
                         "--per-class", str(per_class), "--seed", "0", "--threads", str(threads)], check=True)
     return prefix.with_suffix(".npz")
 

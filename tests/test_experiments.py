@@ -164,3 +164,18 @@ def test_vit_study_curves_plot_accuracy_and_gate_drift_of_finished_runs(tmp_path
     assert (group / "curves.png").stat().st_size > 1000 and (group / "gate_drift.png").stat().st_size > 1000
     table = "\n".join(lines)
     assert "| `cag` | 2 | 0.200 ± 0.141 | 0.400 ± 0.283 |" in table and "cag_lr10" not in table and "fixed" not in table
+
+
+def test_generation_samples_with_the_current_sdt_sample_flags(tmp_path: Path, monkeypatch, capsys):
+    """The study's ``sdt sample`` call parses without a deprecation note (it used the old ``--out``)."""
+    from experiments import generation
+    from sdt.cli import build_parser
+
+    recorded: List[List[str]] = []
+    monkeypatch.setattr(generation.subprocess, "run", lambda cmd, check: recorded.append(cmd))
+    generation.sample(tmp_path, "cag", per_class=2, threads=1)
+    (cmd,) = recorded
+    assert cmd[1:4] == ["-m", "sdt.cli", "sample"]
+    args = build_parser().parse_args(cmd[3:])
+    assert "deprecated" not in capsys.readouterr().err
+    assert Path(args.output) == tmp_path / "cag" / "samples-20"
