@@ -11,6 +11,8 @@ experiments/results/dit_gates/:
 - gate_maps.png: head-averaged rate maps on a few samples at several t, beside x_t.
 
     python -m experiments.dit_gates [--per-class 50] [--seed 0]
+    python -m experiments.dit_gates --cag experiments/results/gen_dit_n_2_gate_norm/cag \
+        --out experiments/results/dit_gates_gate_norm        # another cag run beside the rerun's none and fixed
 """
 import argparse
 import json
@@ -81,6 +83,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-class", type=int, default=50, help="test images per class (default 50)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cag", type=Path, default=STUDY / "cag",
+                        help="the cag run folder to analyse (default: the rerun's; none and fixed are always the rerun's)")
+    parser.add_argument("--out", type=Path, default=OUT, help=f"output folder (default {OUT})")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     images, labels = fashion_mnist_tensors("test")
@@ -90,7 +95,7 @@ def main() -> None:
     noise = torch.randn(x_data.shape, generator=torch.Generator().manual_seed(args.seed))
     target = x_data - noise
 
-    models = {kind: load_generator(str(STUDY / kind))[0] for kind in ("none", "fixed", "cag")}
+    models = {kind: load_generator(str(STUDY / kind if kind != "cag" else args.cag))[0] for kind in ("none", "fixed", "cag")}
     cag = models["cag"]
     records = capture_gates(cag)
     lambdas = cag.blocks[0].attn.gate.fixed_rates  # (n,) RMT's rates, the same in every block (and = fixed's)
@@ -117,7 +122,11 @@ def main() -> None:
     depth, heads = rates.shape[1], rates.shape[3]
     grid = int(rates.shape[-1] ** 0.5)
 
+    repo = Path(__file__).resolve().parent.parent
+    cag_run = args.cag.resolve()
     stats = {"times": TIMES, "lambda": lambdas.tolist(), "images": len(y),
+             "cag_run": str(cag_run.relative_to(repo) if cag_run.is_relative_to(repo) else args.cag),
+             "gate_input": cag.blocks[0].gate_input,
              "velocity_mse": {k: [float(v.mean()) for v in vs] for k, vs in mse.items()},
              "cag_minus_fixed_ci95": [paired_ci(c, f) for c, f in zip(mse["cag"], mse["fixed"])],
              "fixed_minus_none_ci95": [paired_ci(f, n) for f, n in zip(mse["fixed"], mse["none"])],
@@ -138,19 +147,19 @@ def main() -> None:
             "between_t_variance_without_adaln": float((unmodulated[:, d].mean(dim=(1, 3)).var(dim=0, unbiased=False) / between_t).mean()),
             "between_t_variance_from_shift": float((shift_terms[:, d].mean(dim=1).var(dim=0, unbiased=False) / between_t).mean()),
         })
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "stats.json").write_text(json.dumps(stats, indent=1))
-    write_report(stats)
-    plot_rates(stats, depth, heads)
-    plot_maps(rates, torch.stack(xt_all), grid)
-    print((OUT / "report.md").read_text())
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "stats.json").write_text(json.dumps(stats, indent=1))
+    write_report(stats, args.out)
+    plot_rates(stats, depth, heads, args.out)
+    plot_maps(rates, torch.stack(xt_all), grid, args.out)
+    print((args.out / "report.md").read_text())
 
 
-def write_report(stats: Dict) -> None:
+def write_report(stats: Dict, out: Path) -> None:
     lam = np.array(stats["lambda"])
     lines = ["# Gates of the trained dit_n_2 cag model across noise levels", "",
              f"{stats['images']} Fashion-MNIST test images (equal per class), one noise draw, flow time t "
-             "(0 = noise, 1 = data). Written by `python -m experiments.dit_gates`.", "",
+             f"(0 = noise, 1 = data); cag is `{stats['cag_run']}`. Written by `python -m experiments.dit_gates`.", "",
              "RMT's lambda per head: " + ", ".join(f"{v:.4f}" for v in lam), "",
              "## Velocity MSE per t (same images, noise and t for every model)", "",
              "| t | " + " | ".join(stats["velocity_mse"]) + " | cag - fixed [95% CI] | fixed - none [95% CI] |",
@@ -170,16 +179,22 @@ def write_report(stats: Dict) -> None:
               "| block | s @ t=0 | s @ 0.55 | s @ 1 | mean abs(s - lambda) | token std | var: t | var: sample | var: token | t-drift from shift | t-drift without adaLN |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     times = list(stats["times"])
+    # the last two columns ask what adaLN adds to the gate's input: nothing when the gate reads LayerNorm(x)
+    modulated = stats["gate_input"] == "modulated"
+    if not modulated:
+        lines[-2:-2] = ["This gate reads LayerNorm(x) (`gate_input=\"normalized\"`): the last two columns do not apply.", ""]
     for d, b in enumerate(stats["blocks"]):
         m = np.array(b["rate_mean_per_t_head"]).mean(axis=1)
         v = b["logit_variance_shares"]
         lines.append(f"| {d} | {m[0]:.4f} | {m[times.index(0.55)]:.4f} | {m[-1]:.4f} | {b['mean_abs_rate_minus_lambda']:.4f} | "
                      f"{np.array(b['rate_token_std_per_t_head']).mean():.4f} | {v['noise level t']:.2f} | "
-                     f"{v['sample at one t']:.2f} | {v['token within a sample']:.2f} | {b['between_t_variance_from_shift']:.2f} | {b['between_t_variance_without_adaln']:.2f} |")
-    (OUT / "report.md").write_text("\n".join(lines) + "\n")
+                     f"{v['sample at one t']:.2f} | {v['token within a sample']:.2f} | "
+                     + (f"{b['between_t_variance_from_shift']:.2f} | {b['between_t_variance_without_adaln']:.2f} |" if modulated
+                        else "n/a | n/a |"))
+    (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
-def plot_rates(stats: Dict, depth: int, heads: int) -> None:
+def plot_rates(stats: Dict, depth: int, heads: int, out: Path) -> None:
     import matplotlib.pyplot as plt
     times = stats["times"]
     fig, axes = plt.subplots(2, depth, figsize=(3.2 * depth, 5.6), sharex=True)
@@ -197,11 +212,11 @@ def plot_rates(stats: Dict, depth: int, heads: int) -> None:
     axes[0, -1].legend(fontsize=7)
     fig.suptitle("dit_n_2 cag: gate rate against noise level")
     fig.tight_layout()
-    fig.savefig(OUT / "gates_vs_t.png", dpi=110)
+    fig.savefig(out / "gates_vs_t.png", dpi=110)
     plt.close(fig)
 
 
-def plot_maps(rates: torch.Tensor, x_t: torch.Tensor, grid: int, samples=(0, 175, 355)) -> None:
+def plot_maps(rates: torch.Tensor, x_t: torch.Tensor, grid: int, out: Path, samples=(0, 175, 355)) -> None:
     """rates (T, D, B, n, L), x_t (T, B, 1, 28, 28): per sample, x_t and each block's head-averaged map at MAP_TIMES."""
     import matplotlib.pyplot as plt
     depth = rates.shape[1]
@@ -221,7 +236,7 @@ def plot_maps(rates: torch.Tensor, x_t: torch.Tensor, grid: int, samples=(0, 175
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(OUT / "gate_maps.png", dpi=90)
+    fig.savefig(out / "gate_maps.png", dpi=90)
     plt.close(fig)
 
 

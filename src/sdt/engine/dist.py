@@ -50,7 +50,7 @@ def keep_freed_memory() -> bool:
 
     glibc's malloc serves large blocks with mmap and hands freed memory back to the OS, so a model with
     large, short-lived activations page-faults every page of them in again on each call: ``sdt_h_tiny`` at
-    224 px, batch 16, took 120k page faults per forward pass, 15% of its float32 inference time on a 2-core
+    224 px, batch 16, took 88-123k page faults per forward pass, 16% of its float32 inference time on a 2-core
     VM (docs/benchmarks.md, section 5). With higher mmap and trim thresholds freed blocks stay in the heap
     and are reused; peak memory is the same, but the process keeps it until it exits.
 
